@@ -1,0 +1,325 @@
+"""The forward engine: packed batches, shared prompts, per-row perturbations, logits only where read.
+
+One call runs every perturbation row of a ZO step (the +ε and −ε copies, times n directions) in a
+single batch. What it shares, and why each is exact (DESIGN.md):
+
+* **weights**: the rows are stacked along dim 0, so every frozen GEMM reads its weight once;
+  ``LoRALinear`` adds each row block's own perturbed adapter.
+* **the prompt across candidates**: an example is one packed segment ``prompt | cand_1 | … | cand_K``;
+  candidate k attends to the prompt and to itself, never to another candidate, and its positions
+  continue from the prompt's end, exactly as if it were encoded alone after the prompt.
+* **no padding inside a pack**: segments are packed into rows of at most ``pack_tokens`` tokens with a
+  block-diagonal mask; only the tail of each pack row is padding.
+* **the frozen lower layers**: blocks below the first trained block see no perturbation, so they run
+  once per batch on one copy (not once per row), and their outputs can be cached per example across
+  steps (an LRU keyed by the example's token ids, within a memory budget).
+* **the LM head**: hidden states are gathered at the positions whose next-token probability the loss
+  reads; for the candidate loss with one-token candidates only those candidates' vocabulary rows are
+  computed (the log-sum-exp is common to an example's candidates and cancels in the cross-entropy).
+
+``Stats`` counts token×layer work actually computed (pack padding included) against a naive two-pass
+MeZO that encodes each (example, candidate) as its own unpadded sequence: only work truly skipped counts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from zoft.tasks.encode import Encoded
+
+
+@dataclass
+class Segment:
+    """One example laid out for packing: prompt then each candidate, with positions and branch ids."""
+
+    ids: list[int]
+    pos: list[int]
+    branch: list[int]  # 0 for prompt tokens, k+1 for candidate k
+    key: tuple  # cache key: the example's token ids
+
+
+def make_segment(e: Encoded, cands: list[list[int]], share_prompt: bool) -> list[Segment]:
+    """share_prompt=False gives one segment per candidate (the reference MeZO layout)."""
+    lp = len(e.prompt_ids)
+    if not share_prompt:
+        return [
+            Segment(e.prompt_ids + c, list(range(lp + len(c))), [0] * lp + [1] * len(c), (tuple(e.prompt_ids), tuple(c)))
+            for c in cands
+        ]
+    ids, pos, br = list(e.prompt_ids), list(range(lp)), [0] * lp
+    for k, c in enumerate(cands):
+        ids += c
+        pos += range(lp, lp + len(c))
+        br += [k + 1] * len(c)
+    return [Segment(ids, pos, br, (tuple(e.prompt_ids),) + tuple(tuple(c) for c in cands))]
+
+
+@dataclass
+class Packs:
+    ids: torch.Tensor  # (N, L)
+    pos: torch.Tensor  # (N, L)
+    mask: torch.Tensor  # (N, 1, L, L) bool, True = may attend
+    where: list[tuple[int, int]]  # segment i lives at (pack row, start)
+
+
+def pack(segments: list[Segment], pack_tokens: int, device) -> Packs:
+    """First-fit packing in order; a segment longer than pack_tokens gets a row of its own."""
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    where = []
+    for i, s in enumerate(segments):
+        n = len(s.ids)
+        for r in range(len(rows)):
+            if fill[r] + n <= pack_tokens:
+                where.append((r, fill[r]))
+                rows[r].append(i)
+                fill[r] += n
+                break
+        else:
+            where.append((len(rows), 0))
+            rows.append([i])
+            fill.append(n)
+    N, L = len(rows), max(fill)
+    ids = torch.zeros(N, L, dtype=torch.long)
+    pos = torch.zeros(N, L, dtype=torch.long)
+    seg = torch.full((N, L), -1, dtype=torch.long)
+    br = torch.zeros(N, L, dtype=torch.long)
+    for i, (s, (r, st)) in enumerate(zip(segments, where)):
+        n = len(s.ids)
+        ids[r, st : st + n] = torch.tensor(s.ids)
+        pos[r, st : st + n] = torch.tensor(s.pos)
+        br[r, st : st + n] = torch.tensor(s.branch)
+        seg[r, st : st + n] = i
+    same = seg[:, :, None] == seg[:, None, :]
+    causal = pos[:, None, :] <= pos[:, :, None]
+    branch_ok = (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
+    mask = (same & causal & branch_ok & (seg[:, :, None] >= 0)) | torch.eye(L, dtype=torch.bool)  # pads see self
+    return Packs(ids.to(device), pos.to(device), mask[:, None].to(device), where)
+
+
+@dataclass
+class Batch:
+    """A packed batch plus the index arrays that turn hidden states into per-candidate scores."""
+
+    packs: Packs
+    segments: list[Segment]
+    src: torch.Tensor  # (M,) flat index into N*L: the hidden state that predicts target m
+    tgt: torch.Tensor  # (M,) target token ids
+    cand: torch.Tensor  # (M,) candidate index of target m, 0..C-1
+    cand_len: torch.Tensor  # (C,)
+    cand_example: torch.Tensor  # (C,) example index of each candidate
+    cand_slot: torch.Tensor  # (C,) index of the candidate within its example
+    answers: torch.Tensor  # (E,)
+    n_slots: int  # most candidates of any example
+    single_token: bool  # every candidate one token, one source position per example
+    naive_tokens: int  # Σ over (example, candidate) of prompt + candidate tokens
+
+
+def build_batch(
+    encoded: list[Encoded], device, pack_tokens: int = 1024, share_prompt: bool = True, gold_only: bool = False
+) -> Batch:
+    segments: list[Segment] = []
+    owners: list[list[tuple[int, int, list[int]]]] = []  # per segment: (example, slot, cand ids)
+    for ei, e in enumerate(encoded):
+        cands = [(k, c) for k, c in enumerate(e.cand_ids) if not gold_only or k == e.answer]
+        segs = make_segment(e, [c for _, c in cands], share_prompt)
+        segments += segs
+        if share_prompt:
+            owners.append([(ei, k, c) for k, c in cands])
+        else:
+            owners += [[(ei, k, c)] for k, c in cands]
+    packs = pack(segments, max(pack_tokens, max(len(s.ids) for s in segments)), "cpu")
+    L = packs.ids.shape[1]
+    src, tgt, cand, cand_len, cand_ex, cand_slot = [], [], [], [], [], []
+    naive = 0
+    for s, own, (r, st) in zip(segments, owners, packs.where):
+        lp = s.branch.count(0)
+        offset = lp  # candidates follow the prompt in segment order
+        for ei, k, c in own:
+            ci = len(cand_len)
+            naive += lp + len(c)
+            for t in range(len(c)):
+                prev = (lp - 1) if t == 0 else (offset + t - 1)
+                src.append(r * L + st + prev)
+                tgt.append(c[t])
+                cand.append(ci)
+            offset += len(c)
+            cand_len.append(len(c))
+            cand_ex.append(ei)
+            cand_slot.append(k)
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+    single = all(n == 1 for n in cand_len) and share_prompt
+    return Batch(
+        packs=Packs(packs.ids.to(device), packs.pos.to(device), packs.mask.to(device), packs.where),
+        segments=segments,
+        src=t(src),
+        tgt=t(tgt),
+        cand=t(cand),
+        cand_len=t(cand_len),
+        cand_example=t(cand_ex),
+        cand_slot=t(cand_slot),
+        answers=t([e.answer for e in encoded]),
+        n_slots=max(len(e.cand_ids) for e in encoded),
+        single_token=single,
+        naive_tokens=naive,
+    )
+
+
+@dataclass
+class Stats:
+    """Token×layer work computed vs. a naive two-pass MeZO on the same batches (see module docstring)."""
+
+    computed: int = 0
+    naive: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    lm_head_rows: int = 0
+    lm_head_rows_naive: int = 0
+
+    def reuse(self) -> float:
+        return 1.0 - self.computed / self.naive if self.naive else 0.0
+
+    def summary(self) -> dict:
+        hits = self.cache_hits + self.cache_misses
+        return {
+            "token_layers_computed": self.computed,
+            "token_layers_naive": self.naive,
+            "work_saved": round(self.reuse(), 4),
+            "prefix_cache_hit_rate": round(self.cache_hits / hits, 4) if hits else None,
+        }
+
+
+class PrefixCache:
+    """LRU of block-k inputs per example, keyed by the example's token ids, within a byte budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.used = 0
+        self.store: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        t = self.store.get(key)
+        if t is not None:
+            self.store.move_to_end(key)
+        return t
+
+    def put(self, key: tuple, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if size > self.budget:
+            return
+        if key in self.store:
+            return
+        while self.used + size > self.budget and self.store:
+            _, old = self.store.popitem(last=False)
+            self.used -= old.numel() * old.element_size()
+        self.store[key] = t
+        self.used += size
+
+
+@dataclass
+class Scores:
+    """Per-row outputs of one engine call."""
+
+    token_lp: torch.Tensor  # (P, M) log p(target m) — or raw candidate logits when `logits_only`
+    cand_sum: torch.Tensor  # (P, C) Σ token log-probs per candidate
+    cand_mean: torch.Tensor  # (P, C) length-normalised
+    table: torch.Tensor  # (P, E, n_slots) cand_mean laid out per example, -inf where absent
+    logits_only: bool
+
+
+class NativeEngine:
+    """Runs a native model (OPT, Llama family) over a Batch for P perturbation rows at once."""
+
+    def __init__(self, model, first_trained: int = 0, cache_mb: float = 0.0, pack_tokens: int = 1024):
+        self.model = model
+        self.first_trained = first_trained  # blocks below it are frozen: run once, maybe cached
+        self.cache = PrefixCache(int(cache_mb * 2**20)) if cache_mb > 0 and first_trained > 0 else None
+        self.pack_tokens = pack_tokens
+        self.stats = Stats()
+        self.n_layers = len(model.blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head_weight.device
+
+    def batch(self, encoded: list[Encoded], gold_only: bool = False) -> Batch:
+        return build_batch(encoded, self.device, self.pack_tokens, share_prompt=True, gold_only=gold_only)
+
+    def _run_blocks(self, h: torch.Tensor, packs: Packs, lo: int, hi: int, rows: int) -> torch.Tensor:
+        ctx = self.model.position_context(packs.pos)
+        for block in self.model.blocks[lo:hi]:
+            dtype = next(block.parameters()).dtype
+            h = block(h.to(dtype), packs.mask, ctx)
+        self.stats.computed += rows * packs.ids.numel() * (hi - lo)
+        return h
+
+    def _lower(self, b: Batch) -> torch.Tensor:
+        """Block-`first_trained` input for one copy of the batch, from the cache where possible."""
+        k, p = self.first_trained, b.packs
+        if self.cache is None:
+            return self._run_blocks(self.model.embed(p.ids, p.pos), p, 0, k, 1)
+        missing = [i for i, s in enumerate(b.segments) if self.cache.get(s.key) is None]
+        self.stats.cache_hits += len(b.segments) - len(missing)
+        self.stats.cache_misses += len(missing)
+        fresh = {}
+        if missing:
+            segs = [b.segments[i] for i in missing]
+            sub = pack(segs, max(self.pack_tokens, max(len(s.ids) for s in segs)), self.device)
+            hs = self._run_blocks(self.model.embed(sub.ids, sub.pos), sub, 0, k, 1)
+            for i, s, (r, st) in zip(missing, segs, sub.where):
+                fresh[i] = hs[r, st : st + len(s.ids)].clone()
+                self.cache.put(s.key, fresh[i])
+        N, L = p.ids.shape
+        first = fresh[missing[0]] if missing else self.cache.get(b.segments[0].key)
+        h = torch.zeros(N, L, first.shape[-1], dtype=first.dtype, device=first.device)
+        for i, (s, (r, st)) in enumerate(zip(b.segments, p.where)):
+            t = fresh.get(i)
+            h[r, st : st + len(s.ids)] = t if t is not None else self.cache.get(s.key)
+        return h
+
+    @torch.no_grad()
+    def scores(self, b: Batch, rows: int = 1, logits_only: bool = False) -> Scores:
+        """Run all `rows` perturbation copies; logits_only: raw candidate logits (exact for the CE loss)."""
+        m, p = self.model, b.packs
+        self.stats.naive += rows * b.naive_tokens * self.n_layers  # naive: one pass per row, one seq per candidate
+        k = self.first_trained
+        h = self._lower(b) if k > 0 else m.embed(p.ids, p.pos)
+        if rows > 1:
+            h = h.repeat(rows, 1, 1)  # (P*N, L, D), row block r = perturbation r
+        h = self._run_blocks(h, p, k, self.n_layers, rows)
+        N, L = p.ids.shape
+        hs = h.view(rows, N * L, -1)[:, b.src]  # (P, M, D): only where the loss reads
+        hs = m.norm_out(hs)
+        w = m.lm_head_weight
+        if logits_only:
+            assert b.single_token
+            token_lp = (hs.float() * w[b.tgt].float()).sum(-1)  # (P, M): one vocab row per target
+        else:
+            logits = F.linear(hs.to(w.dtype), w).float()  # (P, M, V)
+            token_lp = logits.log_softmax(-1).gather(-1, b.tgt.expand(rows, -1)[..., None])[..., 0]
+        return score_table(b, token_lp, logits_only)
+
+
+def score_table(b: Batch, token_lp: torch.Tensor, logits_only: bool) -> Scores:
+    rows, C = token_lp.shape[0], b.cand_len.numel()
+    cand_sum = torch.zeros(rows, C, dtype=token_lp.dtype, device=token_lp.device).index_add_(1, b.cand, token_lp)
+    cand_mean = cand_sum / b.cand_len
+    E = b.answers.numel()
+    table = torch.full((rows, E, b.n_slots), float("-inf"), dtype=token_lp.dtype, device=token_lp.device)
+    table[:, b.cand_example, b.cand_slot] = cand_mean
+    return Scores(token_lp, cand_sum, cand_mean, table, logits_only)
+
+
+def row_losses(s: Scores, b: Batch, loss: str) -> torch.Tensor:
+    """(P,) mean loss per row. 'candidate': CE over length-normalised candidate scores (MeZO);
+    'lm': mean NLL of the gold candidate's tokens (the batch must have been built gold_only)."""
+    if loss == "candidate":
+        rows, E, K = s.table.shape
+        return F.cross_entropy(s.table.reshape(rows * E, K), b.answers.repeat(rows), reduction="none").view(rows, E).mean(1)
+    if loss == "lm":
+        return -(s.cand_mean).mean(1)
+    raise ValueError(loss)

@@ -1,0 +1,162 @@
+"""Checkpoint → model: hub id, local Hugging Face folder, or GGUF file (converted once, cached).
+
+Native families (OPT, Llama/Qwen2/Mistral) load through an explicit name map with shape checks; any
+other causal LM goes to the ``transformers`` fallback (zoft.models.hf).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from zoft.errors import ZoftError
+from zoft.models.llama import MODEL_TYPES as LLAMA_TYPES
+from zoft.models.llama import Llama, LlamaArgs
+from zoft.models.opt import OPT, OPTArgs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> str:
+    return os.environ.get("ZOFT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "zoft"))
+
+
+def resolve(spec: str) -> str:
+    """A local folder holding config.json for `spec` (downloading or converting as needed)."""
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise ZoftError(f"GGUF file {spec} does not exist")
+        return gguf_to_folder(spec)
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise ZoftError(f"model folder {spec} has no config.json; pass a Hugging Face model folder, hub id or .gguf")
+        return spec
+    if os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ZoftError(f"model path {spec} does not exist; pass a Hugging Face model folder, hub id or .gguf file")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.bin"])
+    except Exception as e:  # offline, unknown repo, gated…
+        raise ZoftError(
+            f"could not fetch model {spec!r} from the Hugging Face hub ({type(e).__name__}); "
+            "pass a local model folder or a .gguf file instead"
+        ) from None
+
+
+def gguf_to_folder(path: str) -> str:
+    """Convert a GGUF checkpoint (dequantised to float32) into a cached safetensors folder, once."""
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    out = os.path.join(cache_dir(), "gguf", f"{os.path.basename(path)[:-5]}-{key}")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise ZoftError(f"loading GGUF needs transformers ({e})") from None
+    print(f"zoft: converting {path} to safetensors once (about 20 s); cached in {out}", file=sys.stderr)
+    d, f = os.path.split(os.path.abspath(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    except ImportError as e:
+        raise ZoftError(f"loading GGUF needs the gguf and accelerate packages: pip install gguf accelerate ({e})") from None
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def read_config(folder: str) -> dict:
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f)
+
+
+def native_class(cfg: dict):
+    mt = cfg.get("model_type")
+    if mt == "opt":
+        return OPT, OPTArgs.from_hf
+    if mt in LLAMA_TYPES:
+        return Llama, LlamaArgs.from_hf
+    return None
+
+
+def load_state_dict(folder: str) -> dict[str, torch.Tensor]:
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if files:
+        from safetensors.torch import load_file
+
+        sd = {}
+        for f in files:
+            sd.update(load_file(f))
+        return sd
+    files = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
+    if not files:
+        raise ZoftError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
+    sd = {}
+    for f in files:
+        sd.update(torch.load(f, map_location="cpu", weights_only=True))
+    return sd
+
+
+# Checkpoint name -> ours. Both families keep HF's names; only these prefixes and extras differ.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embed_positions._float_tensor")
+
+
+def map_name(family: str, name: str) -> str | None:
+    if name.endswith(IGNORED_SUFFIXES):
+        return None
+    if family == "opt" and name.startswith("decoder."):  # facebook/opt-* checkpoints are saved from OPTModel
+        return "model." + name
+    return name
+
+
+def build_native(folder: str, cfg: dict, dtype: torch.dtype, device: str, weights: bool = True):
+    cls, make_args = native_class(cfg)
+    try:
+        args = make_args(cfg)
+    except (ValueError, KeyError) as e:
+        raise ZoftError(f"config of {folder} is not supported natively ({e}); use --engine hf") from None
+    with torch.device("meta"):
+        model = cls(args)
+    model = model.to(dtype).to_empty(device=device)
+    if not weights:
+        for p in model.parameters():  # random weights of the real shapes, for benchmarks
+            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+        return model
+    ours = model.state_dict()
+    loaded = set()
+    for name, t in load_state_dict(folder).items():
+        key = map_name(model.family, name)
+        if key is None or (key == "lm_head.weight" and args.tie_word_embeddings):
+            continue
+        if key not in ours:
+            raise ZoftError(f"checkpoint tensor {name} of {folder} has no place in zoft's {model.family} model")
+        if tuple(t.shape) != tuple(ours[key].shape):
+            raise ZoftError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, config wants {tuple(ours[key].shape)}")
+        with torch.no_grad():
+            ours[key].copy_(t)
+        loaded.add(key)
+    missing = [k for k in ours if k not in loaded and not (k == "lm_head.weight" and args.tie_word_embeddings)]
+    if missing:
+        raise ZoftError(f"checkpoint {folder} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return model
+
+
+def load_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise ZoftError(f"could not load a tokenizer from {folder}: {e}") from None

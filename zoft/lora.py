@@ -1,0 +1,188 @@
+"""LoRA with a bank of per-row perturbations, and PEFT-format save/load.
+
+``LoRALinear`` computes ``y = base(x) + (α/r)·(x Aᵀ) Bᵀ``. During a ZO step the engine stacks the
+perturbed copies of the batch along dim 0 (row block p holds perturbation p), and the estimator sets
+``rows = (A_rows, B_rows)`` of shapes (P, r, in) and (P, out, r): block p then uses its own
+(A + c_p·z_A, B + c_p·z_B), while the frozen base GEMM runs once over all rows and reads its weight
+once (multi-adapter batching, as Punica/S-LoRA do). A and B stay float32 whatever the base dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from zoft.errors import ZoftError
+
+
+@dataclass
+class LoraArgs:
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the update is (alpha / r)·B·A."""
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    """Modules to adapt: short names (q, k, v, o, fc1, gate, up, down…) or exact module names."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ZoftError(f"--lora-r must be a positive integer, got {self.r}")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable float32 low-rank update; see the module docstring."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default initialisation
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        xf = x.float()
+        if self.rows is None:
+            d = (xf @ self.lora_A.T) @ self.lora_B.T
+        else:
+            A, B = self.rows  # (P, r, in), (P, out, r)
+            P = A.shape[0]
+            xr = xf.reshape(P, -1, xf.shape[-1])  # (P, tokens per row block, in)
+            d = torch.bmm(torch.bmm(xr, A.transpose(1, 2)), B.transpose(1, 2)).view(*y.shape)
+        return y + (self.scaling * d).to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        w = self.base.weight.float() + self.scaling * (self.lora_B @ self.lora_A)
+        return w.to(self.base.weight.dtype)
+
+
+def resolve_targets(model: nn.Module, targets: list[str], short: dict[str, str]) -> list[str]:
+    """Map short names (q, v…) to module names (q_proj…), checking each exists as an nn.Linear."""
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = []
+    for t in targets:
+        name = short.get(t, t)
+        if name not in linear:
+            raise ZoftError(
+                f"LoRA target {t!r} matches no linear module of this model; "
+                f"choose from {sorted(short) or ''} or module names {sorted(linear)}"
+            )
+        names.append(name)
+    return names
+
+
+def inject_lora(
+    model: nn.Module, block_prefix: str, target_names: list[str], layers: list[int] | None, args: LoraArgs
+) -> dict[str, LoRALinear]:
+    """Replace each targeted nn.Linear inside the chosen blocks by a LoRALinear; returns them by path."""
+    pat = re.compile(rf"^{re.escape(block_prefix)}\.(\d+)\.(.+\.)?({'|'.join(map(re.escape, target_names))})$")
+    found: dict[str, LoRALinear] = {}
+    for name, module in list(model.named_modules()):
+        m = pat.match(name)
+        if not m or not isinstance(module, nn.Linear):
+            continue
+        if layers is not None and int(m.group(1)) not in layers:
+            continue
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        lora = LoRALinear(module, args.r, args.alpha)
+        setattr(parent, name.rsplit(".", 1)[1], lora)
+        found[name] = lora
+    if not found:
+        raise ZoftError(f"no LoRA module was created: targets {target_names} in layers {layers} matched nothing")
+    return found
+
+
+def _peft_key(path: str, which: str) -> str:
+    return f"base_model.model.{path}.{which}.weight"
+
+
+def save_peft(
+    loras: dict[str, LoRALinear], out_dir: str, base_model: str, target_names: list[str], args: LoraArgs
+) -> None:
+    """Write adapter_config.json + adapter_model.safetensors that ``peft.PeftModel.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {}
+    for path, m in loras.items():
+        tensors[_peft_key(path, "lora_A")] = m.lora_A.detach().float().cpu().contiguous()
+        tensors[_peft_key(path, "lora_B")] = m.lora_B.detach().float().cpu().contiguous()
+    layers = sorted({int(re.search(r"\.(\d+)\.", p).group(1)) for p in loras})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": args.r,
+        "lora_alpha": args.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(set(target_names)),
+        "layers_to_transform": layers,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    _atomic_write(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2).encode())
+    tmp = os.path.join(out_dir, ".adapter_model.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
+
+
+def load_peft_weights(loras: dict[str, LoRALinear], adapter_dir: str) -> None:
+    """Load a PEFT adapter (ours or peft's) into already-injected LoRALinear modules."""
+    from safetensors.torch import load_file
+
+    f = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.exists(f):
+        raise ZoftError(f"{adapter_dir} holds no adapter_model.safetensors; pass a folder saved by zoft or peft")
+    sd = load_file(f)
+    sd = {k.replace(".default.weight", ".weight"): v for k, v in sd.items()}
+    for path, m in loras.items():
+        for which in ("lora_A", "lora_B"):
+            key = _peft_key(path, which)
+            if key not in sd:
+                raise ZoftError(f"adapter {f} has no tensor {key}; was it trained on another model or targets?")
+            t = getattr(m, which)
+            if sd[key].shape != t.shape:
+                raise ZoftError(f"adapter tensor {key} has shape {tuple(sd[key].shape)}, model wants {tuple(t.shape)}")
+            with torch.no_grad():
+                t.copy_(sd[key])
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    f = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.exists(f):
+        raise ZoftError(f"{adapter_dir} holds no adapter_config.json; pass a folder saved by zoft or peft")
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRALinear back into a plain nn.Linear holding W + (α/r)·B·A."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            with torch.no_grad():
+                m.base.weight.copy_(m.merged_weight())
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], m.base)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

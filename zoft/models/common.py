@@ -1,0 +1,86 @@
+"""Pieces both native model families share: masked attention over packed rows, and the model protocol.
+
+A native model keeps Hugging Face's parameter names (``model.layers.3.self_attn.q_proj.weight``), so
+loading a checkpoint is a short name map, and LoRA module paths are the ones PEFT writes.
+
+The engine drives a model one stage at a time instead of calling ``forward``:
+
+    h = model.embed(ids, pos)                 # (N, L, D)
+    ctx = model.position_context(pos)         # RoPE cos/sin for Llama, None for OPT
+    for layer in model.blocks: h = layer(h, mask, ctx)
+    h = model.norm_out(h)                     # final norm (+ OPT's project_out)
+    logits = h @ model.lm_head_weight.T
+
+That split is what lets it run the frozen lower layers once and the perturbed upper layers once per
+perturbation row, and compute logits only where the loss reads them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention. q: (N, H, L, hd), k/v: (N, Hkv, L, hd), mask: (N|1, 1, L, L) bool.
+
+    ``mask`` is True where a query may attend. None means plain causal.
+    """
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each K/V head across its query group
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if mask.shape[0] != q.shape[0]:  # mask is per pack; rows are perturbation copies of the packs
+        mask = mask.repeat(q.shape[0] // mask.shape[0], 1, 1, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def causal_mask(n: int, length: int, device: torch.device | str) -> torch.Tensor:
+    """(n, 1, L, L) lower-triangular bool mask."""
+    m = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return m.expand(n, 1, length, length)
+
+
+class NativeModel(nn.Module):
+    """What the engine needs from a native model family (see the module docstring)."""
+
+    family: str
+    lora_targets: dict[str, str]  # short name -> module name, e.g. {"q": "q_proj"}
+
+    @property
+    def blocks(self) -> nn.ModuleList:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def block_prefix(self) -> str:  # e.g. "model.layers"
+        raise NotImplementedError
+
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def position_context(self, pos: torch.Tensor):
+        return None
+
+    def norm_out(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, ids: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Full logits for (N, L) ids; plain causal attention unless a mask is given. For tests and export."""
+        if pos is None:
+            pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        h = self.embed(ids, pos)
+        ctx = self.position_context(pos)
+        for layer in self.blocks:
+            h = layer(h, mask, ctx)
+        h = self.norm_out(h)
+        w = self.lm_head_weight
+        return F.linear(h.to(w.dtype), w)

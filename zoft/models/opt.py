@@ -1,0 +1,164 @@
+"""OPT (facebook/opt-125m … opt-66b), written compactly, with Hugging Face's parameter names.
+
+Covers both layouts: pre-LayerNorm (every size but 350m) and opt-350m's post-LayerNorm with
+``project_in``/``project_out`` between a 512-wide embedding and the 1024-wide trunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoft.models.common import NativeModel, attention
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass
+class OPTArgs:
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    ffn_dim: int = 3072
+    max_position_embeddings: int = 2048
+    word_embed_proj_dim: int = 768
+    do_layer_norm_before: bool = True
+    remove_final_layer_norm: bool = False
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    activation_function: str = "relu"
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> OPTArgs:
+        args = cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+        args.remove_final_layer_norm = cfg.get("_remove_final_layer_norm", False)
+        args.word_embed_proj_dim = cfg.get("word_embed_proj_dim") or args.hidden_size
+        return args
+
+    def __post_init__(self) -> None:
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"OPT activation {self.activation_function!r} is not supported")
+
+
+PRESETS = {  # config shapes of the published checkpoints, for benchmarks with random weights
+    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072),
+    "opt-350m": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+        word_embed_proj_dim=512, do_layer_norm_before=False,
+    ),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                     word_embed_proj_dim=2048),
+    "opt-2.7b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240,
+                     word_embed_proj_dim=2560),
+    "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384,
+                     word_embed_proj_dim=4096),
+    "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480,
+                    word_embed_proj_dim=5120),
+}
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, a: OPTArgs):
+        super().__init__()
+        d = a.hidden_size
+        self.n_head = a.num_attention_heads
+        self.q_proj = nn.Linear(d, d, bias=a.enable_bias)
+        self.k_proj = nn.Linear(d, d, bias=a.enable_bias)
+        self.v_proj = nn.Linear(d, d, bias=a.enable_bias)
+        self.out_proj = nn.Linear(d, d, bias=a.enable_bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        N, L, D = x.shape
+        hd = D // self.n_head
+        q = self.q_proj(x).view(N, L, self.n_head, hd).transpose(1, 2)  # (N, H, L, hd)
+        k = self.k_proj(x).view(N, L, self.n_head, hd).transpose(1, 2)
+        v = self.v_proj(x).view(N, L, self.n_head, hd).transpose(1, 2)
+        y = attention(q, k, v, mask).transpose(1, 2).reshape(N, L, D)
+        return self.out_proj(y)
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, a: OPTArgs):
+        super().__init__()
+        d = a.hidden_size
+        self.pre_ln = a.do_layer_norm_before
+        self.act = ACTIVATIONS[a.activation_function]
+        self.self_attn = OPTAttention(a)
+        self.self_attn_layer_norm = nn.LayerNorm(d, elementwise_affine=a.layer_norm_elementwise_affine)
+        self.fc1 = nn.Linear(d, a.ffn_dim, bias=a.enable_bias)
+        self.fc2 = nn.Linear(a.ffn_dim, d, bias=a.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=a.layer_norm_elementwise_affine)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, ctx=None) -> torch.Tensor:
+        if self.pre_ln:
+            h = h + self.self_attn(self.self_attn_layer_norm(h), mask)
+            return h + self.fc2(self.act(self.fc1(self.final_layer_norm(h))))
+        h = self.self_attn_layer_norm(h + self.self_attn(h, mask))
+        return self.final_layer_norm(h + self.fc2(self.act(self.fc1(h))))
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, a: OPTArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.word_embed_proj_dim)
+        self.embed_positions = nn.Embedding(a.max_position_embeddings + 2, a.hidden_size)  # OPT offsets by 2
+        if a.word_embed_proj_dim != a.hidden_size:
+            self.project_in = nn.Linear(a.word_embed_proj_dim, a.hidden_size, bias=False)
+            self.project_out = nn.Linear(a.hidden_size, a.word_embed_proj_dim, bias=False)
+        else:
+            self.project_in = self.project_out = None
+        if a.do_layer_norm_before and not a.remove_final_layer_norm:
+            self.final_layer_norm = nn.LayerNorm(a.hidden_size, elementwise_affine=a.layer_norm_elementwise_affine)
+        else:
+            self.final_layer_norm = None
+        self.layers = nn.ModuleList(OPTDecoderLayer(a) for _ in range(a.num_hidden_layers))
+
+
+class _Wrap(nn.Module):  # gives the "model.decoder." prefix of OPTForCausalLM's names
+    def __init__(self, a: OPTArgs):
+        super().__init__()
+        self.decoder = OPTDecoder(a)
+
+
+class OPT(NativeModel):
+    family = "opt"
+    lora_targets = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj", "fc1": "fc1", "fc2": "fc2"}
+    block_prefix = "model.decoder.layers"
+
+    def __init__(self, args: OPTArgs):
+        super().__init__()
+        self.args = args
+        self.max_positions = args.max_position_embeddings
+        self.model = _Wrap(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.word_embed_proj_dim, args.vocab_size, bias=False)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.decoder.layers
+
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        dec = self.model.decoder
+        h = dec.embed_tokens(ids)
+        if dec.project_in is not None:
+            h = dec.project_in(h)
+        return h + dec.embed_positions(pos + 2)
+
+    def norm_out(self, h: torch.Tensor) -> torch.Tensor:
+        dec = self.model.decoder
+        if dec.final_layer_norm is not None:
+            h = dec.final_layer_norm(h)
+        if dec.project_out is not None:
+            h = dec.project_out(h)
+        return h
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        if self.args.tie_word_embeddings:
+            return self.model.decoder.embed_tokens.weight
+        return self.lm_head.weight

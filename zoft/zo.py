@@ -1,0 +1,143 @@
+"""The zeroth-order estimator and optimizer, as small functions of their inputs.
+
+SPSA (MeZO): for direction j with seed s_j, z_j ~ N(0, I) regenerated from s_j,
+    g_j = (L(θ + εz_j) − L(θ − εz_j)) / 2ε,      θ ← θ − lr·( (1/n) Σ_j g_j z_j + wd·θ )
+where wd applies only to weights of Linear/Embedding modules and LoRA factors, never to norms or biases.
+
+Two ways to evaluate L(θ ± εz):
+* ``rows_step`` (LoRA): all 2n perturbed adapters are applied as rows of one batched forward; θ itself
+  is never modified until the update.
+* ``inplace_step`` (full parameters): θ += εz, forward, θ −= 2εz, forward, θ += εz (restore), each in
+  place chunk by chunk; memory stays that of inference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zoft.lora import LoRALinear
+from zoft.perturb import add_noise_, noise, param_seed
+
+
+@dataclass
+class Trainable:
+    """The tensors ZO perturbs, in a fixed order (their index seeds their z), and which get weight decay."""
+
+    names: list[str]
+    tensors: list[torch.Tensor]
+    decay: list[bool]
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.tensors)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm | nn.GroupNorm) or type(module).__name__.endswith("Norm")
+
+
+def lora_trainable(loras: dict[str, LoRALinear]) -> Trainable:
+    names, tensors = [], []
+    for path, m in loras.items():
+        names += [f"{path}.lora_A", f"{path}.lora_B"]
+        tensors += [m.lora_A, m.lora_B]
+    return Trainable(names, tensors, [True] * len(tensors))
+
+
+def full_trainable(model: nn.Module, prefixes: list[str] | None) -> Trainable:
+    """Every parameter (or those under the given module prefixes); decay decided by the owning module's type."""
+    names, tensors, decay = [], [], []
+    seen = set()
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if id(p) in seen or (prefixes is not None and not any(full.startswith(x + ".") for x in prefixes)):
+                continue
+            seen.add(id(p))
+            names.append(full)
+            tensors.append(p)
+            decay.append(pname == "weight" and not _is_norm(module))
+    return Trainable(names, tensors, decay)
+
+
+def direction_seeds(run_seed: int, step: int, n: int) -> list[int]:
+    return [param_seed(run_seed, step * 1024 + j) for j in range(n)]
+
+
+@contextmanager
+def lora_rows(loras: dict[str, LoRALinear], seeds: list[int], eps: float):
+    """Set each LoRALinear's per-row adapters: row 2j = θ + εz_j, row 2j+1 = θ − εz_j."""
+    idx = 0
+    try:
+        for m in loras.values():
+            banks = []
+            for t in (m.lora_A, m.lora_B):
+                zs = torch.stack([noise(t, param_seed(s, idx)) for s in seeds])  # (n, *t.shape)
+                signs = torch.tensor([eps, -eps], device=t.device).repeat(len(seeds)).view(-1, 1, 1)
+                banks.append(t.detach()[None] + signs * zs.repeat_interleave(2, dim=0))
+                idx += 1
+            m.rows = (banks[0], banks[1])
+        yield
+    finally:
+        for m in loras.values():
+            m.rows = None
+
+
+def rows_step(
+    row_loss: Callable[[int], torch.Tensor], loras: dict[str, LoRALinear], seeds: list[int], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """row_loss(P) runs the batch for P rows and returns (P,) losses. Returns L₊, L₋ (n,) and g per direction."""
+    with lora_rows(loras, seeds, eps):
+        losses = row_loss(2 * len(seeds)).double()
+    lp, lm = losses[0::2], losses[1::2]
+    return lp, lm, ((lp - lm) / (2 * eps)).tolist()
+
+
+def perturb_(tr: Trainable, seed: int, scale: float) -> None:
+    for i, t in enumerate(tr.tensors):
+        add_noise_(t.data, param_seed(seed, i), scale)
+
+
+def inplace_step(
+    loss: Callable[[], torch.Tensor], tr: Trainable, seeds: list[int], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Full-parameter SPSA with in-place perturbations; θ is restored (to rounding) before returning."""
+    lps, lms = [], []
+    for s in seeds:
+        perturb_(tr, s, eps)
+        lps.append(float(loss()))
+        perturb_(tr, s, -2 * eps)
+        lms.append(float(loss()))
+        perturb_(tr, s, eps)
+    lp, lm = torch.tensor(lps, dtype=torch.float64), torch.tensor(lms, dtype=torch.float64)
+    return lp, lm, ((lp - lm) / (2 * eps)).tolist()
+
+
+@torch.no_grad()
+def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float], lr: float, weight_decay: float) -> None:
+    """θ ← θ − lr·((1/n) Σ_j g_j z_j + wd·θ), z regenerated chunk by chunk."""
+    n = len(seeds)
+    for i, t in enumerate(tr.tensors):
+        if weight_decay and tr.decay[i]:
+            t.data.mul_(1 - lr * weight_decay)
+        for s, g in zip(seeds, grads):
+            add_noise_(t.data, param_seed(s, i), -lr * g / n)
+
+
+def lr_at(step: int, total: int, base: float, schedule: str, warmup: int) -> float:
+    """Learning rate for 0-based `step`: linear warm-up, then constant | linear | cosine decay to 0."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    frac = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return base * max(0.0, 1 - frac)
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    raise ValueError(f"unknown schedule {schedule!r}")
