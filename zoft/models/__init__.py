@@ -1,0 +1,1 @@
+"""Native model families (opt, llama) and the transformers fallback (hf)."""

