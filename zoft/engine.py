@@ -304,11 +304,16 @@ class NativeEngine:
         w = m.lm_head_weight
         if logits_only:
             assert b.single_token
-            token_lp = (hs.float() * w[b.tgt].float()).sum(-1)  # (P, M): one vocab row per target
+            token_lp = (_up(hs) * _up(w[b.tgt])).sum(-1)  # (P, M): one vocab row per target
         else:
-            logits = F.linear(hs.to(w.dtype), w).float()  # (P, M, V)
+            logits = _up(F.linear(hs.to(w.dtype), w))  # (P, M, V)
             token_lp = logits.log_softmax(-1).gather(-1, b.tgt.expand(rows, -1)[..., None])[..., 0]
         return score_table(b, token_lp, logits_only)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64: the estimator tests run in it)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def score_table(b: Batch, token_lp: torch.Tensor, logits_only: bool) -> Scores:

@@ -68,9 +68,20 @@ def gguf_to_folder(path: str) -> str:
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     except ImportError as e:
         raise ZoftError(f"loading GGUF needs the gguf and accelerate packages: pip install gguf accelerate ({e})") from None
+    from safetensors.torch import save_file
+
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    os.makedirs(tmp)
+    # save_pretrained refuses GGUF-quantised models; the weights are already dequantised, so write them directly
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if cfg.get("tie_word_embeddings") and "lm_head.weight" in sd:
+        del sd["lm_head.weight"]
+    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
     tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

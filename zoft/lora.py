@@ -43,14 +43,15 @@ class LoRALinear(nn.Module):
         self.base = base
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=torch.float32))
+        dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32  # float64 for exact tests
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default initialisation
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        xf = x.float()
+        xf = x.to(self.lora_A.dtype)
         if self.rows is None:
             d = (xf @ self.lora_A.T) @ self.lora_B.T
         else:
@@ -61,7 +62,7 @@ class LoRALinear(nn.Module):
         return y + (self.scaling * d).to(y.dtype)
 
     def merged_weight(self) -> torch.Tensor:
-        w = self.base.weight.float() + self.scaling * (self.lora_B @ self.lora_A)
+        w = self.base.weight.to(self.lora_A.dtype) + self.scaling * (self.lora_B @ self.lora_A)
         return w.to(self.base.weight.dtype)
 
 

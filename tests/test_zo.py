@@ -1,0 +1,168 @@
+"""The estimator against autograd, batched rows against separate passes, and z's bookkeeping."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.tiny import make_tiny
+from zoft.config import ModelConfig, ZOConfig
+from zoft.engine import NativeEngine, row_losses
+from zoft.loading import build_native, read_config
+from zoft.lora import LoraArgs, inject_lora
+from zoft.perturb import add_noise_, noise, param_seed
+from zoft.session import attach, load_session
+from zoft.tasks.encode import Encoded
+from zoft.zo import full_trainable, inplace_step, lora_trainable, perturb_, rows_step, sgd_update_
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tiny"))
+
+
+def examples(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda n: torch.randint(3, 50000, (n,), generator=g).tolist()
+    return [Encoded(rnd(6), [rnd(1), rnd(2)], 1, "mc"), Encoded(rnd(4), [rnd(3), rnd(1)], 0, "mc"),
+            Encoded(rnd(8), [rnd(1), rnd(1)], 1, "mc")]
+
+
+def reference_loss(model, exs):
+    """MeZO's candidate loss, computed the plain way: one causal sequence per (example, candidate)."""
+    losses = []
+    for e in exs:
+        scores = []
+        for c in e.cand_ids:
+            lp = model(torch.tensor([e.prompt_ids + c]))[0].log_softmax(-1)
+            n = len(e.prompt_ids)
+            scores.append(torch.stack([lp[n - 1 + t, c[t]] for t in range(len(c))]).mean())
+        losses.append(F.cross_entropy(torch.stack(scores)[None], torch.tensor([e.answer])))
+    return torch.stack(losses).mean()
+
+
+def lora_model(root, kind, dtype):
+    folder = make_tiny(kind, root)
+    model = build_native(folder, read_config(folder), dtype, "cpu").eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    loras = inject_lora(model, model.block_prefix, ["q_proj", "v_proj"], None, LoraArgs())
+    with torch.no_grad():
+        for m in loras.values():  # B = 0 at init would make every A-direction derivative zero
+            m.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    return model, loras
+
+
+def directional_derivative(model, exs, tensors, seed):
+    for t in tensors:
+        t.requires_grad_(True)
+    loss = reference_loss(model, exs)
+    grads = torch.autograd.grad(loss, tensors)
+    for t in tensors:
+        t.requires_grad_(False)
+    return sum((g * noise(t, param_seed(seed, i)).to(g.dtype)).sum() for i, (g, t) in enumerate(zip(grads, tensors)))
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_lora_rows_estimate_matches_autograd(root, kind):
+    model, loras = lora_model(root, kind, torch.float64)
+    exs, seed = examples(), 1234
+    engine = NativeEngine(model)
+    b = engine.batch(exs)
+    want = directional_derivative(model, exs, lora_trainable(loras).tensors, seed).item()
+    errs = []
+    for eps in (1e-3, 1e-4):
+        _, _, g = rows_step(lambda rows: row_losses(engine.scores(b, rows), b, "candidate"), loras, [seed], eps)
+        errs.append(abs(g[0] - want))
+    assert_second_order(errs, want)
+
+
+def assert_second_order(errs, want):
+    """SPSA's error is O(ε²): a 10× smaller ε cuts it ~100× (down to float64 rounding, ~1e-12/ε)."""
+    assert abs(want) > 1e-3  # a real signal, so the comparison means something
+    assert errs[1] < errs[0] / 30 + 1e-8, errs
+    assert errs[1] < 1e-4 * abs(want), (errs, want)
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_full_inplace_estimate_matches_autograd(root, kind):
+    folder = make_tiny(kind, root)
+    model = build_native(folder, read_config(folder), torch.float64, "cpu").eval()
+    tr = full_trainable(model, [f"{model.block_prefix}.1", f"{model.block_prefix}.2"])
+    exs, seed = examples(1), 99
+    engine = NativeEngine(model, first_trained=1)
+    b = engine.batch(exs)
+    before = [t.clone() for t in tr.tensors]
+    want = directional_derivative(model, exs, tr.tensors, seed).item()
+    errs = []
+    # |z| ~ sqrt(#params) is large here and OPT's ReLU has kinks, so ε must be smaller than for LoRA
+    for eps in (1e-5, 1e-6):
+        _, _, g = inplace_step(lambda: row_losses(engine.scores(b, 1), b, "candidate")[0], tr, [seed], eps)
+        errs.append(abs(g[0] - want))
+    assert_second_order(errs, want)
+    for a, t in zip(before, tr.tensors):  # restored (float64: to ~1e-16)
+        torch.testing.assert_close(a, t, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_batched_rows_equal_two_separate_unpacked_passes(root, kind):
+    """zoft's one batched forward gives the same L₊, L₋ as MeZO's two passes with perturbed weights."""
+    model, loras = lora_model(root, kind, torch.float32)
+    exs, seed, eps = examples(2), 7, 1e-2
+    engine = NativeEngine(model)
+    b = engine.batch(exs)
+    lp, lm, _ = rows_step(lambda rows: row_losses(engine.scores(b, rows), b, "candidate"), loras, [seed], eps)
+    tr = lora_trainable(loras)
+    with torch.no_grad():
+        perturb_(tr, seed, eps)
+        ref_p = reference_loss(model, exs).item()
+        perturb_(tr, seed, -2 * eps)
+        ref_m = reference_loss(model, exs).item()
+    assert abs(lp.item() - ref_p) < 1e-5 and abs(lm.item() - ref_m) < 1e-5
+    assert abs(ref_p - ref_m) > 1e-5  # the two passes differ, so this compares something
+
+
+def test_logits_only_candidate_loss_is_exact(root):
+    """One-token candidates: the CE over candidate logits equals the CE over full log-softmax scores."""
+    model, loras = lora_model(root, "llama", torch.float32)
+    exs = [Encoded(e.prompt_ids, [c[:1] for c in e.cand_ids], e.answer, "mc") for e in examples(3)]
+    engine = NativeEngine(model)
+    b = engine.batch(exs)
+    assert b.single_token
+    full = row_losses(engine.scores(b, 1), b, "candidate")
+    rows_only = row_losses(engine.scores(b, 1, logits_only=True), b, "candidate")
+    torch.testing.assert_close(full, rows_only, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_is_seeded_private_and_chunk_consistent():
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    t = torch.zeros(3_000_000)  # spans three generation chunks
+    add_noise_(t, 42, 1.0)
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is never touched
+    assert torch.equal(noise(t, 42), t)
+    assert not torch.equal(noise(t, 43), t)
+    assert abs(t.mean().item()) < 5e-3 and abs(t.std().item() - 1) < 5e-3
+
+
+def test_perturb_restore_returns_start_within_rounding():
+    t = torch.randn(100_000)
+    start = t.clone()
+    for scale in (1e-3, -2e-3, 1e-3):
+        add_noise_(t, 5, scale)
+    # three float32 adds of terms of size ~1e-3·|z|: error below a few ulps of the values involved
+    assert (t - start).abs().max().item() < 4e-7 * (1 + start.abs().max().item())
+
+
+def test_update_applies_weight_decay_by_module_type_only(root):
+    s = load_session(ModelConfig(model=make_tiny("opt", root)))
+    attach(s, ZOConfig(mode="full", layers="1"))
+    names = dict(zip(s.trainable.names, s.trainable.decay))
+    assert names["model.decoder.layers.1.fc1.weight"] is True
+    assert names["model.decoder.layers.1.fc1.bias"] is False
+    assert names["model.decoder.layers.1.final_layer_norm.weight"] is False
+    before = {n: t.clone() for n, t in zip(s.trainable.names, s.trainable.tensors)}
+    sgd_update_(s.trainable, [11], [0.0], lr=0.1, weight_decay=0.5)  # g = 0: only decay moves anything
+    after = dict(zip(s.trainable.names, s.trainable.tensors))
+    torch.testing.assert_close(after["model.decoder.layers.1.fc1.weight"], before["model.decoder.layers.1.fc1.weight"] * 0.95)
+    assert torch.equal(after["model.decoder.layers.1.final_layer_norm.weight"],
+                       before["model.decoder.layers.1.final_layer_norm.weight"])
