@@ -12,7 +12,15 @@ import os
 import shutil
 import sys
 
-from zoft.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, ZOConfig, add_arguments, from_namespace
+from zoft.config import (
+    ModelConfig,
+    RunConfig,
+    TaskConfig,
+    TrainConfig,
+    ZOConfig,
+    add_arguments,
+    from_namespace,
+)
 from zoft.errors import ZoftError
 
 DEMO = dict(  # the embedded default: real SmolLM2 weights, real Rotten Tomatoes data, ~5 min on 2 CPU cores
@@ -86,6 +94,12 @@ def cmd_export(ns) -> None:
     print(json.dumps({"output_dir": ns.output_dir}))
 
 
+def cmd_replay(ns) -> None:
+    from zoft.train import replay
+
+    print(json.dumps(replay(ns.model, ns.log, ns.output_dir, ns.device)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoft", description="Zeroth-order (MeZO) fine-tuning of causal language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -112,13 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output-dir", required=True)
     sp.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
     sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("replay", help="rebuild a run's adapter or weights from the base model and its step log")
+    sp.add_argument("--model", required=True, help="the base model the run started from")
+    sp.add_argument("--log", required=True, help="the run's steps.jsonl")
+    sp.add_argument("--output-dir", required=True)
+    sp.add_argument("--device", default="", help="default: the device type the run used (z depends on it)")
+    sp.set_defaults(fn=cmd_replay)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
+    from zoft.train import Interrupted
+
     ns = build_parser().parse_args(argv)
     try:
         ns.fn(ns)
+    except Interrupted as e:
+        print(f"zoft: {e}", file=sys.stderr)
+        sys.exit(e.code)
     except ZoftError as e:
         print(f"zoft: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -93,6 +93,11 @@ class RunConfig:
     pack_tokens: int = arg(1024, "tokens per packed row")
     log_every: int = arg(50, "print reuse accounting every N steps")
     zero_shot: bool = arg(True, "evaluate on test before training")
+    fsync_every: int = arg(50, "fsync the step log every N steps (it is flushed every step)")
+    guard_threshold: float = arg(0.0, "divergence guard: a loss above this × the running median undoes the "
+                                 "last update (non-finite losses always do); 0: only non-finite")
+    guard_lr_factor: float = arg(0.5, "multiply the learning rate by this after each guard strike")
+    guard_strikes: int = arg(3, "stop after this many guard strikes")
 
 
 SECTIONS = (ModelConfig, TaskConfig, ZOConfig, RunConfig)

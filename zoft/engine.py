@@ -24,7 +24,7 @@ MeZO that encodes each (example, candidate) as its own unpadded sequence: only w
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

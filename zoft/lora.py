@@ -38,7 +38,7 @@ class LoraArgs:
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable float32 low-rank update; see the module docstring."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, init_seed: int = 0):
         super().__init__()
         self.base = base
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
@@ -46,7 +46,9 @@ class LoRALinear(nn.Module):
         dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32  # float64 for exact tests
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default initialisation
+        # PEFT's default initialisation, from a private seeded generator: a replay rebuilds it from the log
+        gen = torch.Generator(device=dev).manual_seed(init_seed)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=gen)
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,12 @@ def resolve_targets(model: nn.Module, targets: list[str], short: dict[str, str])
 
 
 def inject_lora(
-    model: nn.Module, block_prefix: str, target_names: list[str], layers: list[int] | None, args: LoraArgs
+    model: nn.Module,
+    block_prefix: str,
+    target_names: list[str],
+    layers: list[int] | None,
+    args: LoraArgs,
+    seed: int = 0,
 ) -> dict[str, LoRALinear]:
     """Replace each targeted nn.Linear inside the chosen blocks by a LoRALinear; returns them by path."""
     pat = re.compile(rf"^{re.escape(block_prefix)}\.(\d+)\.(.+\.)?({'|'.join(map(re.escape, target_names))})$")
@@ -94,7 +101,7 @@ def inject_lora(
         if layers is not None and int(m.group(1)) not in layers:
             continue
         parent = model.get_submodule(name.rsplit(".", 1)[0])
-        lora = LoRALinear(module, args.r, args.alpha)
+        lora = LoRALinear(module, args.r, args.alpha, init_seed=(seed * 1_000_003 + len(found)) % 2**62)
         setattr(parent, name.rsplit(".", 1)[1], lora)
         found[name] = lora
     if not found:

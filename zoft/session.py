@@ -88,13 +88,13 @@ def load_session(mc: ModelConfig, random_weights: bool = False) -> Session:
     return Session(model, tok, folder, mc.model, path, device, max_len, n_layers, prefix, short)
 
 
-def attach(s: Session, zc: ZOConfig) -> None:
+def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
     """Make the chosen parameters trainable: LoRA modules, or (a float32 copy of) the full blocks."""
     s.layers = parse_layers(zc.layers, s.n_layers)
     if zc.mode == "lora":
         s.lora_args = LoraArgs(zc.lora_r, zc.lora_alpha, list(zc.lora_targets))
         s.target_names = resolve_targets(s.model, s.lora_args.targets, s.short_targets)
-        s.loras = inject_lora(s.model, s.block_prefix, s.target_names, s.layers, s.lora_args)
+        s.loras = inject_lora(s.model, s.block_prefix, s.target_names, s.layers, s.lora_args, seed)
         s.trainable = lora_trainable(s.loras)
     else:
         prefixes = None if s.layers is None else [f"{s.block_prefix}.{i}" for i in s.layers]

@@ -12,12 +12,17 @@ import math
 import os
 import random
 import shutil
+import signal
+import statistics
+import sys
 import time
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from zoft import distributed as dist
+from zoft import steplog
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import ZoftError
@@ -60,13 +65,20 @@ def load_data(cfg: TrainConfig, s: Session) -> tuple[dict[str, list[Encoded]], d
 
 
 def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list[int], eps: float):
-    """L₊, L₋ per direction and the projected gradients for one batch."""
+    """L₊, L₋ per direction and the projected gradients for one batch (this rank's shard of it)."""
     b = engine.batch(batch, gold_only=(loss == "lm"))
     logits_only = loss == "candidate" and b.single_token
+
+    def mean_over_ranks(v: torch.Tensor) -> torch.Tensor:  # (P,) local means -> global means
+        if dist.world()[1] == 1:
+            return v
+        tot = dist.all_reduce_sum(torch.cat([v.double() * len(batch), v.new_tensor([len(batch)]).double()]))
+        return tot[:-1] / tot[-1]
+
     if s.loras is not None:
-        fn = lambda rows: row_losses(engine.scores(b, rows, logits_only), b, loss)
+        fn = lambda rows: mean_over_ranks(row_losses(engine.scores(b, rows, logits_only), b, loss))
         return rows_step(fn, s.loras, seeds, eps)
-    fn = lambda: row_losses(engine.scores(b, 1, logits_only), b, loss)[0]
+    fn = lambda: mean_over_ranks(row_losses(engine.scores(b, 1, logits_only), b, loss))[0]
     return inplace_step(fn, s.trainable, seeds, eps)
 
 
@@ -112,81 +124,184 @@ def load_checkpoint(s: Session, path: str) -> dict:
 # ---- the loop ----------------------------------------------------------------------------------
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run saved a checkpoint and can be resumed."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class _Signals:
+    """Turn SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
+
+    def __init__(self):
+        self.got: int | None = None
+        self.old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.got = signum
+
+    def __exit__(self, *exc):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
+
+def _snapshot(s: Session) -> list[torch.Tensor] | None:
+    """LoRA parameters are small: keep a copy before each update so the guard can undo it exactly."""
+    return [t.detach().clone() for t in s.trainable.tensors] if s.loras is not None else None
+
+
 def train(cfg: TrainConfig) -> dict:
     rc, zc = cfg.run, cfg.zo
+    rank, world = dist.world()
+    main = rank == 0
     out = rc.output_dir
     ckpt = os.path.join(out, "checkpoint")
     if os.path.isdir(ckpt) and not rc.resume:
         raise ZoftError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --output-dir")
     if rc.resume and not os.path.isdir(ckpt):
         raise ZoftError(f"--resume: no checkpoint in {out}; run without --resume to start")
+    if zc.batch_size < world:
+        raise ZoftError(f"--batch-size {zc.batch_size} is smaller than the {world} ranks; each needs an example")
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
+    say = log if main else (lambda msg: None)
 
+    cfg.model.device = dist.local_device(cfg.model.device)
     s = load_session(cfg.model)
-    attach(s, zc)
+    attach(s, zc, rc.seed)
     engine = make_engine(s, rc.cache_mb, rc.pack_tokens)
     eps, base_lr = zc.eps_value, zc.lr_value
     resolved = cfg.to_dict() | {"resolved": {"eps": eps, "lr": base_lr, "path": s.path, "device": s.device,
-                                             "trainable_parameters": s.trainable.numel(), "layers": s.layers}}
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(resolved, f, indent=2)
-    log(describe(s, engine))
-    log(f"zoft: training {s.trainable.numel():,} parameters ({zc.mode}), ε={eps:g}, lr={base_lr:g}")
+                                             "trainable_parameters": s.trainable.numel(), "layers": s.layers,
+                                             "world_size": world}}
+    if main:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(resolved, f, indent=2)
+    say(describe(s, engine) + (f"; data parallel over {world} ranks" if world > 1 else ""))
+    say(f"zoft: training {s.trainable.numel():,} parameters ({zc.mode}), ε={eps:g}, lr={base_lr:g}")
 
     enc, _, loss = load_data(cfg, s)
-    log(f"zoft: task {cfg.task.task}: {len(enc['train'])} train / {len(enc['dev'])} dev / {len(enc['test'])} test, loss={loss}")
+    say(f"zoft: task {cfg.task.task}: {len(enc['train'])} train / {len(enc['dev'])} dev / {len(enc['test'])} test, loss={loss}")
 
-    start, best_dev, zero_shot = 0, -1.0, None
+    log_path = os.path.join(out, "steps.jsonl")
+    step, best_dev, zero_shot, lr_scale = 0, -1.0, None, 1.0
     if rc.resume:
         state = load_checkpoint(s, ckpt)
-        start, best_dev, zero_shot = state["step"], state.get("best_dev", -1.0), state.get("zero_shot_accuracy")
-        log(f"zoft: resumed from {ckpt} at step {start}")
-    elif rc.zero_shot and enc["test"]:
+        best_dev, zero_shot = state.get("best_dev", -1.0), state.get("zero_shot_accuracy")
+        lr_scale = state.get("lr_scale", 1.0)
+        _, records = steplog.read(log_path) if os.path.exists(log_path) else (None, [])
+        if state["applied"] > len(steplog.effective(records)):
+            raise ZoftError(f"{ckpt} is ahead of a divergence-guard revert in {log_path} (killed between the two); "
+                            f"rebuild the parameters with: zoft replay --model {cfg.model.model} --log {log_path}")
+        todo = steplog.effective(records)[state["applied"] :]
+        for r in todo:  # logged after the checkpoint: redo their arithmetic, no forwards needed
+            steplog.apply(s.trainable, r, zc.mode, eps, zc.weight_decay)
+        lr_scale = min([lr_scale] + [r.get("lr_scale", 1.0) for r in records if "revert_to" in r])
+        step = max(state["next_step"], steplog.next_step(records))
+        say(f"zoft: resumed from {ckpt} (step {state['next_step']}), replayed {len(todo)} logged steps; next step {step}")
+    elif rc.zero_shot and enc["test"] and main:
         zero_shot = evaluate(engine, enc["test"], rc.eval_batch_size, desc="zero-shot eval")["accuracy"]
-        log(f"zoft: zero-shot test accuracy {zero_shot:.4f}")
+        say(f"zoft: zero-shot test accuracy {zero_shot:.4f}")
+    applied = len(steplog.effective(steplog.read(log_path)[1])) if rc.resume and os.path.exists(log_path) else 0
+    slog = steplog.StepLog(log_path, resolved, rc.fsync_every) if main else None
 
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a")
-    bar = tqdm(range(start, rc.steps), initial=start, total=rc.steps, desc="train", unit="step", dynamic_ncols=True)
-    ema, t_loop = None, time.time()
+    def state(next_step: int) -> dict:
+        return {"next_step": next_step, "applied": applied, "best_dev": best_dev, "zero_shot_accuracy": zero_shot,
+                "lr_scale": lr_scale}
+
+    if main and not rc.resume:
+        save_checkpoint(s, ckpt, state(0))  # the starting point: what the guard falls back to in full mode
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if main else None
+    bar = tqdm(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
+    ema, t_loop, recent, strikes, first, prev = None, time.time(), [], 0, step, None
     train_set = enc["train"]
-    for step in bar:
-        t0 = time.time()
-        lr = lr_at(step, rc.steps, base_lr, zc.schedule, zc.warmup)
-        batch = [train_set[i] for i in batch_indices(step, min(zc.batch_size, len(train_set)), len(train_set), rc.seed)]
-        seeds = direction_seeds(rc.seed, step, zc.directions)
-        lp, lm, grads = step_losses(engine, s, batch, loss, seeds, eps)
-        loss_val = float((lp + lm).mean() / 2)
-        if not all(math.isfinite(x) for x in grads + [loss_val]):
-            save_checkpoint(s, ckpt, {"step": step, "best_dev": best_dev, "zero_shot_accuracy": zero_shot})
-            raise ZoftError(f"non-finite loss at step {step}; parameters before it are saved in {ckpt}: "
-                            "lower --lr or --eps and run again with --resume")
-        sgd_update_(s.trainable, seeds, grads, lr, zc.weight_decay)
-        dt = time.time() - t0
-        ema = loss_val if ema is None else 0.95 * ema + 0.05 * loss_val
-        g_mean = sum(grads) / len(grads)
-        metrics.write(json.dumps({"step": step + 1, "loss": loss_val, "projected_grad": g_mean, "lr": lr,
-                                  "seconds": round(time.time() - t_start, 3), "step_seconds": round(dt, 4)}) + "\n")
-        metrics.flush()
-        bar.set_postfix(loss=f"{ema:.4f}", g=f"{g_mean:+.3g}", s_step=f"{dt:.2f}")
-        done = step + 1
-        if rc.log_every and done % rc.log_every == 0:
-            st = engine.stats.summary()
-            bar.write(f"step {done}: token×layer work {st['token_layers_computed']:,} computed vs "
-                      f"{st['token_layers_naive']:,} naive two-pass ({st['work_saved']:.1%} saved)"
-                      + (f", prefix-cache hits {st['prefix_cache_hit_rate']:.1%}" if st["prefix_cache_hit_rate"] else ""))
-        if rc.eval_every and done % rc.eval_every == 0 and enc["dev"]:
-            dev = evaluate(engine, enc["dev"], rc.eval_batch_size)["accuracy"]
-            metrics.write(json.dumps({"step": done, "dev_accuracy": dev}) + "\n")
-            bar.write(f"step {done}: dev accuracy {dev:.4f}" + (" (best)" if dev > best_dev else ""))
-            if dev > best_dev:
-                best_dev = dev
-                save_checkpoint(s, os.path.join(out, "best"), {"step": done, "dev_accuracy": dev})
-        if (rc.save_every and done % rc.save_every == 0) or done == rc.steps:
-            save_checkpoint(s, ckpt, {"step": done, "best_dev": best_dev, "zero_shot_accuracy": zero_shot})
+    with _Signals() as sig:
+        while step < rc.steps:
+            t0 = time.time()
+            lr = lr_at(step, rc.steps, base_lr, zc.schedule, zc.warmup) * lr_scale
+            idx = batch_indices(step, min(zc.batch_size, len(train_set)), len(train_set), rc.seed)
+            batch = [train_set[i] for i in dist.shard(idx, rank, world)]
+            seeds = direction_seeds(rc.seed, step, zc.directions)
+            lp, lm, grads = step_losses(engine, s, batch, loss, seeds, eps)
+            loss_val = float((lp + lm).mean() / 2)
+            finite = all(math.isfinite(x) for x in grads + [loss_val])
+            spike = (rc.guard_threshold > 0 and len(recent) >= 20
+                     and loss_val > rc.guard_threshold * statistics.median(recent[-100:]))
+            if not finite or spike:
+                strikes += 1
+                why = "non-finite loss" if not finite else f"loss {loss_val:.4g} > {rc.guard_threshold}× running median"
+                if strikes > rc.guard_strikes or applied == 0:
+                    if main:
+                        save_checkpoint(s, ckpt, state(step))
+                        slog.close()
+                    raise ZoftError(f"{why} at step {step} ({strikes} strike(s)); the last good parameters are in "
+                                    f"{ckpt}: lower --lr or --eps and continue with --resume")
+                applied, prev = _undo_last(s, ckpt, prev, applied), None
+                lr_scale *= rc.guard_lr_factor
+                if main:
+                    slog.write({"step": step, "revert_to": applied, "reason": why, "lr_scale": lr_scale})
+                    save_checkpoint(s, ckpt, state(step + 1))
+                    bar.write(f"step {step}: {why}; undid the last update, lr × {rc.guard_lr_factor} "
+                              f"(strike {strikes}/{rc.guard_strikes})")
+                step += 1
+                bar.update(1)
+                continue
+            if main:  # write-ahead: the record is on its way to disk before the update happens
+                slog.write({"step": step, "seeds": seeds, "grads": grads, "lr": lr, "loss": loss_val})
+            prev = _snapshot(s)
+            sgd_update_(s.trainable, seeds, grads, lr, zc.weight_decay)
+            applied += 1
+            recent.append(loss_val)
+            step += 1
+            dt = time.time() - t0
+            ema = loss_val if ema is None else 0.95 * ema + 0.05 * loss_val
+            g_mean = sum(grads) / len(grads)
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.4f}", g=f"{g_mean:+.3g}", s_step=f"{dt:.2f}")
+            if main:
+                metrics.write(json.dumps({"step": step, "loss": loss_val, "projected_grad": g_mean, "lr": lr,
+                                          "seconds": round(time.time() - t_start, 3), "step_seconds": round(dt, 4)}) + "\n")
+                metrics.flush()
+            if main and rc.log_every and step % rc.log_every == 0:
+                st = engine.stats.summary()
+                bar.write(f"step {step}: token×layer work {st['token_layers_computed']:,} computed vs "
+                          f"{st['token_layers_naive']:,} naive two-pass ({st['work_saved']:.1%} saved)"
+                          + (f", prefix-cache hits {st['prefix_cache_hit_rate']:.1%}" if st["prefix_cache_hit_rate"] else ""))
+            if main and rc.eval_every and step % rc.eval_every == 0 and enc["dev"]:
+                dev = evaluate(engine, enc["dev"], rc.eval_batch_size)["accuracy"]
+                metrics.write(json.dumps({"step": step, "dev_accuracy": dev}) + "\n")
+                bar.write(f"step {step}: dev accuracy {dev:.4f}" + (" (best)" if dev > best_dev else ""))
+                if dev > best_dev:
+                    best_dev = dev
+                    save_checkpoint(s, os.path.join(out, "best"), {"step": step, "dev_accuracy": dev})
+            if main and ((rc.save_every and step % rc.save_every == 0) or step == rc.steps):
+                slog.sync()
+                save_checkpoint(s, ckpt, state(step))
+            if sig.got is not None:
+                if main:
+                    slog.sync()
+                    save_checkpoint(s, ckpt, state(step))
+                    slog.close()
+                name = signal.Signals(sig.got).name
+                raise Interrupted(f"{name} at step {step}: checkpoint saved in {ckpt}; resume with the same "
+                                  f"command plus --resume", 128 + sig.got)
     bar.close()
-    metrics.close()
     train_seconds = time.time() - t_loop
+    if not main:
+        dist.barrier()
+        return {}
+    metrics.close()
+    slog.close()
 
     if best_dev >= 0:
         load_checkpoint(s, os.path.join(out, "best"))
@@ -198,8 +313,46 @@ def train(cfg: TrainConfig) -> dict:
     if s.loras is not None:
         save_peft(s.loras, os.path.join(out, "adapter"), s.source, s.target_names, s.lora_args)
     result |= {"seconds": round(time.time() - t_start, 1), "train_seconds": round(train_seconds, 1),
-               "seconds_per_step": round(train_seconds / max(1, rc.steps - start), 4),
-               "path": s.path, "output_dir": out, **engine.stats.summary()}
+               "seconds_per_step": round(train_seconds / max(1, rc.steps - first), 4),
+               "path": s.path, "world_size": world, "output_dir": out, **engine.stats.summary()}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
+    dist.barrier()
     return result
+
+
+def _undo_last(s: Session, ckpt: str, prev: list[torch.Tensor] | None, applied: int) -> int:
+    """Undo exactly: LoRA restores the copy taken before the last update; otherwise reload the checkpoint."""
+    if prev is not None:
+        with torch.no_grad():
+            for t, p in zip(s.trainable.tensors, prev):
+                t.copy_(p)
+        return applied - 1
+    return load_checkpoint(s, ckpt)["applied"]
+
+
+def replay(model: str, log_path: str, output_dir: str, device: str = "") -> dict:
+    """Rebuild a run's trained parameters from the base weights and its step log alone."""
+    if not os.path.isfile(log_path):
+        raise ZoftError(f"step log {log_path} does not exist")
+    header, records = steplog.read(log_path)
+    if header is None:
+        raise ZoftError(f"{log_path} has no header line; is it a zoft steps.jsonl?")
+    resolved = header.pop("resolved", {})
+    cfg = TrainConfig.from_dict(header)
+    cfg.model.model = model
+    cfg.model.device = device or resolved.get("device", "cpu").split(":")[0]
+    s = load_session(cfg.model)
+    attach(s, cfg.zo, cfg.run.seed)
+    todo = steplog.effective(records)
+    for r in tqdm(todo, desc="replay", unit="step", disable=not sys.stderr.isatty()):
+        steplog.apply(s.trainable, r, cfg.zo.mode, cfg.zo.eps_value, cfg.zo.weight_decay)
+    os.makedirs(output_dir, exist_ok=True)
+    if s.loras is not None:
+        save_peft(s.loras, output_dir, s.source, s.target_names, s.lora_args)
+    else:
+        tensors = {n: t.detach().float().cpu().contiguous() for n, t in zip(s.trainable.names, s.trainable.tensors)}
+        save_file(tensors, os.path.join(output_dir, "trained.safetensors"))
+    with open(os.path.join(output_dir, "config.json"), "w") as f:
+        json.dump(header | {"resolved": resolved}, f, indent=2)
+    return {"steps_replayed": len(todo), "output_dir": output_dir}
