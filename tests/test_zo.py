@@ -166,3 +166,19 @@ def test_update_applies_weight_decay_by_module_type_only(root):
     torch.testing.assert_close(after["model.decoder.layers.1.fc1.weight"], before["model.decoder.layers.1.fc1.weight"] * 0.95)
     assert torch.equal(after["model.decoder.layers.1.final_layer_norm.weight"],
                        before["model.decoder.layers.1.final_layer_norm.weight"])
+
+
+@pytest.mark.parametrize("mode,layers", [("lora", ""), ("full", "2")])
+def test_bfloat16_base_with_float32_trained_parameters(root, mode, layers):
+    """A bf16 base runs (the CPU path too), and what is trained stays float32."""
+    from zoft.train import step_losses
+    from zoft.zo import direction_seeds
+
+    s = load_session(ModelConfig(model=make_tiny("opt", root), dtype="bfloat16"))
+    attach(s, ZOConfig(mode=mode, layers=layers))
+    assert all(t.dtype == torch.float32 for t in s.trainable.tensors)
+    assert s.model.model.decoder.layers[0].fc1.weight.dtype == torch.bfloat16
+    from zoft.session import make_engine
+
+    lp, lm, g = step_losses(make_engine(s), s, examples(4), "candidate", direction_seeds(0, 0, 1), 1e-2)
+    assert torch.isfinite(lp).all() and torch.isfinite(lm).all() and lp.item() != lm.item()

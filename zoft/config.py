@@ -31,6 +31,8 @@ class ModelConfig:
     device: str = arg("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
     engine: str = arg("auto", "native (OPT, Llama family), hf (transformers fallback), or auto",
                       choices=["auto", "native", "hf"])
+    offload: str = arg("none", "cpu: keep frozen block weights in CPU memory and stream each block to the "
+                       "GPU once per forward (models larger than the GPU)", choices=["none", "cpu"])
     max_length: int = arg(0, "token limit per example (prompt + candidate); 0: the model's limit")
     truncation: str = arg("left", "over-long prompts: drop tokens from the left (keeping BOS), or error",
                           choices=["left", "error"])

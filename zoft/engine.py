@@ -241,13 +241,17 @@ class Scores:
 class NativeEngine:
     """Runs a native model (OPT, Llama family) over a Batch for P perturbation rows at once."""
 
-    def __init__(self, model, first_trained: int = 0, cache_mb: float = 0.0, pack_tokens: int = 1024):
+    def __init__(self, model, first_trained: int = 0, cache_mb: float = 0.0, pack_tokens: int = 1024,
+                 streamer=None):
         self.model = model
+        self.streamer = streamer  # zoft.offload.LayerStreamer: blocks' frozen weights live on the CPU
         self.first_trained = first_trained  # blocks below it are frozen: run once, maybe cached
         self.cache = PrefixCache(int(cache_mb * 2**20)) if cache_mb > 0 and first_trained > 0 else None
         self.pack_tokens = pack_tokens
         self.stats = Stats()
         self.n_layers = len(model.blocks)
+        # the dtype a block computes in: its frozen weights' (bf16 base) or float32 (blocks trained in full)
+        self.block_dtypes = [next(p.dtype for n, p in b.named_parameters() if "lora_" not in n) for b in model.blocks]
 
     @property
     def device(self) -> torch.device:
@@ -258,9 +262,16 @@ class NativeEngine:
 
     def _run_blocks(self, h: torch.Tensor, packs: Packs, lo: int, hi: int, rows: int) -> torch.Tensor:
         ctx = self.model.position_context(packs.pos)
-        for block in self.model.blocks[lo:hi]:
-            dtype = next(block.parameters()).dtype
-            h = block(h.to(dtype), packs.mask, ctx)
+        st = self.streamer
+        for i in range(lo, hi):
+            block = self.model.blocks[i]
+            if st is not None:
+                st.enter(i)
+                if i + 1 < hi:
+                    st.prefetch(i + 1)  # the next block's copy overlaps this block's compute
+            h = block(h.to(self.block_dtypes[i]), packs.mask, ctx)
+            if st is not None:
+                st.exit(i)
         self.stats.computed += rows * packs.ids.numel() * (hi - lo)
         return h
 

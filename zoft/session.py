@@ -56,6 +56,7 @@ class Session:
     target_names: list[str] | None = None
     layers: list[int] | None = None
     lora_args: LoraArgs | None = None
+    offload: str = "none"
 
     @property
     def native(self) -> bool:
@@ -71,8 +72,14 @@ def load_session(mc: ModelConfig, random_weights: bool = False) -> Session:
     use_native = mc.engine == "native" or (mc.engine == "auto" and native_class(cfg) is not None)
     if mc.engine == "native" and native_class(cfg) is None:
         raise ZoftError(f"no native implementation for model_type {cfg.get('model_type')!r}; use --engine hf or auto")
+    if mc.offload == "cpu" and not use_native:
+        raise ZoftError("--offload cpu needs a native model (OPT, Llama family); this one runs on the hf fallback")
     if use_native:
-        model = build_native(folder, cfg, dtype, device, weights=not random_weights).eval()
+        build_on = "cpu" if mc.offload == "cpu" else device
+        model = build_native(folder, cfg, dtype, build_on, weights=not random_weights).eval()
+        if mc.offload == "cpu":  # everything but the blocks goes to the device; blocks are streamed
+            for name, child in model.named_children():
+                _to_device_except(child, model.blocks, device)
         for p in model.parameters():
             p.requires_grad_(False)
         path, prefix, short = f"native {model.family}", model.block_prefix, model.lora_targets
@@ -85,7 +92,19 @@ def load_session(mc: ModelConfig, random_weights: bool = False) -> Session:
         max_len = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
     tok = load_tokenizer(folder)
     max_len = min(mc.max_length, max_len) if mc.max_length else max_len
-    return Session(model, tok, folder, mc.model, path, device, max_len, n_layers, prefix, short)
+    return Session(model, tok, folder, mc.model, path, device, max_len, n_layers, prefix, short,
+                   offload=mc.offload)
+
+
+def _to_device_except(module: nn.Module, keep: nn.Module, device: str) -> None:
+    if module is keep:
+        return
+    for p in module.parameters(recurse=False):
+        p.data = p.data.to(device)
+    for b in module.buffers(recurse=False):
+        b.data = b.data.to(device)
+    for child in module.children():
+        _to_device_except(child, keep, device)
 
 
 def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
@@ -95,14 +114,18 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
         s.lora_args = LoraArgs(zc.lora_r, zc.lora_alpha, list(zc.lora_targets))
         s.target_names = resolve_targets(s.model, s.lora_args.targets, s.short_targets)
         s.loras = inject_lora(s.model, s.block_prefix, s.target_names, s.layers, s.lora_args, seed)
+        for m in s.loras.values():  # trained parameters live on the device, even when blocks are streamed
+            m.lora_A.data, m.lora_B.data = m.lora_A.data.to(s.device), m.lora_B.data.to(s.device)
         s.trainable = lora_trainable(s.loras)
     else:
         prefixes = None if s.layers is None else [f"{s.block_prefix}.{i}" for i in s.layers]
+        if prefixes is None and s.offload == "cpu":
+            raise ZoftError("--offload cpu with --mode full needs --layers: the trained blocks stay on the device")
         if prefixes is None:
             s.model.float()  # every parameter is trained: float32 master weights throughout
         else:
             for p in prefixes:
-                s.model.get_submodule(p).float()
+                s.model.get_submodule(p).float().to(s.device)
         s.trainable = full_trainable(s.model, prefixes)
 
 
@@ -114,7 +137,12 @@ def first_trained_block(s: Session) -> int:
 
 def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024):
     if s.native:
-        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens)
+        streamer = None
+        if s.offload == "cpu":
+            from zoft.offload import LayerStreamer
+
+            streamer = LayerStreamer(s.model.blocks, s.device)
+        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, streamer)
     return hf.HFEngine(s.model)
 
 
@@ -122,6 +150,8 @@ def describe(s: Session, engine) -> str:
     feats = []
     if s.native:
         feats += ["packed rows (block-diagonal SDPA mask)", "prompt shared across candidates", "logits at read positions"]
+        if engine.streamer is not None:
+            feats.append(f"blocks streamed from CPU memory ({engine.streamer.bytes_per_pass / 2**30:.2f} GiB a pass)")
         if engine.first_trained > 0:
             feats.append(f"frozen blocks 0-{engine.first_trained - 1} run once per batch")
             if engine.cache is not None:
