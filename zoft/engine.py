@@ -311,8 +311,8 @@ class NativeEngine:
         h = self._run_blocks(h, p, k, self.n_layers, rows)
         N, L = p.ids.shape
         hs = h.view(rows, N * L, -1)[:, b.src]  # (P, M, D): only where the loss reads
-        hs = m.norm_out(hs)
         w = m.lm_head_weight
+        hs = m.norm_out(hs.to(w.dtype))  # a float32 (fully trained) top block may feed a bf16 head
         if logits_only:
             assert b.single_token
             token_lp = (_up(hs) * _up(w[b.tgt])).sum(-1)  # (P, M): one vocab row per target
