@@ -30,10 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default="imdb", help="built-in task (imdb, sst2, rotten_tomatoes) or a .jsonl")
     p.add_argument("--data-dir", default="", help="local copy of the dataset (see `zoft train --help`)")
     p.add_argument("--steps", type=int, default=500, help="MeZO steps, for each of the two runs")
-    p.add_argument("--output-dir", default="runs/mezo_opt125m_suite", help="one folder per run + summary.json")
+    p.add_argument("--output-dir", default="runs/mezo_opt125m_suite", help="a folder per run, summary.json")
     p.add_argument("--lr", type=float, default=0.0, help="LoRA learning rate; 0: zoft's default (1e-4)")
-    p.add_argument("--full-lr", type=float, default=0.0, help="full-parameter learning rate; 0: zoft's (1e-6)")
-    p.add_argument("--layers", default="", help="blocks the full-parameter run trains, e.g. 'top4'; empty: all")
+    p.add_argument("--full-lr", type=float, default=0.0, help="full-parameter lr; 0: zoft's (1e-6)")
+    p.add_argument("--layers", default="", help="blocks the full run trains, e.g. 'top4'; empty: all")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-dev", type=int, default=200)
@@ -41,16 +41,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=100, help="dev evaluation (best checkpoint); 0: never")
     p.add_argument("--max-length", type=int, default=0, help="tokens per example; 0: the model's limit")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--resume", action="store_true", help="continue each run that has a checkpoint")
     return p.parse_args(argv)
 
 
 def run_config(a: argparse.Namespace, name: str, zo: ZOConfig, zero_shot: bool) -> TrainConfig:
+    out = os.path.join(a.output_dir, name)
     return TrainConfig(
         ModelConfig(model=a.model, device=a.device, max_length=a.max_length),
         TaskConfig(task=a.task, data_dir=a.data_dir, n_train=a.n_train, n_dev=a.n_dev, n_test=a.n_test),
         zo,
-        RunConfig(steps=a.steps, output_dir=os.path.join(a.output_dir, name),
-                  eval_every=a.eval_every if a.n_dev else 0, zero_shot=zero_shot),
+        RunConfig(steps=a.steps, output_dir=out, eval_every=a.eval_every if a.n_dev else 0,
+                  zero_shot=zero_shot, resume=a.resume and os.path.isdir(os.path.join(out, "checkpoint"))),
     )
 
 
@@ -69,10 +71,11 @@ def run_suite(a: argparse.Namespace) -> dict:
     lora = train(run_config(a, "lora", ZOConfig(mode="lora", lr=a.lr, batch_size=a.batch_size), True))
     full = train(run_config(a, "full", ZOConfig(mode="full", lr=a.full_lr, layers=a.layers,
                                                  batch_size=a.batch_size), False))
-    zero = {"run": "zero-shot", "accuracy": lora["zero_shot_accuracy"], "seconds": None, "seconds_per_step": None,
-            "work_saved": None, "trainable_parameters": 0, "lr": None, "output_dir": None}
+    zero = {"run": "zero-shot", "accuracy": lora["zero_shot_accuracy"], "trainable_parameters": 0,
+            **dict.fromkeys(("seconds", "seconds_per_step", "work_saved", "lr", "output_dir"))}
+    full_name = f"mezo-full ({a.layers})" if a.layers else "mezo-full"
     return {"model": a.model, "task": a.task, "steps": a.steps, "path": lora["path"],
-            "runs": [zero, row("mezo-lora", lora), row(f"mezo-full{f' ({a.layers})' if a.layers else ''}", full)]}
+            "runs": [zero, row("mezo-lora", lora), row(full_name, full)]}
 
 
 def table(summary: dict) -> str:
@@ -88,8 +91,13 @@ def table(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    from zoft.train import Interrupted  # imports torch: after --help has had its chance
+
     try:
         summary = run_suite(a)
+    except Interrupted as e:  # Ctrl-C: the current run saved a checkpoint, --resume continues
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.code)
     except ZoftError as e:
         msg = str(e)
         hint = f"; {OFFLINE_HINT}" if "hub" in msg and "rotten_tomatoes" not in msg else ""

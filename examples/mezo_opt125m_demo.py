@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=100, help="dev evaluation (best checkpoint); 0: never")
     p.add_argument("--max-length", type=int, default=0, help="tokens per example; 0: the model's limit")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--resume", action="store_true", help="continue from --output-dir's checkpoint")
     return p.parse_args(argv)
 
 
@@ -44,7 +45,8 @@ def build_config(a: argparse.Namespace) -> TrainConfig:
         ModelConfig(model=a.model, device=a.device, max_length=a.max_length),
         TaskConfig(task=a.task, data_dir=a.data_dir, n_train=a.n_train, n_dev=a.n_dev, n_test=a.n_test),
         ZOConfig(mode="lora", lr=a.lr, batch_size=a.batch_size),
-        RunConfig(steps=a.steps, output_dir=a.output_dir, eval_every=a.eval_every if a.n_dev else 0),
+        RunConfig(steps=a.steps, output_dir=a.output_dir, eval_every=a.eval_every if a.n_dev else 0,
+                  resume=a.resume),
     )
 
 
@@ -54,10 +56,13 @@ def fmt(acc: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    from zoft.train import train  # imports torch: after --help has had its chance
+    from zoft.train import Interrupted, train  # imports torch: after --help has had its chance
 
     try:
         result = train(build_config(a))
+    except Interrupted as e:  # Ctrl-C: a checkpoint was saved, --resume continues
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.code)
     except ZoftError as e:
         msg = str(e)
         hint = f"; {OFFLINE_HINT}" if "hub" in msg and "rotten_tomatoes" not in msg else ""

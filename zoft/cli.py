@@ -21,7 +21,7 @@ from zoft.config import (
     add_arguments,
     from_namespace,
 )
-from zoft.errors import ZoftError
+from zoft.errors import Interrupted, ZoftError
 
 DEMO = dict(  # the embedded default: real SmolLM2 weights, real Rotten Tomatoes data, ~5 min on 2 CPU cores
     zo=dict(mode="lora", layers="top4", lr=5e-3, eps=1e-2, batch_size=16),
@@ -100,6 +100,12 @@ def cmd_replay(ns) -> None:
     print(json.dumps(replay(ns.model, ns.log, ns.output_dir, ns.device)))
 
 
+def cmd_bench(ns) -> None:
+    from zoft.bench import report, run_bench
+
+    report(run_bench(ns.model, ns.workload, ns.mode, ns.dtype, ns.device, ns.steps, ns.warmup, ns.batch_size, ns.seed))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoft", description="Zeroth-order (MeZO) fine-tuning of causal language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,12 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output-dir", required=True)
     sp.add_argument("--device", default="", help="default: the device type the run used (z depends on it)")
     sp.set_defaults(fn=cmd_replay)
+
+    sp = sub.add_parser("bench", help="time zoft's step against the MeZO reference step and a plain forward",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sp.add_argument("--model", default="opt-125m",
+                    help="a preset with random weights (opt-125m, opt-1.3b, smollm2-135m, …) or a model folder")
+    sp.add_argument("--workload", default="sst2", choices=["sst2", "multirc"], help="synthetic batch lengths")
+    sp.add_argument("--mode", default="lora", choices=["lora", "full"])
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
+    sp.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    sp.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    from zoft.train import Interrupted
-
     ns = build_parser().parse_args(argv)
     try:
         ns.fn(ns)

@@ -6,3 +6,11 @@ class ZoftError(Exception):
 
     The CLI prints str(e) on one line and exits 2 (no traceback), so messages are one actionable line.
     """
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run saved a checkpoint and can be resumed. `code` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code

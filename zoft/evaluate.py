@@ -12,6 +12,7 @@ import json
 import torch
 from tqdm import tqdm
 
+from zoft.errors import ZoftError
 from zoft.tasks.encode import Encoded
 
 
@@ -25,6 +26,9 @@ def evaluate(engine, encoded: list[Encoded], batch_size: int = 32, desc: str | N
         b = engine.batch(chunk)
         s = engine.scores(b, rows=1)
         sums = s.cand_sum[0].double().cpu()
+        if not torch.isfinite(sums).all():
+            raise ZoftError("the model gives non-finite candidate scores: its weights diverged or overflowed; "
+                            "lower --lr (or --eps) and train again")
         table = s.table[0].cpu()
         ex = b.cand_example.cpu().tolist()
         for e_idx, e in enumerate(chunk):

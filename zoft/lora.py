@@ -44,11 +44,12 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         dev = base.weight.device
         dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32  # float64 for exact tests
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=dtype))
+        # PEFT's default initialisation, drawn on the CPU from a private seeded generator: the same A on
+        # every device, and a replay rebuilds it from the log's seed
+        a = torch.empty(r, base.in_features, dtype=dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=torch.Generator().manual_seed(init_seed))
+        self.lora_A = nn.Parameter(a.to(dev))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dtype))
-        # PEFT's default initialisation, from a private seeded generator: a replay rebuilds it from the log
-        gen = torch.Generator(device=dev).manual_seed(init_seed)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=gen)
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

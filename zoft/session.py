@@ -78,8 +78,7 @@ def load_session(mc: ModelConfig, random_weights: bool = False) -> Session:
         build_on = "cpu" if mc.offload == "cpu" else device
         model = build_native(folder, cfg, dtype, build_on, weights=not random_weights).eval()
         if mc.offload == "cpu":  # everything but the blocks goes to the device; blocks are streamed
-            for name, child in model.named_children():
-                _to_device_except(child, model.blocks, device)
+            _to_device_except(model, model.blocks, device)
         for p in model.parameters():
             p.requires_grad_(False)
         path, prefix, short = f"native {model.family}", model.block_prefix, model.lora_targets

@@ -25,7 +25,7 @@ from zoft import distributed as dist
 from zoft import steplog
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
-from zoft.errors import ZoftError
+from zoft.errors import Interrupted, ZoftError
 from zoft.evaluate import evaluate, write_predictions
 from zoft.lora import load_peft_weights, save_peft
 from zoft.session import Session, attach, describe, load_session, log, make_engine
@@ -124,14 +124,6 @@ def load_checkpoint(s: Session, path: str) -> dict:
 # ---- the loop ----------------------------------------------------------------------------------
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the run saved a checkpoint and can be resumed."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
 class _Signals:
     """Turn SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
 
@@ -172,13 +164,13 @@ def train(cfg: TrainConfig) -> dict:
         raise ZoftError(f"--resume: no checkpoint in {out}; run without --resume to start")
     if zc.batch_size < world:
         raise ZoftError(f"--batch-size {zc.batch_size} is smaller than the {world} ranks; each needs an example")
-    os.makedirs(out, exist_ok=True)
     t_start = time.time()
     say = log if main else (lambda msg: None)
 
     cfg.model.device = dist.local_device(cfg.model.device)
     s = load_session(cfg.model)
     attach(s, zc, rc.seed)
+    os.makedirs(out, exist_ok=True)  # only once the model loaded: a failed start leaves no empty run folder
     engine = make_engine(s, rc.cache_mb, rc.pack_tokens)
     eps, base_lr = zc.eps_value, zc.lr_value
     resolved = cfg.to_dict() | {"resolved": {"eps": eps, "lr": base_lr, "path": s.path, "device": s.device,
@@ -240,18 +232,20 @@ def train(cfg: TrainConfig) -> dict:
             if not finite or spike:
                 strikes += 1
                 why = "non-finite loss" if not finite else f"loss {loss_val:.4g} > {rc.guard_threshold}× running median"
+                if applied > 0:  # the update before this loss is the suspect: undo it exactly
+                    applied, prev = _undo_last(s, ckpt, prev, applied), None
+                    lr_scale *= rc.guard_lr_factor
+                    if main:
+                        slog.write({"step": step, "revert_to": applied, "reason": why, "lr_scale": lr_scale})
+                        save_checkpoint(s, ckpt, state(step + 1))
                 if strikes > rc.guard_strikes or applied == 0:
                     if main:
-                        save_checkpoint(s, ckpt, state(step))
                         slog.close()
-                    raise ZoftError(f"{why} at step {step} ({strikes} strike(s)); the last good parameters are in "
+                    bar.close()
+                    raise ZoftError(f"{why} at step {step + 1} ({strikes} strike(s)); the parameters before it are in "
                                     f"{ckpt}: lower --lr or --eps and continue with --resume")
-                applied, prev = _undo_last(s, ckpt, prev, applied), None
-                lr_scale *= rc.guard_lr_factor
                 if main:
-                    slog.write({"step": step, "revert_to": applied, "reason": why, "lr_scale": lr_scale})
-                    save_checkpoint(s, ckpt, state(step + 1))
-                    bar.write(f"step {step}: {why}; undid the last update, lr × {rc.guard_lr_factor} "
+                    bar.write(f"step {step + 1}: {why}; undid the last update, lr × {rc.guard_lr_factor} "
                               f"(strike {strikes}/{rc.guard_strikes})")
                 step += 1
                 bar.update(1)
@@ -293,6 +287,7 @@ def train(cfg: TrainConfig) -> dict:
                     save_checkpoint(s, ckpt, state(step))
                     slog.close()
                 name = signal.Signals(sig.got).name
+                bar.close()
                 raise Interrupted(f"{name} at step {step}: checkpoint saved in {ckpt}; resume with the same "
                                   f"command plus --resume", 128 + sig.got)
     bar.close()
