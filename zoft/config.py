@@ -55,6 +55,8 @@ class TaskConfig:
 @dataclass
 class ZOConfig:
     mode: str = arg("lora", "what is trained", choices=["lora", "full"])
+    optimizer: str = arg("zo-sgd", "zo-sgd: MeZO; adamw: the first-order (backprop) baseline on the same data",
+                         choices=["zo-sgd", "adamw"])
     layers: str = arg("", "train only these blocks: '0,1,5-7', 'top4', 'bottom2'; empty: all")
     lora_r: int = arg(8, "LoRA rank")
     lora_alpha: float = arg(16.0, "LoRA alpha (update scaled by alpha / r)")
@@ -79,6 +81,8 @@ class ZOConfig:
 
     @property
     def lr_value(self) -> float:
+        if self.optimizer == "adamw":
+            return self.lr or (1e-4 if self.mode == "lora" else 1e-5)
         return self.lr or (1e-4 if self.mode == "lora" else 1e-6)
 
 

@@ -299,8 +299,12 @@ class NativeEngine:
             h[r, st : st + len(s.ids)] = t if t is not None else self.cache.get(s.key)
         return h
 
-    @torch.no_grad()
-    def scores(self, b: Batch, rows: int = 1, logits_only: bool = False) -> Scores:
+    def scores(self, b: Batch, rows: int = 1, logits_only: bool = False, grad: bool = False) -> Scores:
+        """grad=True keeps the autograd graph (the first-order baseline); ZO never needs it."""
+        with torch.set_grad_enabled(grad):
+            return self._scores(b, rows, logits_only)
+
+    def _scores(self, b: Batch, rows: int, logits_only: bool) -> Scores:
         """Run all `rows` perturbation copies; logits_only: raw candidate logits (exact for the CE loss)."""
         m, p = self.model, b.packs
         self.stats.naive += rows * b.naive_tokens * self.n_layers  # naive: one pass per row, one seq per candidate

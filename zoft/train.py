@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from zoft import distributed as dist
 from zoft import steplog
+from zoft.backprop import peak_memory
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import Interrupted, ZoftError
@@ -154,6 +155,10 @@ def _snapshot(s: Session) -> list[torch.Tensor] | None:
 
 def train(cfg: TrainConfig) -> dict:
     rc, zc = cfg.run, cfg.zo
+    if zc.optimizer == "adamw":
+        from zoft.backprop import train_backprop
+
+        return train_backprop(cfg)
     rank, world = dist.world()
     main = rank == 0
     out = rc.output_dir
@@ -234,6 +239,7 @@ def train(cfg: TrainConfig) -> dict:
                 why = "non-finite loss" if not finite else f"loss {loss_val:.4g} > {rc.guard_threshold}× running median"
                 if applied > 0:  # the update before this loss is the suspect: undo it exactly
                     applied, prev = _undo_last(s, ckpt, prev, applied), None
+                    dist.barrier()  # every rank has read the checkpoint before rank 0 replaces it below
                     lr_scale *= rc.guard_lr_factor
                     if main:
                         slog.write({"step": step, "revert_to": applied, "reason": why, "lr_scale": lr_scale})
@@ -281,15 +287,19 @@ def train(cfg: TrainConfig) -> dict:
             if main and ((rc.save_every and step % rc.save_every == 0) or step == rc.steps):
                 slog.sync()
                 save_checkpoint(s, ckpt, state(step))
-            if sig.got is not None:
+            got = sig.got or 0
+            if world > 1:  # stop at the same step on every rank, or the others wait forever in the next all-reduce
+                got = int(dist.all_reduce_max(torch.tensor([float(got)]))[0])
+            if got:
                 if main:
                     slog.sync()
                     save_checkpoint(s, ckpt, state(step))
                     slog.close()
-                name = signal.Signals(sig.got).name
+                dist.barrier()  # no rank exits before the checkpoint is written (torchrun would kill rank 0)
+                name = signal.Signals(got).name
                 bar.close()
                 raise Interrupted(f"{name} at step {step}: checkpoint saved in {ckpt}; resume with the same "
-                                  f"command plus --resume", 128 + sig.got)
+                                  f"command plus --resume", 128 + got)
     bar.close()
     train_seconds = time.time() - t_loop
     if not main:
@@ -309,7 +319,8 @@ def train(cfg: TrainConfig) -> dict:
         save_peft(s.loras, os.path.join(out, "adapter"), s.source, s.target_names, s.lora_args)
     result |= {"seconds": round(time.time() - t_start, 1), "train_seconds": round(train_seconds, 1),
                "seconds_per_step": round(train_seconds / max(1, rc.steps - first), 4),
-               "path": s.path, "world_size": world, "output_dir": out, **engine.stats.summary()}
+               "path": s.path, "world_size": world, "output_dir": out, **engine.stats.summary(),
+               **peak_memory(s.device)}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     dist.barrier()

@@ -65,8 +65,12 @@ class HFEngine:
         return build_batch(encoded, self.device, pack_tokens=0, share_prompt=False, gold_only=gold_only,
                            one_per_row=True)
 
-    @torch.no_grad()
-    def scores(self, b: Batch, rows: int = 1, logits_only: bool = False) -> Scores:
+    def scores(self, b: Batch, rows: int = 1, logits_only: bool = False, grad: bool = False) -> Scores:
+        """grad=True keeps the autograd graph (the first-order baseline); ZO never needs it."""
+        with torch.set_grad_enabled(grad):
+            return self._scores(b, rows, logits_only)
+
+    def _scores(self, b: Batch, rows: int, logits_only: bool) -> Scores:
         p = b.packs
         ids, att = p.ids.repeat(rows, 1), p.valid.long().repeat(rows, 1)
         logits = self.model(input_ids=ids, attention_mask=att).logits.float()  # (P*N, L, V)

@@ -1,0 +1,103 @@
+"""The first-order baseline: the same model, data, templates, loss and evaluation, trained with
+backpropagation and AdamW, so that accuracy, memory and time compare like for like with MeZO."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+
+import torch
+from tqdm import tqdm
+
+from zoft.config import TrainConfig
+from zoft.engine import row_losses
+from zoft.errors import ZoftError
+from zoft.evaluate import evaluate, write_predictions
+from zoft.lora import save_peft
+from zoft.session import attach, describe, load_session, log, make_engine
+
+
+def peak_memory(device: str) -> dict:
+    """Peak memory so far: CUDA allocator peak on GPU, the process's peak RSS on CPU (includes the runtime)."""
+    if str(device).startswith("cuda"):
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1), "peak_memory_kind": "cuda_allocated"}
+    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "peak_memory_kind": "cpu_rss"}
+
+
+def train_backprop(cfg: TrainConfig) -> dict:
+    from zoft.train import batch_indices, load_checkpoint, load_data, save_checkpoint
+
+    rc, zc = cfg.run, cfg.zo
+    if rc.resume:
+        raise ZoftError("--resume supports zo-sgd runs (their step log replays exactly); rerun the adamw baseline")
+    out = rc.output_dir
+    t_start = time.time()
+    s = load_session(cfg.model)
+    attach(s, zc, rc.seed)
+    os.makedirs(out, exist_ok=True)
+    # no frozen-prefix cache: its stored activations carry no graph, and the baseline should be plain
+    engine = make_engine(s, 0.0, rc.pack_tokens)
+    lr = zc.lr_value
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg.to_dict() | {"resolved": {"lr": lr, "path": s.path, "device": s.device,
+                                                "trainable_parameters": s.trainable.numel()}}, f, indent=2)
+    log(describe(s, engine) + "; first-order baseline: backprop + AdamW")
+    enc, _, loss = load_data(cfg, s)
+    zero_shot = evaluate(engine, enc["test"], rc.eval_batch_size, desc="zero-shot eval")["accuracy"] if (
+        rc.zero_shot and enc["test"]) else None
+    for t in s.trainable.tensors:
+        t.requires_grad_(True)
+    decay = [t for t, d in zip(s.trainable.tensors, s.trainable.decay) if d]
+    no_decay = [t for t, d in zip(s.trainable.tensors, s.trainable.decay) if not d]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": zc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    from zoft.zo import lr_at
+
+    if str(s.device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(s.device)
+    train_set, best_dev, t_loop = enc["train"], -1.0, time.time()
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+    bar = tqdm(range(rc.steps), desc="train (adamw)", unit="step", dynamic_ncols=True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, rc.steps, lr, zc.schedule, zc.warmup)
+        batch = [train_set[i] for i in batch_indices(step, min(zc.batch_size, len(train_set)), len(train_set), rc.seed)]
+        b = engine.batch(batch, gold_only=(loss == "lm"))
+        value = row_losses(engine.scores(b, 1, loss == "candidate" and b.single_token, grad=True), b, loss)[0]
+        if not torch.isfinite(value):
+            raise ZoftError(f"non-finite loss at step {step + 1}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{value.item():.4f}")
+        metrics.write(json.dumps({"step": step + 1, "loss": value.item(), "lr": opt.param_groups[0]["lr"],
+                                  "seconds": round(time.time() - t_start, 3)}) + "\n")
+        done = step + 1
+        if rc.eval_every and done % rc.eval_every == 0 and enc["dev"]:
+            dev = evaluate(engine, enc["dev"], rc.eval_batch_size)["accuracy"]
+            metrics.write(json.dumps({"step": done, "dev_accuracy": dev}) + "\n")
+            if dev > best_dev:
+                best_dev = dev
+                save_checkpoint(s, os.path.join(out, "best"), {"step": done, "dev_accuracy": dev})
+    bar.close()
+    metrics.close()
+    train_seconds = time.time() - t_loop
+    mem = peak_memory(s.device)
+    save_checkpoint(s, os.path.join(out, "checkpoint"), {"next_step": rc.steps, "applied": rc.steps})
+    if best_dev >= 0:
+        load_checkpoint(s, os.path.join(out, "best"))
+    result = {"zero_shot_accuracy": zero_shot, "steps": rc.steps, "optimizer": "adamw",
+              "best_dev_accuracy": best_dev if best_dev >= 0 else None}
+    if enc["test"]:
+        ev = evaluate(engine, enc["test"], rc.eval_batch_size, desc="test eval")
+        write_predictions(os.path.join(out, "test_predictions.jsonl"), ev["rows"])
+        result["final_accuracy"] = ev["accuracy"]
+    if s.loras is not None:
+        save_peft(s.loras, os.path.join(out, "adapter"), s.source, s.target_names, s.lora_args)
+    result |= {"seconds": round(time.time() - t_start, 1), "train_seconds": round(train_seconds, 1),
+               "seconds_per_step": round(train_seconds / max(1, rc.steps), 4), "path": s.path, **mem}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result

@@ -1,0 +1,61 @@
+"""`zoft plot RUN_DIR [RUN_DIR…]`: training loss and dev accuracy curves of several runs on one figure."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from zoft.errors import ZoftError
+
+
+def read_metrics(run_dir: str) -> tuple[list, list, list, list]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ZoftError(f"{run_dir} has no metrics.jsonl; pass the --output-dir of a zoft train run")
+    steps, losses, dsteps, dev = [], [], [], []
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                steps.append(r["step"])
+                losses.append(r["loss"])
+            if "dev_accuracy" in r:
+                dsteps.append(r["step"])
+                dev.append(r["dev_accuracy"])
+    return steps, losses, dsteps, dev
+
+
+def smooth(xs: list[float], k: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x
+        if i >= k:
+            acc -= xs[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def plot(run_dirs: list[str], output: str, window: int = 20) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ZoftError("zoft plot needs matplotlib: pip install matplotlib") from None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for d in run_dirs:
+        steps, losses, dsteps, dev = read_metrics(d)
+        label = os.path.basename(os.path.normpath(d))
+        ax1.plot(steps, smooth(losses, window), label=label)
+        if dev:
+            ax2.plot(dsteps, dev, marker="o", label=label)
+    ax1.set(xlabel="step", ylabel=f"training loss (moving average of {window})", title="loss")
+    ax2.set(xlabel="step", ylabel="dev accuracy", title="dev accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
