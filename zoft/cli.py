@@ -106,6 +106,25 @@ def cmd_bench(ns) -> None:
     report(run_bench(ns.model, ns.workload, ns.mode, ns.dtype, ns.device, ns.steps, ns.warmup, ns.batch_size, ns.seed))
 
 
+def cmd_tasks(ns) -> None:
+    from zoft.tasks import describe_tasks
+
+    if ns.fetch_bigbench:
+        from zoft.tasks.bigbench import fetch_bigbench
+
+        print(f"zoft: BIG-bench files cached in {fetch_bigbench()}", file=sys.stderr)
+    rows = describe_tasks()
+    w = max(len(r[0]) for r in rows)
+    for name, kind, source, ok, note in rows:
+        print(f"{name:<{w}}  {kind:<3}  {'yes' if ok else 'no ':<3}  {source}" + (f"  ({note})" if note else ""))
+
+
+def cmd_plot(ns) -> None:
+    from zoft.plot import plot
+
+    print(json.dumps({"output": plot(ns.run_dirs, ns.output, ns.window)}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoft", description="Zeroth-order (MeZO) fine-tuning of causal language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_bench)
+
+    sp = sub.add_parser("tasks", help="list built-in tasks, their source, and whether they load offline now")
+    sp.add_argument("--fetch-bigbench", action="store_true",
+                    help="download the bigbench 1.0.0 sdist once (358 MB) and cache SQuAD, DROP and MultiRC from it")
+    sp.set_defaults(fn=cmd_tasks)
+
+    sp = sub.add_parser("plot", help="loss and dev-accuracy curves of one or more runs, to a PNG")
+    sp.add_argument("run_dirs", nargs="+")
+    sp.add_argument("--output", default="curves.png")
+    sp.add_argument("--window", type=int, default=20, help="moving-average window for the loss")
+    sp.set_defaults(fn=cmd_plot)
     return p
 
 

@@ -14,13 +14,48 @@ from zoft.errors import ZoftError
 from zoft.tasks.base import Example, Task, sample_splits
 from zoft.tasks.encode import Encoded, encode
 from zoft.tasks.jsonl import JsonlTask
+from zoft.tasks.qa import DROP, SQuAD
 from zoft.tasks.sentiment import IMDB, SST2, RottenTomatoes
+from zoft.tasks.superglue import CB, COPA, RTE, WSC, BoolQ, MultiRC, ReCoRD, WiC, datasets_importable
 
 TASKS: dict[str, Callable[..., Task]] = {
     "rotten_tomatoes": RottenTomatoes,
     "sst2": SST2,
     "imdb": IMDB,
+    # MeZO's suite (templates from princeton-nlp/MeZO large_models/templates.py)
+    "rte": RTE,
+    "cb": CB,
+    "boolq": BoolQ,
+    "wsc": WSC,
+    "wic": WiC,
+    "multirc": MultiRC,
+    "copa": COPA,
+    "record": ReCoRD,
+    "squad": SQuAD,
+    "drop": DROP,
 }
+
+
+def describe_tasks() -> list[tuple[str, str, str, bool, str]]:
+    """(name, kind, source, reachable_now, note) per registered task, for `zoft tasks`.
+
+    reachable_now: loads without --data-dir on this machine (packaged data, a fetched BIG-bench copy, or
+    `datasets` importable; the network itself is not probed).
+    """
+    sentiment = {  # the sentiment tasks predate `describe`
+        "rotten_tomatoes": ("packaged (vaderSentiment snippets)", True, "offline; single pool"),
+        "sst2": ("hub glue/sst2 | --data-dir train.tsv and dev.tsv", None, "MeZO SST-2 template"),
+        "imdb": ("hub imdb | --data-dir train.jsonl/test.jsonl or aclImdb/", None, "MeZO SST-2 template"),
+    }
+    rows = []
+    for name, cls in TASKS.items():
+        if hasattr(cls, "describe"):
+            source, reachable, note = cls.describe()
+        else:
+            source, reachable, note = sentiment.get(name, ("", None, ""))
+            reachable = datasets_importable() if reachable is None else reachable
+        rows.append((name, getattr(cls, "kind", "mc"), source, reachable, note))
+    return rows
 
 
 def get_task(name_or_path: str, data_dir: str | None = None, template: str | None = None) -> Task:
@@ -47,6 +82,7 @@ __all__ = [
     "JsonlTask",
     "Task",
     "ZoftError",
+    "describe_tasks",
     "encode",
     "get_task",
     "sample_splits",
