@@ -50,3 +50,17 @@ def test_packed_shared_prompt_equals_separate_sequences(root, kind):
                 n = len(e.prompt_ids)
                 want.append(sum(lp[n - 1 + t, c[t]].item() for t in range(len(c))))
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_kv_cache_greedy_decoding_matches_transformers_generate(root, kind):
+    folder = make_tiny(kind, root)
+    ours = build_native(folder, read_config(folder), torch.float32, "cpu").eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = torch.randint(3, 50000, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    got = ours.generate(prompt, max_new=10, stop=set(), rows=2)
+    want = ref.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, min_new_tokens=10,
+                        pad_token_id=0)[0, len(prompt):].tolist()
+    assert got[0] == want and got[1] == want
+    first = want[3]
+    assert ours.generate(prompt, 10, stop={first})[0] == want[: want.index(first)]

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import ZoftError
-from zoft.evaluate import evaluate, write_predictions
+from zoft.evaluate import evaluate_split, write_predictions
 from zoft.lora import save_peft
 from zoft.session import attach, describe, load_session, log, make_engine
 
@@ -44,8 +44,8 @@ def train_backprop(cfg: TrainConfig) -> dict:
         json.dump(cfg.to_dict() | {"resolved": {"lr": lr, "path": s.path, "device": s.device,
                                                 "trainable_parameters": s.trainable.numel()}}, f, indent=2)
     log(describe(s, engine) + "; first-order baseline: backprop + AdamW")
-    enc, _, loss = load_data(cfg, s)
-    zero_shot = evaluate(engine, enc["test"], rc.eval_batch_size, desc="zero-shot eval")["accuracy"] if (
+    enc, splits, loss = load_data(cfg, s)
+    zero_shot = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="zero-shot eval")["score"] if (
         rc.zero_shot and enc["test"]) else None
     for t in s.trainable.tensors:
         t.requires_grad_(True)
@@ -76,7 +76,7 @@ def train_backprop(cfg: TrainConfig) -> dict:
                                   "seconds": round(time.time() - t_start, 3)}) + "\n")
         done = step + 1
         if rc.eval_every and done % rc.eval_every == 0 and enc["dev"]:
-            dev = evaluate(engine, enc["dev"], rc.eval_batch_size)["accuracy"]
+            dev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)["score"]
             metrics.write(json.dumps({"step": done, "dev_accuracy": dev}) + "\n")
             if dev > best_dev:
                 best_dev = dev
@@ -91,9 +91,11 @@ def train_backprop(cfg: TrainConfig) -> dict:
     result = {"zero_shot_accuracy": zero_shot, "steps": rc.steps, "optimizer": "adamw",
               "best_dev_accuracy": best_dev if best_dev >= 0 else None}
     if enc["test"]:
-        ev = evaluate(engine, enc["test"], rc.eval_batch_size, desc="test eval")
+        ev = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="test eval")
         write_predictions(os.path.join(out, "test_predictions.jsonl"), ev["rows"])
-        result["final_accuracy"] = ev["accuracy"]
+        result |= {"final_accuracy": ev["score"], "metric": ev["metric"]}
+        if ev["metric"] == "f1":
+            result |= {"final_f1": ev["f1"], "final_em": ev["em"]}
     if s.loras is not None:
         save_peft(s.loras, os.path.join(out, "adapter"), s.source, s.target_names, s.lora_args)
     result |= {"seconds": round(time.time() - t_start, 1), "train_seconds": round(train_seconds, 1),

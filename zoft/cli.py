@@ -59,7 +59,7 @@ def cmd_demo(ns) -> None:
 
 
 def cmd_eval(ns) -> None:
-    from zoft.evaluate import evaluate, write_predictions
+    from zoft.evaluate import evaluate_split, write_predictions
     from zoft.lora import load_peft_weights, read_adapter_config
     from zoft.session import attach, describe, load_session, log, make_engine
     from zoft.tasks import get_task, sample_splits
@@ -81,10 +81,10 @@ def cmd_eval(ns) -> None:
     enc, n_trunc = encode(s.tokenizer, exs, s.max_length, ns.truncation)
     if n_trunc:
         log(f"zoft: {n_trunc} of {len(exs)} prompts truncated from the left to {s.max_length} tokens")
-    ev = evaluate(engine, enc, ns.eval_batch_size, desc="eval")
+    ev = evaluate_split(engine, s, enc, exs, ns.eval_batch_size, desc="eval")
     if ns.output:
         write_predictions(ns.output, ev["rows"], exs)
-    print(json.dumps({"accuracy": ev["accuracy"], "n": ev["n"], "task": tc.task, "split": ns.split, "path": s.path}))
+    print(json.dumps({ev["metric"]: ev["score"], "n": ev["n"], "task": tc.task, "split": ns.split, "path": s.path}))
 
 
 def cmd_export(ns) -> None:

@@ -46,3 +46,37 @@ def write_predictions(path: str, rows: list[dict], examples=None) -> None:
             if examples is not None:
                 out = {"input": examples[i].prompt, "candidates": examples[i].candidates, **out}
             f.write(json.dumps(out) + "\n")
+
+
+@torch.no_grad()
+def evaluate_generation(model, tokenizer, encoded: list[Encoded], examples, max_new: int = 50,
+                        desc: str | None = None) -> dict:
+    """Greedy decoding with a KV cache (native models), stopping at a newline or after max_new tokens;
+    SQuAD-style exact match and F1 against every gold answer (`examples[i].answers`, else the target)."""
+    from zoft.tasks.metrics import qa_scores
+
+    if not hasattr(model, "generate") or not hasattr(model, "blocks"):
+        raise ZoftError("generation tasks are evaluated with a native model (OPT, Llama family); use --engine native")
+    nl = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    stop = set(nl[-1:]) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    preds, golds, rows = [], [], []
+    for e, ex in tqdm(list(zip(encoded, examples, strict=True)), desc=desc, leave=False, disable=desc is None):
+        out = model.generate(e.prompt_ids, max_new, stop)[0]
+        text = tokenizer.decode(out).split("\n")[0].strip()
+        gold = list(getattr(ex, "answers", None) or [ex.candidates[0].strip()])
+        preds.append(text)
+        golds.append(gold)
+        rows.append({"prediction": text, "answers": gold})
+    scores = qa_scores(preds, golds)
+    return {**scores, "n": len(rows), "rows": rows}
+
+
+def evaluate_split(engine, session, encoded: list[Encoded], examples, batch_size: int = 32,
+                   desc: str | None = None) -> dict:
+    """Accuracy for multiple-choice examples, exact match / F1 by greedy generation for generation ones.
+    Always holds "score" (accuracy or F1) and "metric" (its name)."""
+    if examples and examples[0].kind == "gen":
+        ev = evaluate_generation(session.model, session.tokenizer, encoded, examples, desc=desc)
+        return ev | {"score": ev["f1"], "metric": "f1"}
+    ev = evaluate(engine, encoded, batch_size, desc)
+    return ev | {"score": ev["accuracy"], "metric": "accuracy"}

@@ -27,7 +27,7 @@ from zoft.backprop import peak_memory
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import Interrupted, ZoftError
-from zoft.evaluate import evaluate, write_predictions
+from zoft.evaluate import evaluate_split, write_predictions
 from zoft.lora import load_peft_weights, save_peft
 from zoft.session import Session, attach, describe, load_session, log, make_engine
 from zoft.tasks import get_task, sample_splits
@@ -187,7 +187,7 @@ def train(cfg: TrainConfig) -> dict:
     say(describe(s, engine) + (f"; data parallel over {world} ranks" if world > 1 else ""))
     say(f"zoft: training {s.trainable.numel():,} parameters ({zc.mode}), ε={eps:g}, lr={base_lr:g}")
 
-    enc, _, loss = load_data(cfg, s)
+    enc, splits, loss = load_data(cfg, s)
     say(f"zoft: task {cfg.task.task}: {len(enc['train'])} train / {len(enc['dev'])} dev / {len(enc['test'])} test, loss={loss}")
 
     log_path = os.path.join(out, "steps.jsonl")
@@ -207,7 +207,7 @@ def train(cfg: TrainConfig) -> dict:
         step = max(state["next_step"], steplog.next_step(records))
         say(f"zoft: resumed from {ckpt} (step {state['next_step']}), replayed {len(todo)} logged steps; next step {step}")
     elif rc.zero_shot and enc["test"] and main:
-        zero_shot = evaluate(engine, enc["test"], rc.eval_batch_size, desc="zero-shot eval")["accuracy"]
+        zero_shot = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="zero-shot eval")["score"]
         say(f"zoft: zero-shot test accuracy {zero_shot:.4f}")
     applied = len(steplog.effective(steplog.read(log_path)[1])) if rc.resume and os.path.exists(log_path) else 0
     slog = steplog.StepLog(log_path, resolved, rc.fsync_every) if main else None
@@ -278,7 +278,7 @@ def train(cfg: TrainConfig) -> dict:
                           f"{st['token_layers_naive']:,} naive two-pass ({st['work_saved']:.1%} saved)"
                           + (f", prefix-cache hits {st['prefix_cache_hit_rate']:.1%}" if st["prefix_cache_hit_rate"] else ""))
             if main and rc.eval_every and step % rc.eval_every == 0 and enc["dev"]:
-                dev = evaluate(engine, enc["dev"], rc.eval_batch_size)["accuracy"]
+                dev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)["score"]
                 metrics.write(json.dumps({"step": step, "dev_accuracy": dev}) + "\n")
                 bar.write(f"step {step}: dev accuracy {dev:.4f}" + (" (best)" if dev > best_dev else ""))
                 if dev > best_dev:
@@ -312,9 +312,11 @@ def train(cfg: TrainConfig) -> dict:
         load_checkpoint(s, os.path.join(out, "best"))
     result = {"zero_shot_accuracy": zero_shot, "steps": rc.steps, "best_dev_accuracy": best_dev if best_dev >= 0 else None}
     if enc["test"]:
-        ev = evaluate(engine, enc["test"], rc.eval_batch_size, desc="test eval")
+        ev = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="test eval")
         write_predictions(os.path.join(out, "test_predictions.jsonl"), ev["rows"])
-        result["final_accuracy"] = ev["accuracy"]
+        result |= {"final_accuracy": ev["score"], "metric": ev["metric"]}
+        if ev["metric"] == "f1":
+            result |= {"final_f1": ev["f1"], "final_em": ev["em"]}
     if s.loras is not None:
         save_peft(s.loras, os.path.join(out, "adapter"), s.source, s.target_names, s.lora_args)
     result |= {"seconds": round(time.time() - t_start, 1), "train_seconds": round(train_seconds, 1),

@@ -25,7 +25,8 @@ from torch import nn
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Scaled dot-product attention. q: (N, H, L, hd), k/v: (N, Hkv, L, hd), mask: (N|1, 1, L, L) bool.
 
-    ``mask`` is True where a query may attend. None means plain causal.
+    ``mask`` is True where a query may attend. None means plain causal; False means no mask (a decode
+    step: one new query attends to every cached key).
     """
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each K/V head across its query group
         rep = q.shape[1] // k.shape[1]
@@ -33,9 +34,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         v = v.repeat_interleave(rep, dim=1)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if mask is False:
+        return F.scaled_dot_product_attention(q, k, v)
     if mask.shape[0] != q.shape[0]:  # mask is per pack; rows are perturbation copies of the packs
         mask = mask.repeat(q.shape[0] // mask.shape[0], 1, 1, 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def extend_cache(cache: dict | None, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append this step's K/V (N, H, L, hd) to the layer's cache and return the whole sequence's."""
+    if cache is None:
+        return k, v
+    if "k" in cache:
+        k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+    cache["k"], cache["v"] = k, v
+    return k, v
 
 
 def causal_mask(n: int, length: int, device: torch.device | str) -> torch.Tensor:
@@ -84,3 +97,32 @@ class NativeModel(nn.Module):
         h = self.norm_out(h)
         w = self.lm_head_weight
         return F.linear(h.to(w.dtype), w)
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new: int, stop: set[int], rows: int = 1) -> list[list[int]]:
+        """Greedy decoding with a KV cache for `rows` copies of one prompt (each row may carry its own
+        LoRA perturbation); stops a row at a token in `stop` (kept out of the output) or after max_new."""
+        dev = self.lm_head_weight.device
+        ids = torch.tensor([prompt], device=dev).repeat(rows, 1)
+        pos = torch.arange(len(prompt), device=dev).expand(rows, -1)
+        caches = [{} for _ in self.blocks]
+        out: list[list[int]] = [[] for _ in range(rows)]
+        done = [False] * rows
+        mask = None  # prefill: causal over the prompt; then one query per step, attending to all cached keys
+        for _ in range(max_new):
+            h = self.embed(ids, pos)
+            ctx = self.position_context(pos)
+            for layer, cache in zip(self.blocks, caches, strict=True):
+                h = layer(h, mask, ctx, cache)
+            w = self.lm_head_weight
+            nxt = F.linear(self.norm_out(h[:, -1:]).to(w.dtype), w)[:, 0].argmax(-1)  # (rows,)
+            for r, t in enumerate(nxt.tolist()):
+                if not done[r]:
+                    if t in stop:
+                        done[r] = True
+                    else:
+                        out[r].append(t)
+            if all(done):
+                break
+            ids, pos, mask = nxt[:, None], pos[:, -1:] + 1, False
+        return out

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoft.models.common import NativeModel, attention
+from zoft.models.common import NativeModel, attention, extend_cache
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -129,7 +129,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(a.hidden_size, self.n_kv * self.hd, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, a.hidden_size, bias=a.o_bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple, cache: dict | None = None) -> torch.Tensor:
         N, L, _ = x.shape
         q = self.q_proj(x).view(N, L, self.n_head, self.hd).transpose(1, 2)  # (N, H, L, hd)
         k = self.k_proj(x).view(N, L, self.n_kv, self.hd).transpose(1, 2)  # (N, Hkv, L, hd)
@@ -139,6 +139,7 @@ class LlamaAttention(nn.Module):
             cos, sin = cos.repeat(N // cos.shape[0], 1, 1, 1), sin.repeat(N // sin.shape[0], 1, 1, 1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        k, v = extend_cache(cache, k, v)
         y = attention(q, k, v, mask).transpose(1, 2).reshape(N, L, -1)
         return self.o_proj(y)
 
@@ -162,8 +163,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, rope: tuple) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), mask, rope)
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, rope: tuple, cache: dict | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), mask, rope, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoft.models.common import NativeModel, attention
+from zoft.models.common import NativeModel, attention, extend_cache
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -72,12 +72,13 @@ class OPTAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=a.enable_bias)
         self.out_proj = nn.Linear(d, d, bias=a.enable_bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
         N, L, D = x.shape
         hd = D // self.n_head
         q = self.q_proj(x).view(N, L, self.n_head, hd).transpose(1, 2)  # (N, H, L, hd)
         k = self.k_proj(x).view(N, L, self.n_head, hd).transpose(1, 2)
         v = self.v_proj(x).view(N, L, self.n_head, hd).transpose(1, 2)
+        k, v = extend_cache(cache, k, v)
         y = attention(q, k, v, mask).transpose(1, 2).reshape(N, L, D)
         return self.out_proj(y)
 
@@ -94,11 +95,11 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(a.ffn_dim, d, bias=a.enable_bias)
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=a.layer_norm_elementwise_affine)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, ctx=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, ctx=None, cache: dict | None = None) -> torch.Tensor:
         if self.pre_ln:
-            h = h + self.self_attn(self.self_attn_layer_norm(h), mask)
+            h = h + self.self_attn(self.self_attn_layer_norm(h), mask, cache)
             return h + self.fc2(self.act(self.fc1(self.final_layer_norm(h))))
-        h = self.self_attn_layer_norm(h + self.self_attn(h, mask))
+        h = self.self_attn_layer_norm(h + self.self_attn(h, mask, cache))
         return self.final_layer_norm(h + self.fc2(self.act(self.fc1(h))))
 
 

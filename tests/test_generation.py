@@ -1,0 +1,26 @@
+"""Generation tasks end to end: LM loss on the answer tokens, greedy decoding, exact match and F1."""
+
+import json
+
+from tests.tiny import make_tiny
+from zoft.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, ZOConfig
+from zoft.tasks.metrics import qa_scores
+from zoft.train import train
+
+
+def test_generation_task_trains_with_lm_loss_and_reports_f1(tmp_path):
+    folder = make_tiny("llama", str(tmp_path))
+    data = tmp_path / "qa.jsonl"
+    with open(data, "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"input": f"Question: what is {i} plus one?\nAnswer:", "output": f" {i + 1}\n"}) + "\n")
+    out = tmp_path / "run"
+    cfg = TrainConfig(ModelConfig(model=folder), TaskConfig(task=str(data), n_train=12, n_dev=4, n_test=8),
+                      ZOConfig(mode="lora", lr=1e-2, batch_size=4), RunConfig(steps=3, output_dir=str(out)))
+    result = train(cfg)
+    assert result["metric"] == "f1" and 0.0 <= result["final_f1"] <= 1.0 and 0.0 <= result["final_em"] <= 1.0
+    rows = [json.loads(x) for x in open(out / "test_predictions.jsonl")]
+    assert len(rows) == 8 and all("\n" not in r["prediction"] for r in rows)
+    assert qa_scores([r["prediction"] for r in rows], [r["answers"] for r in rows])["f1"] == result["final_f1"]
+    losses = [json.loads(x)["loss"] for x in open(out / "metrics.jsonl") if '"loss"' in x]
+    assert all(x > 0 for x in losses)  # NLL of the answer tokens, not a CE over one candidate (which is 0)
