@@ -24,3 +24,14 @@ def test_generation_task_trains_with_lm_loss_and_reports_f1(tmp_path):
     assert qa_scores([r["prediction"] for r in rows], [r["answers"] for r in rows])["f1"] == result["final_f1"]
     losses = [json.loads(x)["loss"] for x in open(out / "metrics.jsonl") if '"loss"' in x]
     assert all(x > 0 for x in losses)  # NLL of the answer tokens, not a CE over one candidate (which is 0)
+
+
+def test_in_context_demonstrations_prefix_every_prompt_with_gold_answers():
+    from zoft.evaluate import with_demonstrations
+    from zoft.tasks import Example
+
+    demos = [Example("a It was", [" terrible", " great"], 1), Example("b It was", [" terrible", " great"], 0)]
+    test = [Example("c It was", [" terrible", " great"], 1)]
+    got = with_demonstrations(test, demos)
+    assert got[0].prompt == "a It was great\n\nb It was terrible\n\nc It was"
+    assert got[0].candidates == test[0].candidates and got[0].answer == 1 and test[0].prompt == "c It was"

@@ -59,7 +59,7 @@ def cmd_demo(ns) -> None:
 
 
 def cmd_eval(ns) -> None:
-    from zoft.evaluate import evaluate_split, write_predictions
+    from zoft.evaluate import evaluate_split, with_demonstrations, write_predictions
     from zoft.lora import load_peft_weights, read_adapter_config
     from zoft.session import attach, describe, load_session, log, make_engine
     from zoft.tasks import get_task, sample_splits
@@ -77,14 +77,16 @@ def cmd_eval(ns) -> None:
     log(describe(s, engine))
     tc = from_namespace(TaskConfig, ns)
     task = get_task(tc.task, data_dir=tc.data_dir or None, template=tc.template or None)
-    exs = sample_splits(task, 0, 0 if ns.split == "test" else tc.n_dev, tc.n_test, ns.seed)[ns.split]
+    splits = sample_splits(task, ns.icl_k, 0 if ns.split == "test" else tc.n_dev, tc.n_test, ns.seed)
+    exs = with_demonstrations(splits[ns.split], splits["train"][: ns.icl_k]) if ns.icl_k else splits[ns.split]
     enc, n_trunc = encode(s.tokenizer, exs, s.max_length, ns.truncation)
     if n_trunc:
         log(f"zoft: {n_trunc} of {len(exs)} prompts truncated from the left to {s.max_length} tokens")
     ev = evaluate_split(engine, s, enc, exs, ns.eval_batch_size, desc="eval")
     if ns.output:
         write_predictions(ns.output, ev["rows"], exs)
-    print(json.dumps({ev["metric"]: ev["score"], "n": ev["n"], "task": tc.task, "split": ns.split, "path": s.path}))
+    print(json.dumps({ev["metric"]: ev["score"], "n": ev["n"], "task": tc.task, "split": ns.split, "icl_k": ns.icl_k,
+                      "path": s.path}))
 
 
 def cmd_export(ns) -> None:
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(sp, TaskConfig, skip=("n_train", "k_shot", "loss"))
     sp.add_argument("--adapter", default="", help="a PEFT/zoft LoRA adapter folder to apply")
     sp.add_argument("--split", default="test", choices=["test", "dev"])
+    sp.add_argument("--icl-k", type=int, default=0,
+                    help="in-context learning baseline: prepend k solved training examples to every prompt")
     sp.add_argument("--output", default="", help="write one JSON row per example here")
     sp.add_argument("--eval-batch-size", type=int, default=32)
     sp.add_argument("--seed", type=int, default=0)

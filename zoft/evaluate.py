@@ -80,3 +80,11 @@ def evaluate_split(engine, session, encoded: list[Encoded], examples, batch_size
         return ev | {"score": ev["f1"], "metric": "f1"}
     ev = evaluate(engine, encoded, batch_size, desc)
     return ev | {"score": ev["accuracy"], "metric": "accuracy"}
+
+
+def with_demonstrations(examples, demos, sep: str = "\n\n") -> list:
+    """In-context learning: each prompt preceded by the same k solved training examples (prompt + gold)."""
+    import dataclasses
+
+    shots = sep.join(d.prompt + d.candidates[d.answer] for d in demos)
+    return [dataclasses.replace(e, prompt=shots + sep + e.prompt) if shots else e for e in examples]
