@@ -96,11 +96,13 @@ def pack(segments: list[Segment], pack_tokens: int, device, one_per_row: bool = 
         pos[r, st : st + n] = torch.tensor(s.pos)
         br[r, st : st + n] = torch.tensor(s.branch)
         seg[r, st : st + n] = i
+    ids, pos, seg, br = (t.to(device) for t in (ids, pos, seg, br))  # the (N, L, L) mask is built on the device
     same = seg[:, :, None] == seg[:, None, :]
     causal = pos[:, None, :] <= pos[:, :, None]
     branch_ok = (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
-    mask = (same & causal & branch_ok & (seg[:, :, None] >= 0)) | torch.eye(L, dtype=torch.bool)  # pads see self
-    return Packs(ids.to(device), pos.to(device), mask[:, None].to(device), (seg >= 0).to(device), where)
+    eye = torch.eye(L, dtype=torch.bool, device=device)
+    mask = (same & causal & branch_ok & (seg[:, :, None] >= 0)) | eye  # pads attend to themselves (no NaN rows)
+    return Packs(ids, pos, mask[:, None], seg >= 0, where)
 
 
 @dataclass
@@ -139,7 +141,7 @@ def build_batch(
             owners.append([(ei, k, c) for k, c in cands])
         else:
             owners += [[(ei, k, c)] for k, c in cands]
-    packs = pack(segments, max(pack_tokens, max(len(s.ids) for s in segments)), "cpu", one_per_row)
+    packs = pack(segments, max(pack_tokens, max(len(s.ids) for s in segments)), device, one_per_row)
     L = packs.ids.shape[1]
     src, tgt, cand, cand_len, cand_ex, cand_slot = [], [], [], [], [], []
     naive = 0
@@ -161,7 +163,7 @@ def build_batch(
     t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     single = all(n == 1 for n in cand_len) and share_prompt
     return Batch(
-        packs=Packs(*(t.to(device) for t in (packs.ids, packs.pos, packs.mask, packs.valid)), packs.where),
+        packs=packs,
         segments=segments,
         src=t(src),
         tgt=t(tgt),

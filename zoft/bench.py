@@ -1,0 +1,485 @@
+"""`zoft bench`: zoft's ZO step against the MeZO reference step and a plain forward, on the same batches.
+
+Three things are timed, each the median over --steps after --warmup, with torch.cuda.synchronize()
+around every timed region:
+
+1. **MeZO reference step** — princeton-nlp/MeZO ``large_models/trainer.py`` (``zo_step`` + ``zo_update``),
+   re-implemented as written on the ``transformers`` model: ``torch.manual_seed(seed)`` on the global
+   generator, then for each trainable parameter ``z = torch.normal(0, 1, size)`` and
+   ``p.data = p.data + scaling·z·ε`` (scaling +1, forward, −2, forward, +1), then the update pass that
+   reseeds and regenerates z. Its batch is MeZO's ``train_as_classification`` batch: one sequence per
+   (example, candidate), left-padded to the longest (a multiple of 8), full-vocabulary logits at every
+   position, loss = cross-entropy over the candidates' mean token log-likelihoods
+   (``utils.forward_wrap_with_option_len``). LoRA mode injects MeZO's own ``LoRALinear`` into q_proj and
+   v_proj and perturbs its A/B in place the same way.
+2. **plain forward** — one ``model(input_ids, attention_mask)`` over that padded batch, no grad, no LoRA:
+   what inference on MeZO's layout costs. The two steps are also given in units of it.
+3. **zoft step** — ``zoft.train.step_losses`` + ``zoft.zo.sgd_update_`` through a native session: packed
+   rows, each prompt encoded once for its candidates, ±ε LoRA rows in one forward, logits only where the
+   loss reads them. Building zoft's batch (packing, masks, the copy to the device) is inside the timed
+   step; the reference's collation is not (MeZO's DataLoader does it), so the comparison leans to MeZO.
+
+Both sides hold the same random weights: a preset's config (zoft.models.opt/llama PRESETS) is
+initialised once with ``from_config`` on the device and saved to a temporary folder that zoft then loads.
+Peak memory is ``torch.cuda.max_memory_allocated`` over each measurement, weights included, with each
+side alone on the device; on CPU it is not measured (null). Inputs are synthetic token ids drawn with a
+fixed seed at realistic lengths (WORKLOADS); the numbers do not depend on what the tokens say.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoft.config import ModelConfig, ZOConfig
+from zoft.errors import ZoftError
+from zoft.loading import DTYPES, resolve
+from zoft.models import llama, opt
+from zoft.session import attach, load_session, make_engine, pick_device, resolve_alias
+from zoft.tasks.encode import Encoded
+from zoft.train import step_losses
+from zoft.zo import direction_seeds, sgd_update_
+
+# ---- workloads: synthetic batches at the lengths of the real tasks ------------------------------
+
+
+@dataclass
+class Workload:
+    """Token lengths of one task under MeZO's templates."""
+
+    prompt_len: tuple[int, int, int]  # (low, high, mode) of a triangular distribution, template included
+    cand_len: tuple[int, int]  # each candidate's length, uniform in [low, high]
+    n_cands: int
+    fixed_cands: bool  # the same candidate tokens for every example (SST-2's " terrible"/" great")
+
+
+WORKLOADS = {
+    "sst2": Workload(prompt_len=(10, 60, 20), cand_len=(1, 1), n_cands=2, fixed_cands=True),  # mean 30
+    "multirc": Workload(prompt_len=(350, 450, 400), cand_len=(1, 3), n_cands=2, fixed_cands=False),
+}
+LOW_ID = 10  # synthetic ids stay above the special tokens (pad, bos, eos, unk)
+
+
+def make_batch(w: Workload, n: int, vocab_size: int, bos_id: int | None, seed: int) -> list[Encoded]:
+    """n examples: [bos] + random ids ending in a fixed two-token template (" It was"), candidates after."""
+    rng = random.Random(seed)
+    fixed = random.Random(0)  # template and fixed candidates: the same in every batch
+    hi = vocab_size - 1
+    template = [fixed.randint(LOW_ID, hi) for _ in range(2)]
+    fixed_cands = [[fixed.randint(LOW_ID, hi)] for _ in range(w.n_cands)]
+    out = []
+    for _ in range(n):
+        length = round(rng.triangular(*w.prompt_len))
+        head = [bos_id] if bos_id is not None else []
+        body = [rng.randint(LOW_ID, hi) for _ in range(max(1, length - len(head) - len(template)))]
+        if w.fixed_cands:
+            cands = [list(c) for c in fixed_cands]
+        else:
+            cands = [[rng.randint(LOW_ID, hi) for _ in range(rng.randint(*w.cand_len))] for _ in range(w.n_cands)]
+        out.append(Encoded(head + body + template, cands, rng.randrange(w.n_cands), "mc"))
+    return out
+
+
+def token_counts(batch: list[Encoded], pad_multiple: int = 8) -> dict:
+    """Useful tokens (each prompt once, each candidate once) vs. what MeZO's padded layout computes."""
+    seqs = [len(e.prompt_ids) + len(c) for e in batch for c in e.cand_ids]
+    padded = -(-max(seqs) // pad_multiple) * pad_multiple
+    useful = sum(len(e.prompt_ids) + sum(len(c) for c in e.cand_ids) for e in batch)
+    return {"useful": useful, "reference": len(seqs) * padded}
+
+
+# ---- the MeZO reference, as princeton-nlp/MeZO large_models/ writes it ------------------------
+
+
+def mezo_collate(batch: list[Encoded], pad_id: int, device: str) -> dict:
+    """DataCollatorWithPaddingAndNesting over train_as_classification features: one sequence per
+    (example, candidate), tokenizer.pad with padding_side='left' and pad_to_multiple_of=8."""
+    seqs, option_len, labels = [], [], []
+    for e in batch:
+        for c in e.cand_ids:
+            seqs.append(e.prompt_ids + c)
+            option_len.append(len(c))
+            labels.append(e.answer)
+    L = -(-max(map(len, seqs)) // 8) * 8
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s) :] = torch.tensor(s)
+        mask[i, L - len(s) :] = 1
+    return {  # tokenizer.pad makes tensors of every feature; the Trainer moves them all to the device
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "labels": torch.tensor(labels, device=device),
+        "option_len": torch.tensor(option_len, device=device),
+        "num_options": torch.tensor([len(e.cand_ids) for e in batch for _ in e.cand_ids], device=device),
+    }
+
+
+def mezo_loss(model: nn.Module, inputs: dict, pad_id: int) -> torch.Tensor:
+    """utils.forward_wrap_with_option_len with num_options: CE over mean option log-likelihoods."""
+    input_ids = inputs["input_ids"]
+    logits = model(input_ids=input_ids, attention_mask=inputs["attention_mask"]).logits
+    shift_logits = logits[..., :-1, :].contiguous()
+    shift_labels = torch.clone(input_ids)[..., 1:].contiguous()
+    shift_labels[shift_labels == pad_id] = -100
+    for _i, _len in enumerate(inputs["option_len"]):
+        shift_labels[_i, :-_len] = -100
+    log_probs = F.log_softmax(shift_logits, dim=-1)
+    mask = shift_labels != -100
+    shift_labels[~mask] = 0
+    selected = torch.gather(log_probs, dim=-1, index=shift_labels.unsqueeze(-1)).squeeze(-1)
+    selected = (selected * mask).sum(-1) / mask.sum(-1)  # (B·K,)
+    num_options = inputs["num_options"]
+    if any(x != num_options[0] for x in num_options):
+        raise ZoftError("the benchmark's workloads give every example the same number of candidates")
+    k = int(num_options[0])
+    return F.cross_entropy(selected.view(-1, k), inputs["labels"].view(-1, k)[:, 0])
+
+
+class MezoLoRALinear(nn.Linear):
+    """MeZO's lora.LoRALinear (from loralib): y = x Wᵀ + b + (x Aᵀ Bᵀ)·α/r, A kaiming, B zero.
+
+    It takes over the original weight and bias as MeZO's ``LoRA`` does (``weight.data = original``).
+    A and B get the base weight's dtype, as MeZO's float16 path (``.half()``) gives; its bfloat16 path
+    leaves them float32 and then fails on mixed dtypes, so that is the one liberty taken here."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.r, self.lora_alpha, self.scaling = r, alpha, alpha / r
+        self.lora_A = nn.Parameter(self.weight.new_zeros((r, self.in_features)))
+        self.lora_B = nn.Parameter(self.weight.new_zeros((self.out_features, r)))
+        self.weight.requires_grad = False
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self.weight, bias=self.bias)
+        result += (x @ self.lora_A.transpose(0, 1) @ self.lora_B.transpose(0, 1)) * self.scaling
+        return result
+
+
+def inject_mezo_lora(model: nn.Module, r: int = 8, alpha: float = 16.0) -> None:
+    """MeZO's ``LoRA(model, r, alpha)``: q_proj and v_proj of every module whose name ends in "attn"
+    (OPT's self_attn; the same names serve the Llama family), then freeze every non-LoRA parameter."""
+    found = 0
+    for key, module in list(model.named_modules()):
+        if key.endswith("attn") and isinstance(getattr(module, "q_proj", None), nn.Linear):
+            module.q_proj = MezoLoRALinear(module.q_proj, r, alpha)
+            module.v_proj = MezoLoRALinear(module.v_proj, r, alpha)
+            found += 1
+    if not found:
+        raise ZoftError(f"MeZO's LoRA finds no attention module with q_proj/v_proj in {type(model).__name__}")
+    for n, p in model.named_parameters():
+        if "lora" not in n:
+            p.requires_grad = False
+
+
+def mezo_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """zo_step's named_parameters_to_optim."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def mezo_step(
+    model: nn.Module,
+    params: list[tuple[str, nn.Parameter]],
+    inputs: dict,
+    seed: int,
+    eps: float,
+    lr: float,
+    weight_decay: float,
+    pad_id: int,
+    z_fn: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, float, float]:
+    """zo_step then zo_update; returns (loss1, loss2, projected_grad).
+
+    z_fn(name, param) replaces the global-generator draw (tests use it to give both sides the same z)."""
+
+    def draw(name: str, p: torch.Tensor) -> torch.Tensor:
+        if z_fn is not None:
+            return z_fn(name, p).to(p.dtype)
+        return torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+
+    def zo_perturb_parameters(scaling_factor: float) -> None:
+        torch.manual_seed(seed)
+        for name, param in params:
+            z = draw(name, param)
+            param.data = param.data + scaling_factor * z * eps
+
+    def zo_forward() -> torch.Tensor:
+        model.eval()
+        with torch.inference_mode():
+            return mezo_loss(model, inputs, pad_id).detach()
+
+    zo_perturb_parameters(1)
+    loss1 = zo_forward()
+    zo_perturb_parameters(-2)
+    loss2 = zo_forward()
+    projected_grad = ((loss1 - loss2) / (2 * eps)).item()
+    zo_perturb_parameters(1)
+
+    torch.manual_seed(seed)  # zo_update
+    for name, param in params:
+        z = draw(name, param)
+        if "bias" not in name and "layer_norm" not in name and "layernorm" not in name:
+            param.data = param.data - lr * (projected_grad * z + weight_decay * param.data)
+        else:
+            param.data = param.data - lr * (projected_grad * z)
+    return float(loss1), float(loss2), projected_grad
+
+
+# ---- models: a preset's config with random weights, shared by both sides -----------------------
+
+
+def preset_config(name: str):
+    """A transformers config with the shapes of a published checkpoint (zoft.models.*.PRESETS)."""
+    import transformers
+
+    if name in opt.PRESETS:
+        shape = dict(opt.PRESETS[name])
+        shape.setdefault("word_embed_proj_dim", shape["hidden_size"])
+        return transformers.OPTConfig(vocab_size=50272, max_position_embeddings=2048, pad_token_id=1,
+                                      bos_token_id=2, eos_token_id=2, dropout=0.0, **shape)
+    if name in llama.PRESETS:
+        return transformers.LlamaConfig(bos_token_id=1, eos_token_id=2, **llama.PRESETS[name])
+    raise ZoftError(f"--model {name!r} is neither a preset ({', '.join(presets())}) nor a model folder")
+
+
+def presets() -> list[str]:
+    return sorted(opt.PRESETS) + sorted(llama.PRESETS)
+
+
+def write_stub_tokenizer(folder: str) -> None:
+    """load_session wants a tokenizer; the benchmark feeds token ids, so a three-word one does."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<pad>": 1, "</s>": 2}, unk_token="<unk>"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    fast.save_pretrained(folder)
+
+
+def load_reference(spec: str, dtype: torch.dtype, device: str, tmp: str) -> tuple[nn.Module, str]:
+    """(transformers model on `device`, folder holding the same weights for zoft)."""
+    from transformers import AutoModelForCausalLM
+
+    if spec in opt.PRESETS or spec in llama.PRESETS:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(preset_config(spec), dtype=dtype)
+        model.save_pretrained(tmp)
+        write_stub_tokenizer(tmp)
+        return model.eval(), tmp
+    folder = resolve(resolve_alias(spec))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    return model.eval(), folder
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(
+    fn: Callable[[int], object], warmup: int, steps: int, device: str, label: str
+) -> tuple[list[float], float | None]:
+    """fn(i) for i in range(warmup + steps); (per-step milliseconds of the last `steps`, peak MiB or None)."""
+    cuda = device.startswith("cuda")
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup, warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(i)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        log(f"  {label} {i - warmup + 1}/{steps}: {times[-1]:.1f} ms")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return times, peak
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Phase:
+    """One side's measurements."""
+
+    times: list[float]
+    peak: float | None
+    extra: dict
+
+
+def reference_phase(ref: nn.Module, inputs: list[dict], zc: ZOConfig, seed: int, warmup: int, steps: int,
+                    device: str) -> tuple[Phase, Phase]:
+    """The plain forward, then MeZO's step (LoRA injected after the forward is timed)."""
+    cfg = ref.config
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0  # MeZO: Llama pads with 0
+
+    def forward(i: int) -> None:
+        with torch.inference_mode():
+            ref(input_ids=inputs[i]["input_ids"], attention_mask=inputs[i]["attention_mask"])
+
+    log("plain transformers forward")
+    fwd = Phase(*measure(forward, warmup, steps, device, "forward"), {})
+
+    if zc.mode == "lora":
+        inject_mezo_lora(ref, zc.lora_r, zc.lora_alpha)
+    else:
+        for p in ref.parameters():
+            p.requires_grad_(True)
+    params = mezo_params(ref)
+    rng = random.Random(seed)  # MeZO: np.random.randint(1000000000) per step
+    step_seeds = [rng.randrange(1_000_000_000) for _ in inputs]
+
+    def step(i: int) -> None:
+        mezo_step(ref, params, inputs[i], step_seeds[i], zc.eps_value, zc.lr_value, zc.weight_decay, pad_id)
+
+    log("MeZO reference step")
+    times, peak = measure(step, warmup, steps, device, "reference")
+    return fwd, Phase(times, peak, {"reference_trainable": sum(p.numel() for _, p in params)})
+
+
+def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConfig, seed: int, warmup: int,
+               steps: int, device: str) -> Phase:
+    """zoft's step through a native session loaded from `folder`."""
+    log("zoft step")
+    s = load_session(ModelConfig(model=folder, device=device, dtype=dtype))
+    attach(s, zc)
+    engine = make_engine(s)
+
+    def step(i: int) -> None:
+        dirs = direction_seeds(seed, i, zc.directions)
+        _, _, grads = step_losses(engine, s, batches[i], "candidate", dirs, zc.eps_value)
+        sgd_update_(s.trainable, dirs, grads, zc.lr_value, zc.weight_decay)
+
+    times, peak = measure(step, warmup, steps, device, "zoft")
+    build_ms = []
+    for b in batches[warmup:]:
+        t0 = time.perf_counter()
+        packed = engine.batch(b)
+        _sync(device)
+        build_ms.append((time.perf_counter() - t0) * 1e3)
+    base = next(p for n, p in s.model.named_parameters() if "lora" not in n)
+    return Phase(times, peak, {
+        "zoft_batch_build_ms": round(statistics.median(build_ms), 3),
+        "zoft_trainable": s.trainable.numel(),
+        "zoft_path": s.path,
+        "zoft_weights_dtype": str(base.dtype).removeprefix("torch."),  # full mode: float32 master weights
+        "zoft_tokens": packed.packs.ids.numel(),  # of the last batch
+        **engine.stats.summary(),
+    })
+
+
+def run_bench(
+    model: str,
+    workload: str = "sst2",
+    mode: str = "lora",
+    dtype: str = "float32",
+    device: str = "cpu",
+    steps: int = 10,
+    warmup: int = 3,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict:
+    """Measure the three steps (module docstring) and return the result dict that `report` prints."""
+    if workload not in WORKLOADS:
+        raise ZoftError(f"--workload must be one of {sorted(WORKLOADS)}, got {workload!r}")
+    if steps < 1 or warmup < 0 or batch_size < 1:
+        raise ZoftError("--steps and --batch-size must be at least 1, --warmup at least 0")
+    device = pick_device(device)
+    zc = ZOConfig(mode=mode, batch_size=batch_size)
+
+    with tempfile.TemporaryDirectory(prefix="zoft-bench-") as tmp:
+        log(f"zoft bench: {model} ({dtype}, {device}): building the transformers model")
+        ref, folder = load_reference(model, DTYPES[dtype], device, tmp)
+        cfg = ref.config
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        batches = [make_batch(WORKLOADS[workload], batch_size, cfg.vocab_size, cfg.bos_token_id, seed * 100003 + i)
+                   for i in range(warmup + steps)]
+        inputs = [mezo_collate(b, pad_id, device) for b in batches]
+        fwd, refp = reference_phase(ref, inputs, zc, seed, warmup, steps, device)
+        del ref, inputs  # each side alone on the device
+        _free(device)
+        zo = zoft_phase(folder, dtype, batches, zc, seed, warmup, steps, device)
+        _free(device)
+
+    counts = token_counts(batches[-1])
+    ref_ms, fwd_ms, zoft_ms = (statistics.median(p.times) for p in (refp, fwd, zo))
+    mb = lambda x: None if x is None else round(x, 1)
+    return {
+        "model": model,
+        "workload": workload,
+        "mode": mode,
+        "dtype": dtype,
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "batch_size": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "reference_step_ms": round(ref_ms, 3),
+        "forward_ms": round(fwd_ms, 3),
+        "zoft_step_ms": round(zoft_ms, 3),
+        "reference_peak_mb": mb(refp.peak),
+        "forward_peak_mb": mb(fwd.peak),
+        "zoft_peak_mb": mb(zo.peak),
+        "speedup_vs_reference": round(ref_ms / zoft_ms, 3),
+        "zoft_step_over_forward": round(zoft_ms / fwd_ms, 3),
+        "reference_step_over_forward": round(ref_ms / fwd_ms, 3),
+        "useful_tokens": counts["useful"],
+        "reference_tokens": counts["reference"],
+        "reference_tokens_over_useful": round(counts["reference"] / counts["useful"], 3),
+        **refp.extra,
+        **zo.extra,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+
+
+def report(r: dict) -> None:
+    """The table, then one JSON line (the last line of stdout) for scripts."""
+    ms = lambda k: f"{r[k]:10.1f}"
+    peak = lambda k: f"{r[k]:10.0f}" if r[k] is not None else f"{'-':>10}"
+    print(f"zoft bench: {r['model']} {r['workload']} {r['mode']} {r['dtype']} on {r['device_name']}, "
+          f"batch {r['batch_size']}, median of {r['steps']} after {r['warmup']} warm-up")
+    print(f"{'':24}{'ms':>10}{'× forward':>11}{'peak MiB':>10}")
+    print(f"{'MeZO reference step':24}{ms('reference_step_ms')}{r['reference_step_over_forward']:11.2f}"
+          f"{peak('reference_peak_mb')}")
+    print(f"{'transformers forward':24}{ms('forward_ms')}{1.0:11.2f}{peak('forward_peak_mb')}")
+    print(f"{'zoft step':24}{ms('zoft_step_ms')}{r['zoft_step_over_forward']:11.2f}{peak('zoft_peak_mb')}")
+    print(f"zoft is {r['speedup_vs_reference']:.2f}× the reference's speed; tokens per pass: useful "
+          f"{r['useful_tokens']}, reference {r['reference_tokens']}, zoft {r['zoft_tokens']}; "
+          f"work saved vs naive two-pass: {r['work_saved']:.1%}")
+    print(json.dumps(r), flush=True)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # python -m zoft.bench ... is `zoft bench ...`
+    from zoft.cli import main
+
+    main(["bench", *sys.argv[1:]])
