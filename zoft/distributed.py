@@ -48,6 +48,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return x.to(t.device)
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over ranks (e.g. of a flag every rank must agree on); identity when alone."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    x = t.detach().to(dev, torch.float64).clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x.to(t.device)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -1,0 +1,408 @@
+"""Crash safety and exactness of `zoft train`: SIGKILL at chosen points, SIGTERM/SIGINT, replay, the guard.
+
+The runs that get killed are real `python -m zoft` processes started through a small driver that
+appends a mark ("forward 2", "update 5", "tensors 9", "swap 6") as it enters each phase and holds
+still at the one named by $ZOFT_TEST_STOP, so every kill lands in a known window instead of wherever
+a timer happened to fire; the driver changes no arithmetic. The uninterrupted reference runs, the
+resumes and the replays run in this process through `zoft.cli.main` (no import cost), with one
+thread like the subprocesses; `test_determinism` checks that in-process and subprocess runs agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.tiny import make_tiny
+from zoft.cli import main as zoft_main
+
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                    "TOKENIZERS_PARALLELISM": "false"}
+DATA = ["--task", "rotten_tomatoes", "--n-train", "32", "--n-dev", "8", "--n-test", "8", "--batch-size", "4",
+        "--device", "cpu", "--no-zero-shot"]
+RUN = DATA + ["--steps", "12", "--save-every", "3"]
+MODES = {"lora": ["--lr", "0.05"], "full": ["--mode", "full", "--layers", "1-2", "--lr", "1e-3"]}
+TIMEOUT = 120
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def zoft(*args) -> tuple[int, str, str]:
+    """`zoft ARGS` in this process: (exit status, stderr, stdout)."""
+    err, out, code = io.StringIO(), io.StringIO(), 0
+    with one_thread(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            zoft_main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue(), out.getvalue()
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same_file(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys() and ta
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs: {a} vs {b}"
+    assert a.read_bytes() == b.read_bytes(), f"{a} and {b} hold equal tensors but differ in bytes"
+
+
+def result_file(run: Path, mode: str) -> Path:
+    """What a finished run leaves: the PEFT adapter (LoRA) or the trained blocks (full)."""
+    return run / "adapter" / "adapter_model.safetensors" if mode == "lora" else run / "checkpoint" / "trained.safetensors"
+
+
+def updates(run: Path) -> list[tuple]:
+    """The logged updates the parameters hold, as (step, seeds, grads, lr)."""
+    from zoft import steplog
+
+    _, records = steplog.read(str(run / "steps.jsonl"))
+    return [(r["step"], r["seeds"], r["grads"], r["lr"]) for r in steplog.effective(records)]
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+
+
+def all_finite(path: Path) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors(path).values())
+
+
+# ---- fixtures --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("durability")
+
+
+@pytest.fixture(scope="module")
+def model(root) -> str:
+    return make_tiny("opt", str(root))
+
+
+@pytest.fixture(scope="module")
+def ref(root, model):
+    """ref(mode) -> the folder of an uninterrupted 12-step run (once per mode)."""
+    done = {}
+
+    def get(mode: str) -> Path:
+        if mode not in done:
+            out = root / f"ref-{mode}"
+            code, err, _ = zoft("train", "--model", model, *RUN, *MODES[mode], "--output-dir", out)
+            assert code == 0, err
+            done[mode] = out
+        return done[mode]
+
+    return get
+
+
+# ---- runs that get interrupted ---------------------------------------------------------------------
+
+
+def start_marked(args: list, out: Path, stop: str) -> int:
+    """Fork this process (torch and zoft already imported, so no start-up cost) into `zoft ARGS`, which
+    appends a mark to OUT.marks as it enters each phase and holds still at the mark `stop`:
+      "forward k"  step k's forward passes are about to run
+      "update k"   step k's record is in the step log, its update not yet applied
+      "tensors k"  the checkpoint of step k has its tensors written to checkpoint.tmp, no state.json yet
+                   ("tensors final": the final adapter's tensors are written)
+      "swap k"     the old checkpoint is moved to checkpoint.old, checkpoint.tmp not yet in its place
+    The marks wrap zoft's functions without touching their arithmetic. Returns the child's pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 70
+    try:
+        import zoft.train as T
+
+        marks = Path(str(out) + ".marks")
+        count, saving = {"forward": 0, "update": 0}, [None]
+
+        def signalled() -> bool:  # zoft's SIGINT/SIGTERM handler is a bound method of the flag's holder
+            return getattr(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), "got", None) is not None
+
+        def mark(label: str) -> None:
+            with open(marks, "a") as f:
+                f.write(label + "\n")
+            end = time.time() + TIMEOUT
+            while label == stop and time.time() < end and not signalled():
+                time.sleep(0.01)
+
+        def counted(phase, fn):
+            def f(*a, **k):
+                mark(f"{phase} {count[phase]}")
+                count[phase] += 1
+                return fn(*a, **k)
+            return f
+
+        def checkpoint(fn):
+            def f(s, path, state):
+                saving[0] = state.get("next_step", "best")
+                try:
+                    return fn(s, path, state)
+                finally:
+                    saving[0] = None
+            return f
+
+        def tensors_written(fn):
+            def f(*a, **k):
+                fn(*a, **k)
+                mark(f"tensors {'final' if saving[0] is None else saving[0]}")
+            return f
+
+        real_replace = os.replace
+
+        def replace(src, dst):
+            real_replace(src, dst)
+            if str(dst).endswith(os.sep + "checkpoint.old"):
+                mark(f"swap {saving[0]}")
+
+        T.step_losses = counted("forward", T.step_losses)
+        T.sgd_update_ = counted("update", T.sgd_update_)
+        T.save_checkpoint = checkpoint(T.save_checkpoint)
+        T.save_peft = tensors_written(T.save_peft)
+        T.save_file = tensors_written(T.save_file)
+        os.replace = replace
+        sys.stdout = sys.stderr = open(str(out) + ".stderr", "w", buffering=1)
+        torch.set_num_threads(1)
+        zoft_main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def interrupt(args: list, out: Path, stop: str, sig: signal.Signals) -> tuple[int, str]:
+    """Run `zoft ARGS` until it reaches the mark `stop`, send it `sig` there; (exit status, its stderr).
+    The exit status is negative for death by a signal, as in subprocess."""
+    pid = start_marked(args, out, stop)
+    marks, end = Path(str(out) + ".marks"), time.time() + TIMEOUT
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:  # ended on its own, never reaching `stop`
+            break
+        if marks.exists() and stop in marks.read_text().splitlines():
+            os.kill(pid, sig)
+            _, status = os.waitpid(pid, 0)
+            break
+        if time.time() > end:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            pytest.fail(f"the run never reached {stop!r}")
+        time.sleep(0.005)
+    err = Path(str(out) + ".stderr")
+    return os.waitstatus_to_exitcode(status), err.read_text() if err.exists() else ""
+
+
+SWAP_BUG = pytest.mark.xfail(strict=True, reason=(
+    "zoft/train.py save_checkpoint: between os.replace(path, old) and os.replace(tmp, path) no `checkpoint` "
+    "folder exists; a kill there leaves checkpoint.old + checkpoint.tmp and --resume says 'no checkpoint'"))
+
+KILLS = [  # (mode, the mark where SIGKILL lands)
+    ("lora", "forward 2"),  # the last checkpoint is step 0's; steps 0-1 are only in the log
+    ("lora", "update 5"),  # step 5 logged, not applied: resume must apply it exactly once
+    ("lora", "tensors 9"),  # a half-written checkpoint beside the last good one
+    ("lora", "tensors final"),  # all 12 steps checkpointed, the final adapter half-written
+    ("full", "update 7"),  # full parameters, perturbed and restored in place, update pending
+    pytest.param("lora", "swap 6", marks=SWAP_BUG),
+]
+
+
+@pytest.mark.parametrize("mode,stop", KILLS)
+def test_sigkill_then_resume_is_exact(root, model, ref, mode, stop):
+    a = ref(mode)
+    b = root / f"kill-{mode}-{stop.replace(' ', '')}"
+    args = ["train", "--model", model, *RUN, *MODES[mode], "--output-dir", b]
+    status, stderr = interrupt(args, b, stop, signal.SIGKILL)
+    assert status == -signal.SIGKILL, stderr[-3000:]
+    assert not (b / "results.json").exists()
+
+    code, err, _ = zoft(*args, "--resume")
+    assert code == 0, err
+    assert "resumed from" in err
+    assert_same_file(result_file(a, mode), result_file(b, mode))
+    assert updates(a) == updates(b)
+
+    r = root / f"replay-{b.name}"  # the killed run's log is whole: it alone rebuilds the same parameters
+    code, err, _ = zoft("replay", "--model", model, "--log", b / "steps.jsonl", "--output-dir", r)
+    assert code == 0, err
+    assert_same_file(result_file(a, mode), r / result_file(a, mode).name)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_and_resumes(root, model, ref, sig):
+    """The signal arrives mid-step (at "forward 4"): the step finishes, a checkpoint is written, the exit
+    status is 128 + signal and stderr says how to resume; resuming finishes the same run."""
+    a = ref("lora")
+    b = root / f"signal-{sig.name}"
+    args = ["train", "--model", model, *RUN, *MODES["lora"], "--output-dir", b]
+    status, stderr = interrupt(args, b, "forward 4", sig)
+    assert status == 128 + sig, stderr[-3000:]
+    assert "Traceback" not in stderr
+    msg = re.findall(rf"zoft: {sig.name} at step 5: .*", stderr)  # may follow the progress bar on its line
+    assert len(msg) == 1 and "--resume" in msg[0] and str(b / "checkpoint") in msg[0], stderr[-3000:]
+    state = json.loads((b / "checkpoint" / "state.json").read_text())
+    assert state["next_step"] == 5 and state["applied"] == 5
+    assert not (b / "adapter").exists()
+
+    code, err, _ = zoft(*args, "--resume")
+    assert code == 0, err
+    assert_same_file(result_file(a, "lora"), result_file(b, "lora"))
+    assert losses(a) == losses(b)
+
+
+# ---- replay ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_replay_rebuilds_the_run(root, model, ref, mode):
+    a = ref(mode)
+    r = root / f"replay-{mode}"
+    code, err, _ = zoft("replay", "--model", model, "--log", a / "steps.jsonl", "--output-dir", r)
+    assert code == 0, err
+    if mode == "lora":
+        assert_same_file(a / "adapter" / "adapter_model.safetensors", r / "adapter_model.safetensors")
+        assert json.loads((r / "adapter_config.json").read_text()) == json.loads(
+            (a / "adapter" / "adapter_config.json").read_text())
+    else:
+        ta, tr = tensors(a / "checkpoint" / "trained.safetensors"), tensors(r / "trained.safetensors")
+        assert ta.keys() == tr.keys() and all(torch.equal(ta[k], tr[k]) for k in ta)
+
+
+# ---- divergence guard ------------------------------------------------------------------------------
+
+GUARD = {  # name: (flags, exit status, strikes); each run strikes the guard, then recovers (0) or stops (2)
+    # LoRA with an lr that overflows the logits on the step after the first update: the guard undoes it
+    # and stops (nothing left to undo), or, with the lr cut by 1e-12, goes on
+    "lora-stops": (["--lr", "1e12"], 2, 1),
+    "lora-recovers": (["--lr", "1e12", "--guard-lr-factor", "1e-12"], 0, 1),
+    # every parameter (blocks alone can't blow up the loss: the final LayerNorm bounds the logits), 24
+    # steps: the running median needs 20 losses before a finite spike counts
+    "full-spike": (["--mode", "full", "--lr", "0.1", "--steps", "24", "--guard-strikes", "10"], 0, 4),
+    "full-spike-stops": (["--mode", "full", "--lr", "0.1", "--steps", "24"], 2, 4),  # the 4th of 3 strikes
+}
+FIRST_UPDATE_BUG = pytest.mark.xfail(strict=True, reason=(
+    "zoft/train.py guard: since the undo moved before the stop check, `strikes > guard_strikes or "
+    "applied == 0` sees applied == 0 right after undoing the first update and stops, although the undo "
+    "worked and the lr was cut; the check meant 'nothing to undo' (applied == 0 before the undo)"))
+
+
+@pytest.fixture(scope="module")
+def guarded(root, model):
+    """guarded(name) -> (run folder, exit status, stderr + stdout) of the GUARD run, once each."""
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            out = root / f"guard-{name}"
+            code, err, stdout = zoft("train", "--model", model, *RUN, *GUARD[name][0], "--guard-threshold", "1.5",
+                                     "--output-dir", out)
+            done[name] = out, code, err + stdout  # tqdm's bar.write() prints the strikes on stdout
+        return done[name]
+
+    return get
+
+
+def saved_file(out: Path, name: str, code: int) -> Path:
+    """What the run left to use: its adapter or trained blocks; after a stop, the checkpoint's."""
+    lora = name.startswith("lora")
+    if code == 2:
+        return out / "checkpoint" / ("adapter_model.safetensors" if lora else "trained.safetensors")
+    return out / "adapter" / "adapter_model.safetensors" if lora else out / "checkpoint" / "trained.safetensors"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=FIRST_UPDATE_BUG) if n == "lora-recovers" else n
+                                  for n in GUARD])
+def test_guard(guarded, name):
+    out, code, err = guarded(name)
+    _, want_code, strikes = GUARD[name]
+    assert code == want_code, err[-3000:]
+    reverts = [r for r in map(json.loads, (out / "steps.jsonl").read_text().splitlines()) if "revert_to" in r]
+    assert len(reverts) == strikes, err[-3000:]  # every strike undoes the update before it, the last one too
+    assert len(re.findall(r"undid the last update", err)) == strikes - (code == 2)  # the last one stops instead
+    if name.startswith("full"):
+        assert all("running median" in r["reason"] for r in reverts)
+    else:
+        assert all(r["reason"] == "non-finite loss" for r in reverts)
+    if code == 2:
+        line = re.findall(r"zoft: error: .*", err)
+        assert len(line) == 1 and str(out / "checkpoint") in line[0] and "--resume" in line[0], err[-3000:]
+    for f in [saved_file(out, name, code), *(out / "checkpoint").glob("*.safetensors")]:
+        assert all_finite(f), f
+
+
+@pytest.mark.parametrize("name", GUARD)
+def test_replay_after_guard(root, model, guarded, name):
+    """Reverts are logged ({"revert_to": k}): the log alone still rebuilds what the run saved, bit for bit."""
+    out, code, _ = guarded(name)
+    saved = saved_file(out, name, code)
+    r = root / f"replay-guard-{name}"
+    rc, err, _ = zoft("replay", "--model", model, "--log", out / "steps.jsonl", "--output-dir", r)
+    assert rc == 0, err
+    rebuilt, want = tensors(r / saved.name), tensors(saved)
+    assert rebuilt.keys() == want.keys()
+    for k in want:
+        assert torch.equal(rebuilt[k], want[k]), k
+
+
+@pytest.mark.parametrize("name", ["lora-stops", "full-spike-stops"])
+def test_guard_stop_then_resume_with_lower_lr_recovers(root, model, guarded, name):
+    """The stop message's advice works: the checkpoint holds the parameters from before the bad update,
+    so --resume with a lower --lr finishes the run."""
+    src, code, _ = guarded(name)
+    assert code == 2
+    out = root / f"guard-resume-{name}"
+    shutil.copytree(src, out)
+    flags = list(GUARD[name][0])
+    flags[flags.index("--lr") + 1] = "1e-4"
+    code, err, _ = zoft("train", "--model", model, *RUN, *flags, "--guard-threshold", "1.5", "--output-dir", out,
+                        "--resume")
+    assert code == 0, err[-3000:]
+    assert all_finite(saved_file(out, name, 0))
+
+
+# ---- determinism -----------------------------------------------------------------------------------
+
+
+def test_determinism(root, model, ref):
+    """The same command twice, here and in a fresh `python -m zoft`: byte-identical adapter, same losses."""
+    a = ref("lora")
+    b = root / "again"
+    p = subprocess.run([sys.executable, "-m", "zoft", "train", "--model", model, *RUN, *MODES["lora"],
+                        "--output-dir", str(b)], capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    assert_same_file(a / "adapter" / "adapter_model.safetensors", b / "adapter" / "adapter_model.safetensors")
+    assert losses(a) == losses(b) and len(losses(a)) == 12
+    assert updates(a) == updates(b)
