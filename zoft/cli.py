@@ -39,7 +39,8 @@ def cmd_train(ns) -> None:
     from zoft.train import train
 
     result = train(_train_config(ns))
-    print(json.dumps(result))
+    if result:  # ranks other than 0 return nothing under torchrun
+        print(json.dumps(result))
 
 
 def cmd_demo(ns) -> None:

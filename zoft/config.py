@@ -74,6 +74,8 @@ class ZOConfig:
             raise ZoftError("--eps and --lr must be positive")
         if self.directions < 1 or self.batch_size < 1:
             raise ZoftError("--directions and --batch-size must be at least 1")
+        if self.weight_decay < 0:
+            raise ZoftError(f"--weight-decay must be >= 0, got {self.weight_decay}")
 
     @property
     def eps_value(self) -> float:
@@ -99,6 +101,13 @@ class RunConfig:
     pack_tokens: int = arg(1024, "tokens per packed row")
     log_every: int = arg(50, "print reuse accounting every N steps")
     zero_shot: bool = arg(True, "evaluate on test before training")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "eval_every", "save_every", "log_every", "fsync_every", "guard_strikes"):
+            if getattr(self, name) < 0:
+                raise ZoftError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.eval_batch_size < 1 or self.pack_tokens < 1:
+            raise ZoftError("--eval-batch-size and --pack-tokens must be at least 1")
     fsync_every: int = arg(50, "fsync the step log every N steps (it is flushed every step)")
     guard_threshold: float = arg(0.0, "divergence guard: a loss above this × the running median undoes the "
                                  "last update (non-finite losses always do); 0: only non-finite")
@@ -167,7 +176,10 @@ def parse_layers(spec: str, n_layers: int) -> list[int] | None:
             out = []
             for part in spec.split(","):
                 a, _, b = part.partition("-")
-                out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+                lo, hi = int(a), int(b) if b else int(a)
+                if lo > hi or hi >= n_layers or lo < 0:  # checked before building the range: no huge lists
+                    raise ZoftError(f"--layers {spec!r}: {part!r} is not a range of blocks within 0-{n_layers - 1}")
+                out += list(range(lo, hi + 1))
     except ValueError:
         raise ZoftError(f"--layers {spec!r}: expected e.g. '0,1,5-7', 'top4' or 'bottom2'") from None
     bad = [i for i in out if not 0 <= i < n_layers]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ def resolve_alias(spec: str) -> str:
 
 
 def pick_device(spec: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
+        raise ZoftError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
     if spec == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda") and not torch.cuda.is_available():

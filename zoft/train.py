@@ -110,6 +110,14 @@ def save_checkpoint(s: Session, path: str, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_checkpoint(path: str) -> None:
+    """A kill between save_checkpoint's two renames leaves only `path`.old: put it back (the step log
+    replays whatever came after it)."""
+    old = path + ".old"
+    if not os.path.isdir(path) and os.path.isdir(old):
+        os.replace(old, path)
+
+
 def load_checkpoint(s: Session, path: str) -> dict:
     if s.loras is not None:
         load_peft_weights(s.loras, path)
@@ -163,6 +171,8 @@ def train(cfg: TrainConfig) -> dict:
     main = rank == 0
     out = rc.output_dir
     ckpt = os.path.join(out, "checkpoint")
+    if rc.resume:
+        recover_checkpoint(ckpt)
     if os.path.isdir(ckpt) and not rc.resume:
         raise ZoftError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --output-dir")
     if rc.resume and not os.path.isdir(ckpt):
@@ -236,6 +246,7 @@ def train(cfg: TrainConfig) -> dict:
                      and loss_val > rc.guard_threshold * statistics.median(recent[-100:]))
             if not finite or spike:
                 strikes += 1
+                nothing_to_undo = applied == 0
                 why = "non-finite loss" if not finite else f"loss {loss_val:.4g} > {rc.guard_threshold}× running median"
                 if applied > 0:  # the update before this loss is the suspect: undo it exactly
                     applied, prev = _undo_last(s, ckpt, prev, applied), None
@@ -244,14 +255,14 @@ def train(cfg: TrainConfig) -> dict:
                     if main:
                         slog.write({"step": step, "revert_to": applied, "reason": why, "lr_scale": lr_scale})
                         save_checkpoint(s, ckpt, state(step + 1))
-                if strikes > rc.guard_strikes or applied == 0:
+                if strikes > rc.guard_strikes or nothing_to_undo:
                     if main:
                         slog.close()
                     bar.close()
                     raise ZoftError(f"{why} at step {step + 1} ({strikes} strike(s)); the parameters before it are in "
                                     f"{ckpt}: lower --lr or --eps and continue with --resume")
                 if main:
-                    bar.write(f"step {step + 1}: {why}; undid the last update, lr × {rc.guard_lr_factor} "
+                    bar.write(file=sys.stderr, s=f"step {step + 1}: {why}; undid the last update, lr × {rc.guard_lr_factor} "
                               f"(strike {strikes}/{rc.guard_strikes})")
                 step += 1
                 bar.update(1)
@@ -274,13 +285,13 @@ def train(cfg: TrainConfig) -> dict:
                 metrics.flush()
             if main and rc.log_every and step % rc.log_every == 0:
                 st = engine.stats.summary()
-                bar.write(f"step {step}: token×layer work {st['token_layers_computed']:,} computed vs "
+                bar.write(file=sys.stderr, s=f"step {step}: token×layer work {st['token_layers_computed']:,} computed vs "
                           f"{st['token_layers_naive']:,} naive two-pass ({st['work_saved']:.1%} saved)"
                           + (f", prefix-cache hits {st['prefix_cache_hit_rate']:.1%}" if st["prefix_cache_hit_rate"] else ""))
             if main and rc.eval_every and step % rc.eval_every == 0 and enc["dev"]:
                 dev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)["score"]
                 metrics.write(json.dumps({"step": step, "dev_accuracy": dev}) + "\n")
-                bar.write(f"step {step}: dev accuracy {dev:.4f}" + (" (best)" if dev > best_dev else ""))
+                bar.write(file=sys.stderr, s=f"step {step}: dev accuracy {dev:.4f}" + (" (best)" if dev > best_dev else ""))
                 if dev > best_dev:
                     best_dev = dev
                     save_checkpoint(s, os.path.join(out, "best"), {"step": step, "dev_accuracy": dev})

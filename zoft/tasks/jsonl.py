@@ -22,7 +22,7 @@ def _prompt(row: dict, template: str | None, where: str) -> str:
         return template.format(**row)
     except KeyError as e:
         raise ZoftError(f"{where}: template {template!r} needs field {e}, the row has {sorted(row)}") from e
-    except (IndexError, ValueError, AttributeError, TypeError) as e:
+    except (IndexError, ValueError, AttributeError, TypeError, OverflowError) as e:
         raise ZoftError(f"{where}: template {template!r} does not apply ({type(e).__name__}: {e})") from e
 
 
