@@ -9,10 +9,10 @@ from zoft.config import ModelConfig, ZOConfig
 from zoft.engine import NativeEngine, row_losses
 from zoft.loading import build_native, read_config
 from zoft.lora import LoraArgs, inject_lora
-from zoft.perturb import add_noise_, noise, param_seed
+from zoft.perturb import add_noise_, noise
 from zoft.session import attach, load_session
 from zoft.tasks.encode import Encoded
-from zoft.zo import full_trainable, inplace_step, lora_trainable, perturb_, rows_step, sgd_update_
+from zoft.zo import directions, full_trainable, inplace_step, lora_trainable, perturb_, rows_step, sgd_update_
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +52,14 @@ def lora_model(root, kind, dtype):
     return model, loras
 
 
-def directional_derivative(model, exs, tensors, seed):
-    for t in tensors:
+def directional_derivative(model, exs, tr, seed):
+    for t in tr.tensors:
         t.requires_grad_(True)
     loss = reference_loss(model, exs)
-    grads = torch.autograd.grad(loss, tensors)
-    for t in tensors:
+    grads = torch.autograd.grad(loss, tr.tensors)
+    for t in tr.tensors:
         t.requires_grad_(False)
-    return sum((g * noise(t, param_seed(seed, i)).to(g.dtype)).sum() for i, (g, t) in enumerate(zip(grads, tensors)))
+    return sum((g * z.to(g.dtype)).sum() for g, z in zip(grads, directions(tr, seed)))
 
 
 @pytest.mark.parametrize("kind", ["opt", "llama"])
@@ -68,7 +68,7 @@ def test_lora_rows_estimate_matches_autograd(root, kind):
     exs, seed = examples(), 1234
     engine = NativeEngine(model)
     b = engine.batch(exs)
-    want = directional_derivative(model, exs, lora_trainable(loras).tensors, seed).item()
+    want = directional_derivative(model, exs, lora_trainable(loras), seed).item()
     errs = []
     for eps in (1e-3, 1e-4):
         _, _, g = rows_step(lambda rows: row_losses(engine.scores(b, rows), b, "candidate"), loras, [seed], eps)
@@ -92,7 +92,7 @@ def test_full_inplace_estimate_matches_autograd(root, kind):
     engine = NativeEngine(model, first_trained=1)
     b = engine.batch(exs)
     before = [t.clone() for t in tr.tensors]
-    want = directional_derivative(model, exs, tr.tensors, seed).item()
+    want = directional_derivative(model, exs, tr, seed).item()
     errs = []
     # |z| ~ sqrt(#params) is large here and OPT's ReLU has kinks, so ε must be smaller than for LoRA
     for eps in (1e-5, 1e-6):

@@ -32,9 +32,23 @@ class Trainable:
     names: list[str]
     tensors: list[torch.Tensor]
     decay: list[bool]
+    flat: bool = False  # small (LoRA): one z draw for all tensors per direction, instead of one per tensor
 
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors)
+
+
+def directions(tr: Trainable, seed: int) -> list[torch.Tensor]:
+    """z for each tensor of `tr` at direction seed `seed`. For flat (LoRA) sets, one generator call covers
+    every tensor (the GPU step is launch-bound; one randn instead of one per factor); otherwise each
+    tensor has its own seeded stream (what the chunked in-place passes regenerate)."""
+    if tr.flat:
+        dev = tr.tensors[0].device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(param_seed(seed, 0))
+        z = torch.randn(tr.numel(), generator=gen, device=dev, dtype=torch.float32)
+        return [v.view_as(t) for v, t in zip(z.split([t.numel() for t in tr.tensors]), tr.tensors, strict=True)]
+    return [noise(t, param_seed(seed, i)) for i, t in enumerate(tr.tensors)]
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -46,7 +60,7 @@ def lora_trainable(loras: dict[str, LoRALinear]) -> Trainable:
     for path, m in loras.items():
         names += [f"{path}.lora_A", f"{path}.lora_B"]
         tensors += [m.lora_A, m.lora_B]
-    return Trainable(names, tensors, [True] * len(tensors))
+    return Trainable(names, tensors, [True] * len(tensors), flat=True)
 
 
 def full_trainable(model: nn.Module, prefixes: list[str] | None) -> Trainable:
@@ -72,15 +86,15 @@ def direction_seeds(run_seed: int, step: int, n: int) -> list[int]:
 @contextmanager
 def lora_rows(loras: dict[str, LoRALinear], seeds: list[int], eps: float):
     """Set each LoRALinear's per-row adapters: row 2j = θ + εz_j, row 2j+1 = θ − εz_j."""
-    idx = 0
+    tr = lora_trainable(loras)
+    zs = [directions(tr, s) for s in seeds]  # zs[j][i]: z of tensor i for direction j
+    signs = torch.tensor([eps, -eps] * len(seeds), device=tr.tensors[0].device).view(-1, 1, 1)
     try:
-        for m in loras.values():
+        for k, m in enumerate(loras.values()):
             banks = []
-            for t in (m.lora_A, m.lora_B):
-                zs = torch.stack([noise(t, param_seed(s, idx)) for s in seeds])  # (n, *t.shape)
-                signs = torch.tensor([eps, -eps], device=t.device).repeat(len(seeds)).view(-1, 1, 1)
-                banks.append(t.detach()[None] + signs * zs.repeat_interleave(2, dim=0))
-                idx += 1
+            for i in (2 * k, 2 * k + 1):  # lora_A, lora_B: the order of lora_trainable
+                z = torch.stack([zj[i] for zj in zs]).repeat_interleave(2, dim=0)  # (2n, *t.shape)
+                banks.append(tr.tensors[i].detach()[None] + signs.to(z.dtype) * z)
             m.rows = (banks[0], banks[1])
         yield
     finally:
@@ -99,6 +113,11 @@ def rows_step(
 
 
 def perturb_(tr: Trainable, seed: int, scale: float) -> None:
+    """θ += scale·z in place (chunk by chunk for full parameters)."""
+    if tr.flat:
+        for t, z in zip(tr.tensors, directions(tr, seed), strict=True):
+            t.data.add_(z.to(t.dtype), alpha=scale)
+        return
     for i, t in enumerate(tr.tensors):
         add_noise_(t.data, param_seed(seed, i), scale)
 
@@ -125,8 +144,13 @@ def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float], lr: float, 
     for i, t in enumerate(tr.tensors):
         if weight_decay and tr.decay[i]:
             t.data.mul_(1 - lr * weight_decay)
-        for s, g in zip(seeds, grads):
-            add_noise_(t.data, param_seed(s, i), -lr * g / n)
+    for s, g in zip(seeds, grads):
+        if tr.flat:
+            for t, z in zip(tr.tensors, directions(tr, s), strict=True):
+                t.data.add_(z.to(t.dtype), alpha=-lr * g / n)
+        else:
+            for i, t in enumerate(tr.tensors):
+                add_noise_(t.data, param_seed(s, i), -lr * g / n)
 
 
 def lr_at(step: int, total: int, base: float, schedule: str, warmup: int) -> float:
