@@ -20,6 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+GPU_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -38,6 +41,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return F.scaled_dot_product_attention(q, k, v)
     if mask.shape[0] != q.shape[0]:  # mask is per pack; rows are perturbation copies of the packs
         mask = mask.repeat(q.shape[0] // mask.shape[0], 1, 1, 1)
+    if q.is_cuda:  # cuDNN's SDPA builds a plan per new shape (tens of ms); the others don't
+        with sdpa_kernel(GPU_MASKED_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
