@@ -28,10 +28,9 @@ from zoft.config import ModelConfig, ZOConfig
 from zoft.engine import row_losses
 from zoft.loading import native_class
 from zoft.models import llama, opt
-from zoft.perturb import noise, param_seed
 from zoft.session import attach, load_session, make_engine
 from zoft.train import step_losses
-from zoft.zo import direction_seeds
+from zoft.zo import direction_seeds, directions
 
 SMALL = Workload(prompt_len=(5, 20, 8), cand_len=(1, 3), n_cands=3, fixed_cands=False)  # ragged: padding matters
 KEYS = ["reference_step_ms", "forward_ms", "zoft_step_ms", "reference_peak_mb", "zoft_peak_mb",
@@ -101,7 +100,8 @@ def test_reference_and_zoft_losses_match_for_the_same_z(root, mode):
     assert sorted(n for n, _ in params) == sorted(s.trainable.names)
     index = {n: i for i, n in enumerate(s.trainable.names)}
     seed, eps, pad = direction_seeds(0, 0, 1)[0], zc.eps_value, hf.config.pad_token_id
-    z_fn = lambda name, p: noise(p, param_seed(seed, index[name]))
+    zs = directions(s.trainable, seed)  # zoft's z for every trained tensor (one draw for LoRA, per tensor for full)
+    z_fn = lambda name, p: zs[index[name]].to(p.device).view_as(p)
     batch = make_batch(SMALL, 4, VOCAB, hf.config.bos_token_id, seed=2)
     before = [p.detach().clone() for _, p in params]
     l1, l2, _ = mezo_step(hf, params, mezo_collate(batch, pad, "cpu"), seed, eps, 0.0, 0.0, pad, z_fn)
