@@ -14,8 +14,7 @@ from tqdm import tqdm
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import ZoftError
-from zoft.evaluate import evaluate_split, write_predictions
-from zoft.lora import save_peft
+from zoft.evaluate import evaluate_split
 from zoft.session import attach, describe, load_session, log, make_engine
 
 
@@ -27,7 +26,7 @@ def peak_memory(device: str) -> dict:
 
 
 def train_backprop(cfg: TrainConfig) -> dict:
-    from zoft.train import batch_indices, load_checkpoint, load_data, save_checkpoint
+    from zoft.train import batch_indices, finish, load_data, save_checkpoint
 
     rc, zc = cfg.run, cfg.zo
     if rc.resume:
@@ -86,19 +85,9 @@ def train_backprop(cfg: TrainConfig) -> dict:
     train_seconds = time.time() - t_loop
     mem = peak_memory(s.device)
     save_checkpoint(s, os.path.join(out, "checkpoint"), {"next_step": rc.steps, "applied": rc.steps})
-    if best_dev >= 0:
-        load_checkpoint(s, os.path.join(out, "best"))
-    result = {"zero_shot_accuracy": zero_shot, "steps": rc.steps, "optimizer": "adamw",
-              "best_dev_accuracy": best_dev if best_dev >= 0 else None}
-    if enc["test"]:
-        ev = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="test eval")
-        write_predictions(os.path.join(out, "test_predictions.jsonl"), ev["rows"])
-        result |= {"final_accuracy": ev["score"], "metric": ev["metric"]}
-        if ev["metric"] == "f1":
-            result |= {"final_f1": ev["f1"], "final_em": ev["em"]}
-    if s.loras is not None:
-        save_peft(s.loras, os.path.join(out, "adapter"), s.source, s.target_names, s.lora_args)
-    result |= {"seconds": round(time.time() - t_start, 1), "train_seconds": round(train_seconds, 1),
+    result = finish(s, engine, enc, splits, out, rc.eval_batch_size, best_dev)
+    result |= {"zero_shot_accuracy": zero_shot, "steps": rc.steps, "optimizer": "adamw",
+               "seconds": round(time.time() - t_start, 1), "train_seconds": round(train_seconds, 1),
                "seconds_per_step": round(train_seconds / max(1, rc.steps), 4), "path": s.path, **mem}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -86,6 +86,16 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
 # ---- checkpoints -------------------------------------------------------------------------------
 
 
+def save_trained(s: Session, folder: str) -> None:
+    """The trained parameters: a PEFT adapter (LoRA) or trained.safetensors (full mode)."""
+    os.makedirs(folder, exist_ok=True)
+    if s.loras is not None:
+        save_peft(s.loras, folder, s.source, s.target_names, s.lora_args)
+    else:
+        tensors = {n: t.detach().float().cpu().contiguous() for n, t in zip(s.trainable.names, s.trainable.tensors)}
+        save_file(tensors, os.path.join(folder, "trained.safetensors"))
+
+
 def save_checkpoint(s: Session, path: str, state: dict) -> None:
     """Atomically replace `path` with the trained parameters and `state` (write aside, then rename)."""
     for t in s.trainable.tensors:
@@ -93,12 +103,7 @@ def save_checkpoint(s: Session, path: str, state: dict) -> None:
             raise ZoftError(f"refusing to save non-finite parameters to {path}; the last good checkpoint is kept")
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    if s.loras is not None:
-        save_peft(s.loras, tmp, s.source, s.target_names, s.lora_args)
-    else:
-        tensors = {n: t.detach().float().cpu().contiguous() for n, t in zip(s.trainable.names, s.trainable.tensors)}
-        save_file(tensors, os.path.join(tmp, "trained.safetensors"))
+    save_trained(s, tmp)
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f)
         f.flush()
@@ -319,24 +324,31 @@ def train(cfg: TrainConfig) -> dict:
     metrics.close()
     slog.close()
 
-    if best_dev >= 0:
-        load_checkpoint(s, os.path.join(out, "best"))
-    result = {"zero_shot_accuracy": zero_shot, "steps": rc.steps, "best_dev_accuracy": best_dev if best_dev >= 0 else None}
-    if enc["test"]:
-        ev = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="test eval")
-        write_predictions(os.path.join(out, "test_predictions.jsonl"), ev["rows"])
-        result |= {"final_accuracy": ev["score"], "metric": ev["metric"]}
-        if ev["metric"] == "f1":
-            result |= {"final_f1": ev["f1"], "final_em": ev["em"]}
-    if s.loras is not None:
-        save_peft(s.loras, os.path.join(out, "adapter"), s.source, s.target_names, s.lora_args)
-    result |= {"seconds": round(time.time() - t_start, 1), "train_seconds": round(train_seconds, 1),
+    result = finish(s, engine, enc, splits, out, rc.eval_batch_size, best_dev)
+    result |= {"zero_shot_accuracy": zero_shot, "steps": rc.steps, "seconds": round(time.time() - t_start, 1),
+               "train_seconds": round(train_seconds, 1),
                "seconds_per_step": round(train_seconds / max(1, rc.steps - first), 4),
                "path": s.path, "world_size": world, "output_dir": out, **engine.stats.summary(),
                **peak_memory(s.device)}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     dist.barrier()
+    return result
+
+
+def finish(s: Session, engine, enc: dict, splits: dict, out: str, eval_batch_size: int, best_dev: float) -> dict:
+    """After training: the best dev checkpoint (if any) on the test set, predictions and the adapter."""
+    if best_dev >= 0:
+        load_checkpoint(s, os.path.join(out, "best"))
+    result = {"best_dev_accuracy": best_dev if best_dev >= 0 else None}
+    if enc["test"]:
+        ev = evaluate_split(engine, s, enc["test"], splits["test"], eval_batch_size, desc="test eval")
+        write_predictions(os.path.join(out, "test_predictions.jsonl"), ev["rows"])
+        result |= {"final_accuracy": ev["score"], "metric": ev["metric"]}
+        if ev["metric"] == "f1":
+            result |= {"final_f1": ev["f1"], "final_em": ev["em"]}
+    if s.loras is not None:
+        save_peft(s.loras, os.path.join(out, "adapter"), s.source, s.target_names, s.lora_args)
     return result
 
 
@@ -366,12 +378,7 @@ def replay(model: str, log_path: str, output_dir: str, device: str = "") -> dict
     todo = steplog.effective(records)
     for r in tqdm(todo, desc="replay", unit="step", disable=not sys.stderr.isatty()):
         steplog.apply(s.trainable, r, cfg.zo.mode, cfg.zo.eps_value, cfg.zo.weight_decay)
-    os.makedirs(output_dir, exist_ok=True)
-    if s.loras is not None:
-        save_peft(s.loras, output_dir, s.source, s.target_names, s.lora_args)
-    else:
-        tensors = {n: t.detach().float().cpu().contiguous() for n, t in zip(s.trainable.names, s.trainable.tensors)}
-        save_file(tensors, os.path.join(output_dir, "trained.safetensors"))
+    save_trained(s, output_dir)
     with open(os.path.join(output_dir, "config.json"), "w") as f:
         json.dump(header | {"resolved": resolved}, f, indent=2)
     return {"steps_replayed": len(todo), "output_dir": output_dir}

@@ -106,3 +106,16 @@ def sample_splits(
     random.Random(seed).shuffle(rest)
     train, dev = _draw_train_dev(pool, rest, n_train, n_dev, k_shot)
     return {"train": train, "dev": dev, "test": test}
+
+
+def hub_rows(name: str, config: str | None, split: str, hint: str) -> list[dict]:
+    """Rows of a Hugging Face dataset split, or ZoftError(hint) if `datasets` or the network is missing."""
+    try:
+        import datasets  # lazy: optional dependency
+    except ImportError as e:
+        raise ZoftError(hint) from e
+    try:
+        return list(datasets.load_dataset(name, config, split=split))
+    except Exception as e:  # network, auth, cache, unsupported loading scripts: all mean "not reachable"
+        first_line = (str(e).splitlines() or [""])[0]
+        raise ZoftError(f"{hint} (hub error: {type(e).__name__}: {first_line})") from e

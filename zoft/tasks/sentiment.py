@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from zoft.errors import ZoftError
-from zoft.tasks.base import Example, Task
+from zoft.tasks.base import Example, Task, hub_rows
 
 TEMPLATE = "{text} It was"
 CANDIDATES = [" terrible", " great"]  # index = label: 0 negative, 1 positive
@@ -69,19 +69,6 @@ class RottenTomatoes(SentimentTask):
         return rows
 
 
-def _try_hub(name: str, config: str | None, split: str, hint: str) -> list[dict]:
-    """Rows of a Hugging Face dataset split, or ZoftError(hint) if `datasets` or the network is missing."""
-    try:
-        import datasets  # lazy: optional dependency
-    except ImportError as e:
-        raise ZoftError(hint) from e
-    try:
-        return list(datasets.load_dataset(name, config, split=split))
-    except Exception as e:  # network, auth, cache: anything means "not reachable"
-        first_line = (str(e).splitlines() or [""])[0]
-        raise ZoftError(f"{hint} (hub error: {type(e).__name__}: {first_line})") from e
-
-
 def _label(value: object, where: str) -> int:
     if value in (0, 1, "0", "1") and not isinstance(value, bool):
         return int(value)
@@ -99,7 +86,7 @@ class SST2(SentimentTask):
 
     def _load(self, split: str) -> list[tuple[str, int]]:
         if self.data_dir is None:
-            rows = _try_hub("glue", "sst2", "train" if split == "train" else "validation", self.HINT)
+            rows = hub_rows("glue", "sst2", "train" if split == "train" else "validation", self.HINT)
             return [(r["sentence"].strip(), int(r["label"])) for r in rows]
         path = self.data_dir / ("train.tsv" if split == "train" else "dev.tsv")
         if not path.is_file():
@@ -138,7 +125,7 @@ class IMDB(SentimentTask):
 
     def _load(self, split: str) -> list[tuple[str, int]]:
         if self.data_dir is None:
-            rows = [(r["text"], int(r["label"])) for r in _try_hub("imdb", None, split, self.HINT)]
+            rows = [(r["text"], int(r["label"])) for r in hub_rows("imdb", None, split, self.HINT)]
         elif (self.data_dir / f"{split}.jsonl").is_file():
             rows = self._load_jsonl(self.data_dir / f"{split}.jsonl")
         else:

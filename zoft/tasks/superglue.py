@@ -22,7 +22,7 @@ from pathlib import Path
 
 from zoft.errors import ZoftError
 from zoft.tasks import bigbench
-from zoft.tasks.base import Example, Task
+from zoft.tasks.base import Example, Task, hub_rows
 
 Rows = Iterable[tuple[str, dict]]  # (where: "file:line" for error messages, row with the hub's field names)
 
@@ -32,19 +32,6 @@ def datasets_importable() -> bool:
     if "datasets" in sys.modules:
         return sys.modules["datasets"] is not None
     return importlib.util.find_spec("datasets") is not None
-
-
-def hub_rows(name: str, config: str | None, split: str, hint: str) -> list[dict]:
-    """Rows of a Hugging Face dataset split, or ZoftError(hint) if `datasets` or the network is missing."""
-    try:
-        import datasets  # lazy: optional dependency
-    except ImportError as e:
-        raise ZoftError(hint) from e
-    try:
-        return list(datasets.load_dataset(name, config, split=split))
-    except Exception as e:  # network, auth, cache, unsupported loading scripts: all mean "not reachable"
-        first_line = (str(e).splitlines() or [""])[0]
-        raise ZoftError(f"{hint} (hub error: {type(e).__name__}: {first_line})") from e
 
 
 def read_jsonl(path: Path) -> Rows:
