@@ -35,3 +35,14 @@ def test_in_context_demonstrations_prefix_every_prompt_with_gold_answers():
     got = with_demonstrations(test, demos)
     assert got[0].prompt == "a It was great\n\nb It was terrible\n\nc It was"
     assert got[0].candidates == test[0].candidates and got[0].answer == 1 and test[0].prompt == "c It was"
+
+
+def test_unknown_model_name_suggests_the_closest_valid_ones(monkeypatch):
+    import pytest
+
+    from zoft.errors import ZoftError
+    from zoft.loading import resolve
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ZoftError, match="did you mean facebook/opt-125m"):
+        resolve("facebook/opt-125n")

@@ -44,10 +44,22 @@ def resolve(spec: str) -> str:
 
         return snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.bin"])
     except Exception as e:  # offline, unknown repo, gated…
+        import difflib
+
+        from zoft.session import ALIASES
+
+        close = difflib.get_close_matches(spec, list(ALIASES) + KNOWN_HUB_IDS, n=3, cutoff=0.75)
+        hint = f" (did you mean {', '.join(close)}?)" if close and spec not in close else ""
         raise ZoftError(
-            f"could not fetch model {spec!r} from the Hugging Face hub ({type(e).__name__}); "
+            f"could not fetch model {spec!r} from the Hugging Face hub ({type(e).__name__}){hint}; "
             "pass a local model folder or a .gguf file instead"
         ) from None
+
+
+KNOWN_HUB_IDS = [f"facebook/opt-{n}" for n in ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")] + [
+    "HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "Qwen/Qwen2-0.5B", "Qwen/Qwen2.5-0.5B-Instruct",
+]  # for "did you mean" suggestions only
 
 
 def gguf_to_folder(path: str) -> str:
