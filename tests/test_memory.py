@@ -58,5 +58,6 @@ def test_step_peak_memory_close_to_one_forward(mode):
     if mode == "lora":  # two rows in one batch: about twice a forward's activations, plus the tiny adapters
         assert zo <= 2.2 * forward + 8, (zo, forward)
     else:  # in place: one forward's activations plus a z chunk, never a parameter-sized temporary
-        assert zo <= forward + 2 * CHUNK * 4 / 2**20 + 8, (zo, forward, param_mb)
-        assert zo < param_mb / 4, (zo, param_mb)
+        bound = forward + 2 * CHUNK * 4 / 2**20 + 8
+        assert bound < param_mb  # tight enough that a parameter-sized temporary would break it
+        assert zo <= bound, (zo, forward, param_mb)
