@@ -60,6 +60,44 @@ def peak(device, fn):
     return None, None
 
 
+def measure_mode(mode, a, dev, lo, hi) -> dict:
+    """Peaks of inference, a MeZO step and a backprop+AdamW step for one mode (a fresh model each)."""
+    model, loras, tr = build(a.preset, getattr(torch, a.dtype), dev, mode)
+    eng = NativeEngine(model)
+    b = eng.batch(batch(a.batch_size, model.args.vocab_size, lo=lo, hi=hi))
+    seeds = direction_seeds(0, 0, 1)
+
+    def infer():
+        with torch.no_grad():
+            row_losses(eng.scores(b, 1, True), b, "candidate")
+
+    def zo():
+        if loras is not None:
+            _, _, g = rows_step(lambda r: row_losses(eng.scores(b, r, True), b, "candidate"), loras, seeds, 1e-2)
+        else:
+            _, _, g = inplace_step(lambda: row_losses(eng.scores(b, 1, True), b, "candidate")[0], tr, seeds, 1e-3)
+        sgd_update_(tr, seeds, g, 1e-6, 0.0)
+
+    opt_holder = {}
+
+    def backprop():
+        for t in tr.tensors:
+            t.requires_grad_(True)
+        opt = opt_holder.setdefault("o", torch.optim.AdamW(tr.tensors, lr=1e-6))
+        loss = row_losses(eng.scores(b, 1, True, grad=True), b, "candidate")[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for t in tr.tensors:
+            t.requires_grad_(False)
+
+    backprop()  # AdamW's state exists from the first step on: measure a steady-state step
+    res = {"mode": mode}
+    for name, fn in (("inference", infer), ("mezo", zo), ("backprop_adamw", backprop)):
+        res[name + "_peak_mb"], res[name + "_resident_mb"] = peak(dev, fn)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="smollm2-135m", choices=sorted(PRESETS))
@@ -70,43 +108,7 @@ def main():
     a = ap.parse_args()
     dev = torch.device(a.device)
     lo, hi = map(int, a.prompt.split("-"))
-    rows = []
-    for mode in ("lora", "full"):
-        model, loras, tr = build(a.preset, getattr(torch, a.dtype), dev, mode)
-        eng = NativeEngine(model)
-        b = eng.batch(batch(a.batch_size, model.args.vocab_size, lo=lo, hi=hi))
-        seeds = direction_seeds(0, 0, 1)
-
-        def infer():
-            with torch.no_grad():
-                row_losses(eng.scores(b, 1, True), b, "candidate")
-
-        def zo():
-            if loras is not None:
-                _, _, g = rows_step(lambda r: row_losses(eng.scores(b, r, True), b, "candidate"), loras, seeds, 1e-2)
-            else:
-                _, _, g = inplace_step(lambda: row_losses(eng.scores(b, 1, True), b, "candidate")[0], tr, seeds, 1e-3)
-            sgd_update_(tr, seeds, g, 1e-6, 0.0)
-
-        opt_holder = {}
-
-        def backprop():
-            for t in tr.tensors:
-                t.requires_grad_(True)
-            opt = opt_holder.setdefault("o", torch.optim.AdamW(tr.tensors, lr=1e-6))
-            loss = row_losses(eng.scores(b, 1, True, grad=True), b, "candidate")[0]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            for t in tr.tensors:
-                t.requires_grad_(False)
-
-        backprop()  # AdamW's state exists from the first step on: measure a steady-state step
-        res = {"mode": mode}
-        for name, fn in (("inference", infer), ("mezo", zo), ("backprop_adamw", backprop)):
-            res[name + "_peak_mb"], res[name + "_resident_mb"] = peak(dev, fn)
-        rows.append(res)
-        del model, loras, tr, eng, opt_holder
+    rows = [measure_mode(mode, a, dev, lo, hi) for mode in ("lora", "full")]
     print("| mode | inference peak MB | MeZO step peak MB | backprop+AdamW peak MB (resident before: weights+Adam state) | backprop / MeZO |")
     for r in rows:
         ratio = (r["backprop_adamw_peak_mb"] / r["mezo_peak_mb"]) if r["mezo_peak_mb"] else None

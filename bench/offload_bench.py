@@ -97,7 +97,7 @@ def main():
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     gib = streamer.bytes_per_pass / 2**30
-    print(f"| preset | dtype | streamed GiB | bus floor s | step s | step/floor | peak GPU GiB |")
+    print("| preset | dtype | streamed GiB | bus floor s | step s | step/floor | peak GPU GiB |")
     print(f"| {a.preset} | {a.dtype} | {gib:.2f} | {floor:.3f} | {step_s:.3f} | {step_s / floor:.2f} | "
           f"{'n/a' if peak is None else f'{peak:.2f}'} |")
     print(json.dumps({"preset": a.preset, "dtype": a.dtype, "device": str(dev), "streamed_gib": round(gib, 3),

@@ -45,7 +45,7 @@ def make_tiny(kind: str, root: str, seed: int = 0) -> str:
     cfg = CONFIGS[kind]()
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():  # random biases and norm weights too, so a wrong map can't hide behind zeros/ones
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(out)
