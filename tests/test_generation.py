@@ -46,3 +46,33 @@ def test_unknown_model_name_suggests_the_closest_valid_ones(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ZoftError, match="did you mean facebook/opt-125m"):
         resolve("facebook/opt-125n")
+
+
+def test_f1_objective_matches_evaluation_and_trains(tmp_path):
+    """--loss f1: each row's loss is −F1 of its greedy answers, the same F1 evaluation reports."""
+    from zoft.config import ModelConfig as MC
+    from zoft.evaluate import evaluate_generation
+    from zoft.session import attach, load_session, make_engine
+    from zoft.tasks import get_task, sample_splits
+    from zoft.tasks.encode import encode
+    from zoft.train import answers_of, f1_row_losses
+
+    folder = make_tiny("llama", str(tmp_path))
+    data = tmp_path / "qa.jsonl"
+    with open(data, "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"input": f"Q{i}: say hi\nA:", "output": " hi there\n"}) + "\n")
+    s = load_session(MC(model=folder))
+    attach(s, ZOConfig(mode="lora"))
+    exs = sample_splits(get_task(str(data)), 6, 0, 0)["train"]
+    enc, _ = encode(s.tokenizer, exs, s.max_length)
+    ev = evaluate_generation(s.model, s.tokenizer, enc, exs)
+    loss = f1_row_losses(s, enc, [answers_of(e) for e in exs], rows=2)
+    assert loss.shape == (2,) and abs(loss[0].item() + ev["f1"]) < 1e-12 and loss[0] == loss[1]
+    out = tmp_path / "run"
+    cfg = TrainConfig(ModelConfig(model=folder), TaskConfig(task=str(data), n_train=6, n_dev=0, n_test=3, loss="f1"),
+                      ZOConfig(mode="lora", batch_size=3), RunConfig(steps=2, output_dir=str(out), zero_shot=False))
+    result = train(cfg)
+    assert result["metric"] == "f1"
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"loss"' in x]
+    assert len(rows) == 2 and all(-1.0 <= r["loss"] <= 0.0 for r in rows)

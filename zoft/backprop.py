@@ -44,6 +44,8 @@ def train_backprop(cfg: TrainConfig) -> dict:
                                                 "trainable_parameters": s.trainable.numel()}}, f, indent=2)
     log(describe(s, engine) + "; first-order baseline: backprop + AdamW")
     enc, splits, loss = load_data(cfg, s)
+    if loss == "f1":
+        raise ZoftError("--loss f1 is not differentiable: use it with the zo-sgd optimizer, or --loss lm with adamw")
     zero_shot = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="zero-shot eval")["score"] if (
         rc.zero_shot and enc["test"]) else None
     for t in s.trainable.tensors:

@@ -48,8 +48,9 @@ class TaskConfig:
     n_test: int = arg(1000, "test examples (fixed, whatever --seed)")
     k_shot: int = arg(0, "if > 0: k training examples per class instead of --n-train")
     loss: str = arg("auto", "candidate: CE over candidate log-likelihoods (MeZO); lm: NLL of the answer "
-                    "tokens; auto: candidate for multiple choice, lm for generation",
-                    choices=["auto", "candidate", "lm"])
+                    "tokens; f1: −F1 of greedy answers (generation tasks; MeZO's non-differentiable objective); "
+                    "auto: candidate for multiple choice, lm for generation",
+                    choices=["auto", "candidate", "lm", "f1"])
 
 
 @dataclass

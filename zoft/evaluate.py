@@ -48,6 +48,12 @@ def write_predictions(path: str, rows: list[dict], examples=None) -> None:
             f.write(json.dumps(out) + "\n")
 
 
+def stop_tokens(tokenizer) -> set[int]:
+    """Generation stops at a newline (MeZO's rule) or at end of sequence."""
+    nl = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    return set(nl[-1:]) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
 @torch.no_grad()
 def evaluate_generation(model, tokenizer, encoded: list[Encoded], examples, max_new: int = 50,
                         desc: str | None = None) -> dict:
@@ -57,13 +63,12 @@ def evaluate_generation(model, tokenizer, encoded: list[Encoded], examples, max_
 
     if not hasattr(model, "generate") or not hasattr(model, "blocks"):
         raise ZoftError("generation tasks are evaluated with a native model (OPT, Llama family); use --engine native")
-    nl = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    stop = set(nl[-1:]) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    stop = stop_tokens(tokenizer)
     preds, golds, rows = [], [], []
     for e, ex in tqdm(list(zip(encoded, examples, strict=True)), desc=desc, leave=False, disable=desc is None):
         out = model.generate(e.prompt_ids, max_new, stop)[0]
         text = tokenizer.decode(out).split("\n")[0].strip()
-        gold = list(getattr(ex, "answers", None) or [ex.candidates[0].strip()])
+        gold = list(getattr(ex, "answers", None) or [ex.candidates[0].strip()])  # as train.answers_of
         preds.append(text)
         golds.append(gold)
         rows.append({"prediction": text, "answers": gold})

@@ -62,13 +62,38 @@ def load_data(cfg: TrainConfig, s: Session) -> tuple[dict[str, list[Encoded]], d
     loss = tc.loss if tc.loss != "auto" else ("candidate" if task.kind == "mc" else "lm")
     if loss == "candidate" and task.kind != "mc":
         raise ZoftError(f"--loss candidate needs a multiple-choice task; {tc.task} is generation: use --loss lm")
+    if loss == "f1" and (task.kind != "gen" or not s.native):
+        raise ZoftError("--loss f1 needs a generation task and a native model (OPT, Llama family)")
     return enc, splits, loss
 
 
-def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list[int], eps: float):
-    """L₊, L₋ per direction and the projected gradients for one batch (this rank's shard of it)."""
-    b = engine.batch(batch, gold_only=(loss == "lm"))
-    logits_only = loss == "candidate" and b.single_token
+def answers_of(ex) -> list[str]:
+    return list(getattr(ex, "answers", None) or [ex.candidates[0].strip()])
+
+
+def f1_row_losses(s: Session, batch: list[Encoded], golds: list[list[str]], rows: int) -> torch.Tensor:
+    """MeZO's non-differentiable objective: −F1 of greedy answers, one decode per perturbation row."""
+    from zoft.evaluate import stop_tokens
+    from zoft.tasks.metrics import f1
+
+    stop = stop_tokens(s.tokenizer)
+    total = torch.zeros(rows, dtype=torch.float64)
+    for e, gold in zip(batch, golds, strict=True):
+        for r, out in enumerate(s.model.generate(e.prompt_ids, 50, stop, rows=rows)):
+            total[r] += f1(s.tokenizer.decode(out).split("\n")[0].strip(), gold)
+    return -total / len(batch)
+
+
+def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list[int], eps: float,
+                golds: list[list[str]] | None = None):
+    """L₊, L₋ per direction and the projected gradients for one batch (this rank's shard of it).
+    loss="f1" (generation tasks) needs `golds`, the answers of each example."""
+    if loss == "f1":
+        row_fn = lambda rows: f1_row_losses(s, batch, golds, rows)
+    else:
+        b = engine.batch(batch, gold_only=(loss == "lm"))
+        logits_only = loss == "candidate" and b.single_token
+        row_fn = lambda rows: row_losses(engine.scores(b, rows, logits_only), b, loss)
 
     def mean_over_ranks(v: torch.Tensor) -> torch.Tensor:  # (P,) local means -> global means
         if dist.world()[1] == 1:
@@ -77,10 +102,8 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
         return tot[:-1] / tot[-1]
 
     if s.loras is not None:
-        fn = lambda rows: mean_over_ranks(row_losses(engine.scores(b, rows, logits_only), b, loss))
-        return rows_step(fn, s.loras, seeds, eps)
-    fn = lambda: mean_over_ranks(row_losses(engine.scores(b, 1, logits_only), b, loss))[0]
-    return inplace_step(fn, s.trainable, seeds, eps)
+        return rows_step(lambda rows: mean_over_ranks(row_fn(rows)), s.loras, seeds, eps)
+    return inplace_step(lambda: mean_over_ranks(row_fn(1))[0], s.trainable, seeds, eps)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
@@ -244,7 +267,8 @@ def train(cfg: TrainConfig) -> dict:
             idx = batch_indices(step, min(zc.batch_size, len(train_set)), len(train_set), rc.seed)
             batch = [train_set[i] for i in dist.shard(idx, rank, world)]
             seeds = direction_seeds(rc.seed, step, zc.directions)
-            lp, lm, grads = step_losses(engine, s, batch, loss, seeds, eps)
+            golds = [answers_of(splits["train"][i]) for i in dist.shard(idx, rank, world)] if loss == "f1" else None
+            lp, lm, grads = step_losses(engine, s, batch, loss, seeds, eps, golds)
             loss_val = float((lp + lm).mean() / 2)
             finite = all(math.isfinite(x) for x in grads + [loss_val])
             spike = (rc.guard_threshold > 0 and len(recent) >= 20
