@@ -52,7 +52,7 @@ def test_f1_objective_matches_evaluation_and_trains(tmp_path):
     """--loss f1: each row's loss is −F1 of its greedy answers, the same F1 evaluation reports."""
     from zoft.config import ModelConfig as MC
     from zoft.evaluate import evaluate_generation
-    from zoft.session import attach, load_session, make_engine
+    from zoft.session import attach, load_session
     from zoft.tasks import get_task, sample_splits
     from zoft.tasks.encode import encode
     from zoft.train import answers_of, f1_row_losses
