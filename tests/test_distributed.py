@@ -216,3 +216,19 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(model, driver, si
     assert code == 0, err
     assert "resumed from" in err
     assert_close_to(run, single("lora"), "lora")
+
+
+def test_directions_spread_across_ranks_match_one_process_with_all_directions(model, tmp_path):
+    """--spread-directions on 2 ranks (1 direction each, whole batch) = one process with --directions 2."""
+    args = [*DATA, "--steps", "4", "--lr", "0.05", "--zero-shot", "--no-zero-shot"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    code, err = zoft("train", "--model", model, *args, "--directions", "2", "--output-dir", one)
+    assert code == 0, err
+    p = torchrun("-m", "zoft", "train", "--model", model, *args, "--directions", "1", "--spread-directions",
+                 "--output-dir", two)
+    assert p.returncode == 0, p.stderr[-4000:]
+    u1, u2 = updates(one), updates(two)
+    assert [r["seeds"] for r in u1] == [r["seeds"] for r in u2] and all(len(r["seeds"]) == 2 for r in u2)
+    for a, b in zip(u1, u2, strict=True):
+        assert a["grads"] == pytest.approx(b["grads"], abs=1e-4)
+    assert_close_to(two, one, "lora")

@@ -64,6 +64,8 @@ class ZOConfig:
     lora_targets: list = arg(["q", "v"], "LoRA target modules: q k v o fc1 fc2 gate up down, or module names")
     eps: float = arg(0.0, "perturbation scale ε; 0: MeZO's 1e-2 for LoRA, 1e-3 for full")
     directions: int = arg(1, "random directions per step (each costs two forward rows)")
+    spread_directions: bool = arg(False, "under torchrun: every rank evaluates the whole batch on its own "
+                                  "directions (--directions each), and all ranks apply every direction's update")
     lr: float = arg(0.0, "learning rate; 0: 1e-4 for LoRA, 1e-6 for full (MeZO's, for ~20k steps)")
     weight_decay: float = arg(0.0, "decoupled weight decay (never on norms or biases)")
     schedule: str = arg("constant", "learning-rate schedule", choices=["constant", "linear", "cosine"])

@@ -58,6 +58,17 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return x.to(t.device)
 
 
+def all_gather_floats(values: list[float]) -> list[list[float]]:
+    """Every rank's list (all the same length), in rank order; [values] when alone."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [values]
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    x = torch.tensor(values, dtype=torch.float64, device=dev)
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x)
+    return [o.tolist() for o in out]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -85,7 +85,7 @@ def f1_row_losses(s: Session, batch: list[Encoded], golds: list[list[str]], rows
 
 
 def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list[int], eps: float,
-                golds: list[list[str]] | None = None):
+                golds: list[list[str]] | None = None, reduce: bool = True):
     """L₊, L₋ per direction and the projected gradients for one batch (this rank's shard of it).
     loss="f1" (generation tasks) needs `golds`, the answers of each example."""
     if loss == "f1":
@@ -96,7 +96,7 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
         row_fn = lambda rows: row_losses(engine.scores(b, rows, logits_only), b, loss)
 
     def mean_over_ranks(v: torch.Tensor) -> torch.Tensor:  # (P,) local means -> global means
-        if dist.world()[1] == 1:
+        if not reduce or dist.world()[1] == 1:
             return v
         tot = dist.all_reduce_sum(torch.cat([v.double() * len(batch), v.new_tensor([len(batch)]).double()]))
         return tot[:-1] / tot[-1]
@@ -265,10 +265,23 @@ def train(cfg: TrainConfig) -> dict:
             t0 = time.time()
             lr = lr_at(step, rc.steps, base_lr, zc.schedule, zc.warmup) * lr_scale
             idx = batch_indices(step, min(zc.batch_size, len(train_set)), len(train_set), rc.seed)
-            batch = [train_set[i] for i in dist.shard(idx, rank, world)]
-            seeds = direction_seeds(rc.seed, step, zc.directions)
-            golds = [answers_of(splits["train"][i]) for i in dist.shard(idx, rank, world)] if loss == "f1" else None
-            lp, lm, grads = step_losses(engine, s, batch, loss, seeds, eps, golds)
+            if zc.spread_directions:  # the whole batch here; this rank's share of the directions
+                mine, all_seeds = idx, direction_seeds(rc.seed, step, zc.directions * world)
+                seeds = all_seeds[rank::world]
+            else:  # this rank's share of the batch; every direction
+                mine, seeds = dist.shard(idx, rank, world), direction_seeds(rc.seed, step, zc.directions)
+            batch = [train_set[i] for i in mine]
+            golds = [answers_of(splits["train"][i]) for i in mine] if loss == "f1" else None
+            lp, lm, grads = step_losses(engine, s, batch, loss, seeds, eps, golds,
+                                        reduce=not zc.spread_directions)
+            if zc.spread_directions and world > 1:  # (L₊, L₋, g) of every direction, back in seed order
+                parts = dist.all_gather_floats(lp.tolist() + lm.tolist() + grads)
+                n = zc.directions
+                order = sorted(((k * world + r, p[i], p[n + i], p[2 * n + i]) for r, p in enumerate(parts)
+                                for k, i in enumerate(range(n))))
+                seeds = all_seeds
+                lp, lm = torch.tensor([o[1] for o in order]), torch.tensor([o[2] for o in order])
+                grads = [o[3] for o in order]
             loss_val = float((lp + lm).mean() / 2)
             finite = all(math.isfinite(x) for x in grads + [loss_val])
             spike = (rc.guard_threshold > 0 and len(recent) >= 20
