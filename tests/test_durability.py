@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny import make_tiny
+from zoft import steplog
 from zoft.cli import main as zoft_main
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -397,3 +398,19 @@ def test_determinism(root, model, ref):
     assert_same_file(a / "adapter" / "adapter_model.safetensors", b / "adapter" / "adapter_model.safetensors")
     assert losses(a) == losses(b) and len(losses(a)) == 12
     assert updates(a) == updates(b)
+
+
+def test_a_fresh_start_replaces_a_stale_step_log(tmp_path):
+    """A start killed before its first checkpoint leaves a log; the next fresh run must not inherit it."""
+    from zoft.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, ZOConfig
+    from zoft.train import train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "steps.jsonl").write_text('{"header": {}}\n{"step": 0, "seeds": [1], "grads": [9.0], "lr": 1.0, "loss": 1}\n')
+    cfg = TrainConfig(ModelConfig(model=make_tiny("opt", str(tmp_path))), TaskConfig(n_train=8, n_dev=0, n_test=0),
+                      ZOConfig(batch_size=4), RunConfig(steps=2, output_dir=str(out), zero_shot=False))
+    train(cfg)
+    header, records = steplog.read(str(out / "steps.jsonl"))
+    assert header and header["run"]["steps"] == 2
+    assert [r["step"] for r in records] == [0, 1] and all(r["grads"] != [9.0] for r in records)

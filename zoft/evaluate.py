@@ -48,6 +48,11 @@ def write_predictions(path: str, rows: list[dict], examples=None) -> None:
             f.write(json.dumps(out) + "\n")
 
 
+def answers_of(ex) -> list[str]:
+    """Every gold answer of a generation example (SQuAD-style lists), else its single target."""
+    return list(getattr(ex, "answers", None) or [ex.candidates[0].strip()])
+
+
 def stop_tokens(tokenizer) -> set[int]:
     """Generation stops at a newline (MeZO's rule) or at end of sequence."""
     nl = tokenizer("\n", add_special_tokens=False)["input_ids"]
@@ -68,7 +73,7 @@ def evaluate_generation(model, tokenizer, encoded: list[Encoded], examples, max_
     for e, ex in tqdm(list(zip(encoded, examples, strict=True)), desc=desc, leave=False, disable=desc is None):
         out = model.generate(e.prompt_ids, max_new, stop)[0]
         text = tokenizer.decode(out).split("\n")[0].strip()
-        gold = list(getattr(ex, "answers", None) or [ex.candidates[0].strip()])  # as train.answers_of
+        gold = answers_of(ex)
         preds.append(text)
         golds.append(gold)
         rows.append({"prediction": text, "answers": gold})

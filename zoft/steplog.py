@@ -19,12 +19,13 @@ from zoft.zo import Trainable, perturb_, sgd_update_
 
 
 class StepLog:
-    def __init__(self, path: str, header: dict | None, fsync_every: int = 50):
+    def __init__(self, path: str, header: dict | None, fsync_every: int = 50, fresh: bool = False):
+        """fresh: a new run, so a log left by an earlier start that never checkpointed is replaced."""
         self.path = path
-        fresh = not os.path.exists(path) or os.path.getsize(path) == 0
+        fresh = fresh or not os.path.exists(path) or os.path.getsize(path) == 0
         if not fresh:
             _truncate_partial_tail(path)
-        self.f = open(path, "a")
+        self.f = open(path, "w" if fresh else "a")
         self.fsync_every = fsync_every
         self.n = 0
         if fresh and header is not None:

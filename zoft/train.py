@@ -27,7 +27,7 @@ from zoft.backprop import peak_memory
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import Interrupted, ZoftError
-from zoft.evaluate import evaluate_split, write_predictions
+from zoft.evaluate import answers_of, evaluate_split, write_predictions
 from zoft.lora import load_peft_weights, save_peft
 from zoft.session import Session, attach, describe, load_session, log, make_engine
 from zoft.tasks import get_task, sample_splits
@@ -65,10 +65,6 @@ def load_data(cfg: TrainConfig, s: Session) -> tuple[dict[str, list[Encoded]], d
     if loss == "f1" and (task.kind != "gen" or not s.native):
         raise ZoftError("--loss f1 needs a generation task and a native model (OPT, Llama family)")
     return enc, splits, loss
-
-
-def answers_of(ex) -> list[str]:
-    return list(getattr(ex, "answers", None) or [ex.candidates[0].strip()])
 
 
 def f1_row_losses(s: Session, batch: list[Encoded], golds: list[list[str]], rows: int) -> torch.Tensor:
@@ -229,16 +225,17 @@ def train(cfg: TrainConfig) -> dict:
     say(f"zoft: task {cfg.task.task}: {len(enc['train'])} train / {len(enc['dev'])} dev / {len(enc['test'])} test, loss={loss}")
 
     log_path = os.path.join(out, "steps.jsonl")
-    step, best_dev, zero_shot, lr_scale = 0, -1.0, None, 1.0
+    step, best_dev, zero_shot, lr_scale, applied = 0, -1.0, None, 1.0, 0
     if rc.resume:
         state = load_checkpoint(s, ckpt)
         best_dev, zero_shot = state.get("best_dev", -1.0), state.get("zero_shot_accuracy")
         lr_scale = state.get("lr_scale", 1.0)
         _, records = steplog.read(log_path) if os.path.exists(log_path) else (None, [])
-        if state["applied"] > len(steplog.effective(records)):
+        held = steplog.effective(records)  # the updates the parameters should hold
+        if state["applied"] > len(held):
             raise ZoftError(f"{ckpt} is ahead of a divergence-guard revert in {log_path} (killed between the two); "
                             f"rebuild the parameters with: zoft replay --model {cfg.model.model} --log {log_path}")
-        todo = steplog.effective(records)[state["applied"] :]
+        todo, applied = held[state["applied"] :], len(held)
         for r in todo:  # logged after the checkpoint: redo their arithmetic, no forwards needed
             steplog.apply(s.trainable, r, zc.mode, eps, zc.weight_decay)
         lr_scale = min([lr_scale] + [r.get("lr_scale", 1.0) for r in records if "revert_to" in r])
@@ -247,8 +244,7 @@ def train(cfg: TrainConfig) -> dict:
     elif rc.zero_shot and enc["test"] and main:
         zero_shot = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="zero-shot eval")["score"]
         say(f"zoft: zero-shot test accuracy {zero_shot:.4f}")
-    applied = len(steplog.effective(steplog.read(log_path)[1])) if rc.resume and os.path.exists(log_path) else 0
-    slog = steplog.StepLog(log_path, resolved, rc.fsync_every) if main else None
+    slog = steplog.StepLog(log_path, resolved, rc.fsync_every, fresh=not rc.resume) if main else None
 
     def state(next_step: int) -> dict:
         return {"next_step": next_step, "applied": applied, "best_dev": best_dev, "zero_shot_accuracy": zero_shot,
@@ -256,7 +252,7 @@ def train(cfg: TrainConfig) -> dict:
 
     if main and not rc.resume:
         save_checkpoint(s, ckpt, state(0))  # the starting point: what the guard falls back to in full mode
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if main else None
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a" if rc.resume else "w") if main else None
     bar = tqdm(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     ema, t_loop, recent, strikes, first, prev = None, time.time(), [], 0, step, None
     train_set = enc["train"]

@@ -4,9 +4,12 @@ A task yields raw pools of templated examples; `sample_splits` draws the experim
 Test sets come from a fixed seed so the held-out set never changes with the training seed.
 """
 
+import json
 import random
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from zoft.errors import ZoftError
 
@@ -119,3 +122,17 @@ def hub_rows(name: str, config: str | None, split: str, hint: str) -> list[dict]
     except Exception as e:  # network, auth, cache, unsupported loading scripts: all mean "not reachable"
         first_line = (str(e).splitlines() or [""])[0]
         raise ZoftError(f"{hint} (hub error: {type(e).__name__}: {first_line})") from e
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, object) for each non-blank line of a .jsonl file."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ZoftError(f"{path}:{n}: invalid JSON ({e})") from e
+        if not isinstance(row, dict):
+            raise ZoftError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        yield f"{path}:{n}", row

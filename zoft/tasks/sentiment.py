@@ -6,12 +6,11 @@ imdb: IMDB from the Hugging Face hub, or train.jsonl/test.jsonl or the aclImdb f
 """
 
 import gzip
-import json
 import re
 from pathlib import Path
 
 from zoft.errors import ZoftError
-from zoft.tasks.base import Example, Task, hub_rows
+from zoft.tasks.base import Example, Task, hub_rows, read_jsonl
 
 TEMPLATE = "{text} It was"
 CANDIDATES = [" terrible", " great"]  # index = label: 0 negative, 1 positive
@@ -135,16 +134,10 @@ class IMDB(SentimentTask):
 
     def _load_jsonl(self, path: Path) -> list[tuple[str, int]]:
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ZoftError(f"{path}:{n}: invalid JSON ({e})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ZoftError(f'{path}:{n}: field \'text\': each row must be {{"text": str, "label": 0|1}}')
-            rows.append((row["text"], _label(row.get("label"), f"{path}:{n}: field 'label'")))
+        for where, row in read_jsonl(path):
+            if not isinstance(row.get("text"), str):
+                raise ZoftError(f'{where}: field \'text\': each row must be {{"text": str, "label": 0|1}}')
+            rows.append((row["text"], _label(row.get("label"), f"{where}: field 'label'")))
         return rows
 
     def _load_folders(self, folder: Path) -> list[tuple[str, int]]:

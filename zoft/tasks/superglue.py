@@ -14,7 +14,6 @@ Test pools are validation splits (SuperGLUE's test labels are hidden); the BIG-b
 """
 
 import importlib.util
-import json
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from zoft.errors import ZoftError
 from zoft.tasks import bigbench
-from zoft.tasks.base import Example, Task, hub_rows
+from zoft.tasks.base import Example, Task, hub_rows, read_jsonl
 
 Rows = Iterable[tuple[str, dict]]  # (where: "file:line" for error messages, row with the hub's field names)
 
@@ -32,20 +31,6 @@ def datasets_importable() -> bool:
     if "datasets" in sys.modules:
         return sys.modules["datasets"] is not None
     return importlib.util.find_spec("datasets") is not None
-
-
-def read_jsonl(path: Path) -> Rows:
-    """(where, object) for each non-blank line of a .jsonl file."""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ZoftError(f"{path}:{n}: invalid JSON ({e})") from e
-        if not isinstance(row, dict):
-            raise ZoftError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        yield f"{path}:{n}", row
 
 
 # what a row missing or mistyping a field raises while it is read or templated
