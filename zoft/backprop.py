@@ -42,7 +42,7 @@ def train_backprop(cfg: TrainConfig) -> dict:
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg.to_dict() | {"resolved": {"lr": lr, "path": s.path, "device": s.device,
                                                 "trainable_parameters": s.trainable.numel()}}, f, indent=2)
-    log(describe(s, engine) + "; first-order baseline: backprop + AdamW")
+    log(describe(s, engine, zo=False) + "; first-order baseline: backprop + AdamW")
     enc, splits, loss = load_data(cfg, s)
     if loss == "f1":
         raise ZoftError("--loss f1 is not differentiable: use it with the zo-sgd optimizer, or --loss lm with adamw")

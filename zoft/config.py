@@ -71,6 +71,10 @@ class ZOConfig:
     schedule: str = arg("constant", "learning-rate schedule", choices=["constant", "linear", "cosine"])
     warmup: int = arg(0, "warm-up steps")
     batch_size: int = arg(16, "examples per step")
+    z_backend: str = arg("auto", "full mode's z generator: torch (chunked torch.randn, any device), triton "
+                         "(fused Philox kernel, one pass per tensor, CUDA), auto: triton on CUDA when installed. "
+                         "z differs between them: resume and replay a run with the one it used (config.json)",
+                         choices=["auto", "torch", "triton"])
 
     def __post_init__(self) -> None:
         if self.eps < 0 or self.lr < 0:
@@ -102,6 +106,8 @@ class RunConfig:
     eval_batch_size: int = arg(32, "examples per evaluation batch")
     cache_mb: float = arg(1024.0, "memory for caching frozen lower-layer outputs per example (with --layers)")
     pack_tokens: int = arg(1024, "tokens per packed row")
+    cuda_graphs: bool = arg(True, "on CUDA, replay each training step's trained blocks from a CUDA graph "
+                            "recorded once per batch shape (small models are launch-bound)")
     log_every: int = arg(50, "print reuse accounting every N steps")
     zero_shot: bool = arg(True, "evaluate on test before training")
 
@@ -152,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        help_ = f.metadata.get("help", "")  # the parsers' ArgumentDefaultsHelpFormatter appends the default
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif tp is list:

@@ -246,7 +246,10 @@ class NativeEngine:
     """Runs a native model (OPT, Llama family) over a Batch for P perturbation rows at once."""
 
     def __init__(self, model, first_trained: int = 0, cache_mb: float = 0.0, pack_tokens: int = 1024,
-                 streamer=None):
+                 streamer=None, cuda_graphs: bool = False):
+        from zoft.graphs import GraphCache
+        from zoft.lora import LoRALinear
+
         self.model = model
         self.streamer = streamer  # zoft.offload.LayerStreamer: blocks' frozen weights live on the CPU
         self.first_trained = first_trained  # blocks below it are frozen: run once, maybe cached
@@ -256,6 +259,9 @@ class NativeEngine:
         self.n_layers = len(model.blocks)
         # the dtype a block computes in: its frozen weights' (bf16 base) or float32 (blocks trained in full)
         self.block_dtypes = [next(p.dtype for n, p in b.named_parameters() if "lora_" not in n) for b in model.blocks]
+        on_gpu = self.device.type == "cuda" and streamer is None
+        self.graphs = GraphCache() if cuda_graphs and on_gpu else None  # training calls only (see _run_trained)
+        self.loras = [m for b in model.blocks[first_trained:] for m in b.modules() if isinstance(m, LoRALinear)]
 
     @property
     def device(self) -> torch.device:
@@ -303,12 +309,46 @@ class NativeEngine:
             h[r, st : st + len(s.ids)] = t if t is not None else self.cache.get(s.key)
         return h
 
-    def scores(self, b: Batch, rows: int = 1, logits_only: bool = False, grad: bool = False) -> Scores:
-        """grad=True keeps the autograd graph (the first-order baseline); ZO never needs it."""
+    def scores(self, b: Batch, rows: int = 1, logits_only: bool = False, grad: bool = False,
+               graph: bool = False) -> Scores:
+        """grad=True keeps the autograd graph (the first-order baseline); ZO never needs it.
+        graph=True replays the trained blocks from a CUDA graph per shape when the engine has them
+        (training steps: few shapes, many repeats; evaluation batches vary too much to pay)."""
         with torch.set_grad_enabled(grad):
-            return self._scores(b, rows, logits_only)
+            return self._scores(b, rows, logits_only, graph and not grad)
 
-    def _scores(self, b: Batch, rows: int, logits_only: bool) -> Scores:
+    def _run_trained(self, h: torch.Tensor, p: Packs, rows: int, graph: bool) -> torch.Tensor:
+        """Blocks first_trained.. for all rows: eagerly, or by replaying this shape's CUDA graph."""
+        k, n = self.first_trained, self.n_layers
+        if not graph or self.graphs is None:
+            return self._run_blocks(h, p, k, n, rows)
+        ctx = self.model.position_context(p.pos)  # outside the graph: it may copy from the host
+        ctx_t = [] if ctx is None else list(ctx)
+        bank = self.loras[0].bank if self.loras else None
+        tensors = [h, p.mask, *ctx_t] + ([bank] if bank is not None else [])
+        blocks, dtypes, loras = self.model.blocks, self.block_dtypes, self.loras
+
+        def stack(h, mask, *rest):  # runs at capture only; reads the graph's static buffers
+            from zoft.zo import set_bank_views
+
+            c = tuple(rest[: len(ctx_t)]) if ctx is not None else None
+            if bank is not None:
+                saved = [(m.rows, m.bank) for m in loras]
+                set_bank_views(loras, rest[-1])
+            try:
+                for i in range(k, n):
+                    h = blocks[i](h.to(dtypes[i]), mask, c)
+                return h
+            finally:
+                if bank is not None:
+                    for m, (r, bk) in zip(loras, saved):
+                        m.rows, m.bank = r, bk
+
+        out = self.graphs(stack, tensors)
+        self.stats.computed += rows * p.ids.numel() * (n - k)
+        return out
+
+    def _scores(self, b: Batch, rows: int, logits_only: bool, graph: bool = False) -> Scores:
         """Run all `rows` perturbation copies; logits_only: raw candidate logits (exact for the CE loss)."""
         m, p = self.model, b.packs
         self.stats.naive += rows * b.naive_tokens * self.n_layers  # naive: one pass per row, one seq per candidate
@@ -316,7 +356,7 @@ class NativeEngine:
         h = self._lower(b) if k > 0 else m.embed(p.ids, p.pos)
         if rows > 1:
             h = h.repeat(rows, 1, 1)  # (P*N, L, D), row block r = perturbation r
-        h = self._run_blocks(h, p, k, self.n_layers, rows)
+        h = self._run_trained(h, p, rows, graph)
         N, L = p.ids.shape
         hs = h.view(rows, N * L, -1)[:, b.src]  # (P, M, D): only where the loss reads
         w = m.lm_head_weight

@@ -51,6 +51,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(a.to(dev))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dtype))
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.bank: torch.Tensor | None = None  # the flat (P, D) tensor `rows` are views of (zo.lora_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

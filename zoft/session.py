@@ -129,6 +129,24 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
             for p in prefixes:
                 s.model.get_submodule(p).float().to(s.device)
         s.trainable = full_trainable(s.model, prefixes)
+        s.trainable.z_backend = resolve_z_backend(zc.z_backend, s.device)
+
+
+def resolve_z_backend(choice: str, device) -> str:
+    """auto → triton on CUDA when triton is installed, else torch; an impossible explicit choice is an error."""
+    import importlib.util
+
+    cuda = str(device).startswith("cuda")
+    has_triton = importlib.util.find_spec("triton") is not None
+    if choice == "triton":
+        if not cuda:
+            raise ZoftError(f"--z-backend triton needs a CUDA device, this run uses {device}; use --z-backend torch")
+        if not has_triton:
+            raise ZoftError("--z-backend triton needs the triton package (pip install triton), or use --z-backend torch")
+        return "triton"
+    if choice == "torch":
+        return "torch"
+    return "triton" if cuda and has_triton else "torch"
 
 
 def first_trained_block(s: Session) -> int:
@@ -137,18 +155,18 @@ def first_trained_block(s: Session) -> int:
     return min(s.layers)
 
 
-def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024):
+def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda_graphs: bool = True):
     if s.native:
         streamer = None
         if s.offload == "cpu":
             from zoft.offload import LayerStreamer
 
             streamer = LayerStreamer(s.model.blocks, s.device)
-        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, streamer)
+        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, streamer, cuda_graphs)
     return hf.HFEngine(s.model)
 
 
-def describe(s: Session, engine) -> str:
+def describe(s: Session, engine, zo: bool = True) -> str:
     feats = []
     if s.native:
         feats += ["packed rows (block-diagonal SDPA mask)", "prompt shared across candidates", "logits at read positions"]
@@ -158,8 +176,16 @@ def describe(s: Session, engine) -> str:
             feats.append(f"frozen blocks 0-{engine.first_trained - 1} run once per batch")
             if engine.cache is not None:
                 feats.append(f"prefix cache {engine.cache.budget / 2**20:.0f} MB")
-    if s.loras:
+        if str(s.device).startswith("cuda"):
+            feats.append("attention: SDPA memory-efficient/flash kernels with the bool mask (cuDNN off)")
+        else:
+            feats.append("attention: SDPA on the CPU with the bool mask")
+        if engine.graphs is not None:
+            feats.append("CUDA graph per training batch shape")
+    if s.loras and zo:
         feats.append(f"LoRA ±ε rows in one forward ({len(s.loras)} modules)")
+    elif s.trainable is not None and zo:
+        feats.append(f"full parameters perturbed in place, z from {s.trainable.z_backend}")
     return f"zoft: {s.path} path on {s.device}; " + "; ".join(feats)
 
 

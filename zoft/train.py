@@ -89,7 +89,7 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
     else:
         b = engine.batch(batch, gold_only=(loss == "lm"))
         logits_only = loss == "candidate" and b.single_token
-        row_fn = lambda rows: row_losses(engine.scores(b, rows, logits_only), b, loss)
+        row_fn = lambda rows: row_losses(engine.scores(b, rows, logits_only, graph=True), b, loss)
 
     def mean_over_ranks(v: torch.Tensor) -> torch.Tensor:  # (P,) local means -> global means
         if not reduce or dist.world()[1] == 1:
@@ -210,7 +210,7 @@ def train(cfg: TrainConfig) -> dict:
     s = load_session(cfg.model)
     attach(s, zc, rc.seed)
     os.makedirs(out, exist_ok=True)  # only once the model loaded: a failed start leaves no empty run folder
-    engine = make_engine(s, rc.cache_mb, rc.pack_tokens)
+    engine = make_engine(s, rc.cache_mb, rc.pack_tokens, rc.cuda_graphs)
     eps, base_lr = zc.eps_value, zc.lr_value
     resolved = cfg.to_dict() | {"resolved": {"eps": eps, "lr": base_lr, "path": s.path, "device": s.device,
                                              "trainable_parameters": s.trainable.numel(), "layers": s.layers,

@@ -33,6 +33,7 @@ class Trainable:
     tensors: list[torch.Tensor]
     decay: list[bool]
     flat: bool = False  # small (LoRA): one z draw for all tensors per direction, instead of one per tensor
+    z_backend: str = "torch"  # per-tensor z (full mode): "torch" (zoft.perturb) or "triton" (zoft.kernels)
 
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors)
@@ -43,12 +44,16 @@ def directions(tr: Trainable, seed: int) -> list[torch.Tensor]:
     every tensor (the GPU step is launch-bound; one randn instead of one per factor); otherwise each
     tensor has its own seeded stream (what the chunked in-place passes regenerate)."""
     if tr.flat:
-        dev = tr.tensors[0].device
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(param_seed(seed, 0))
-        z = torch.randn(tr.numel(), generator=gen, device=dev, dtype=torch.float32)
+        z = _flat_z(tr, seed)
         return [v.view_as(t) for v, t in zip(z.split([t.numel() for t in tr.tensors]), tr.tensors, strict=True)]
     return [noise(t, param_seed(seed, i)) for i, t in enumerate(tr.tensors)]
+
+
+def _flat_z(tr: Trainable, seed: int) -> torch.Tensor:
+    dev = tr.tensors[0].device
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(param_seed(seed, 0))
+    return torch.randn(tr.numel(), generator=gen, device=dev, dtype=torch.float32)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -85,21 +90,31 @@ def direction_seeds(run_seed: int, step: int, n: int) -> list[int]:
 
 @contextmanager
 def lora_rows(loras: dict[str, LoRALinear], seeds: list[int], eps: float):
-    """Set each LoRALinear's per-row adapters: row 2j = θ + εz_j, row 2j+1 = θ − εz_j."""
+    """Set each LoRALinear's per-row adapters: row 2j = θ + εz_j, row 2j+1 = θ − εz_j.
+
+    Every module's banks are views of one flat (2n, D) tensor built in three kernels (concatenate θ,
+    draw z, add); a CUDA graph of the blocks then refreshes all of them with one copy (zoft.graphs)."""
     tr = lora_trainable(loras)
-    zs = [directions(tr, s) for s in seeds]  # zs[j][i]: z of tensor i for direction j
-    signs = torch.tensor([eps, -eps] * len(seeds), device=tr.tensors[0].device).view(-1, 1, 1)
+    theta = torch.cat([t.detach().reshape(-1) for t in tr.tensors])
+    z = torch.stack([_flat_z(tr, s) for s in seeds]).repeat_interleave(2, dim=0)  # (2n, D)
+    signs = torch.tensor([eps, -eps] * len(seeds), device=theta.device, dtype=z.dtype)[:, None]
+    bank = theta[None] + signs * z  # float32 z; float64 θ (the exactness tests) stays float64
     try:
-        for k, m in enumerate(loras.values()):
-            banks = []
-            for i in (2 * k, 2 * k + 1):  # lora_A, lora_B: the order of lora_trainable
-                z = torch.stack([zj[i] for zj in zs]).repeat_interleave(2, dim=0)  # (2n, *t.shape)
-                banks.append(tr.tensors[i].detach()[None] + signs.to(z.dtype) * z)
-            m.rows = (banks[0], banks[1])
+        set_bank_views(loras.values(), bank)
         yield
     finally:
         for m in loras.values():
-            m.rows = None
+            m.rows = m.bank = None
+
+
+def set_bank_views(modules, bank: torch.Tensor) -> None:
+    """Point each LoRALinear's rows at its slice of a flat (P, D) bank laid out in `lora_trainable` order."""
+    P, off = bank.shape[0], 0
+    for m in modules:
+        a, b = m.lora_A.numel(), m.lora_B.numel()
+        m.rows = (bank[:, off : off + a].view(P, *m.lora_A.shape), bank[:, off + a : off + a + b].view(P, *m.lora_B.shape))
+        m.bank = bank
+        off += a + b
 
 
 def rows_step(
@@ -115,8 +130,13 @@ def rows_step(
 def perturb_(tr: Trainable, seed: int, scale: float) -> None:
     """θ += scale·z in place (chunk by chunk for full parameters)."""
     if tr.flat:
-        for t, z in zip(tr.tensors, directions(tr, seed), strict=True):
-            t.data.add_(z.to(t.dtype), alpha=scale)
+        _foreach_add(tr, directions(tr, seed), scale)
+        return
+    if tr.z_backend == "triton":
+        from zoft.kernels.perturb_triton import add_noise_triton_
+
+        for i, t in enumerate(tr.tensors):
+            add_noise_triton_(t.data, param_seed(seed, i), scale)
         return
     for i, t in enumerate(tr.tensors):
         add_noise_(t.data, param_seed(seed, i), scale)
@@ -141,16 +161,27 @@ def inplace_step(
 def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float], lr: float, weight_decay: float) -> None:
     """θ ← θ − lr·((1/n) Σ_j g_j z_j + wd·θ), z regenerated chunk by chunk."""
     n = len(seeds)
-    for i, t in enumerate(tr.tensors):
-        if weight_decay and tr.decay[i]:
-            t.data.mul_(1 - lr * weight_decay)
+    if tr.z_backend == "triton" and not tr.flat:  # decay and every direction in one pass per tensor
+        from zoft.kernels.perturb_triton import add_noise_multi_triton_
+
+        for i, t in enumerate(tr.tensors):
+            decay = 1 - lr * weight_decay if weight_decay and tr.decay[i] else 1.0
+            add_noise_multi_triton_(t.data, [param_seed(s, i) for s in seeds], [-lr * g / n for g in grads], decay)
+        return
+    decayed = [t.data for t, d in zip(tr.tensors, tr.decay) if d]
+    if weight_decay and decayed:
+        torch._foreach_mul_(decayed, 1 - lr * weight_decay)
     for s, g in zip(seeds, grads):
         if tr.flat:
-            for t, z in zip(tr.tensors, directions(tr, s), strict=True):
-                t.data.add_(z.to(t.dtype), alpha=-lr * g / n)
+            _foreach_add(tr, directions(tr, s), -lr * g / n)
         else:
             for i, t in enumerate(tr.tensors):
                 add_noise_(t.data, param_seed(s, i), -lr * g / n)
+
+
+def _foreach_add(tr: Trainable, zs: list[torch.Tensor], alpha: float) -> None:
+    """θ_i += alpha·z_i for every tensor in one fused kernel launch where torch can."""
+    torch._foreach_add_([t.data for t in tr.tensors], [z.to(t.dtype) for z, t in zip(zs, tr.tensors)], alpha=alpha)
 
 
 def lr_at(step: int, total: int, base: float, schedule: str, warmup: int) -> float:
