@@ -12,11 +12,11 @@ if [ ! -f $G ]; then
 fi
 echo "$(cut -d' ' -f1 .xfer/sha)  $G" | sha256sum -c - || exit 3
 nvidia-smi --query-gpu=name --format=csv,noheader
-run(){ name=$1; shift; mkdir -p $OUT/$name; /usr/bin/time -f "%e s wall, %M KB max RSS" \
+run(){ name=$1; shift; mkdir -p $OUT/logs; /usr/bin/time -f "%e s wall, %M KB max RSS" \
   python -m zoft train --model $G --device cuda --task rotten_tomatoes --n-train 1000 --n-dev 200 --n-test 500 \
-  --batch-size 16 --output-dir /tmp/zx/runs/$name --log-every 1000 "$@" > $OUT/$name/stdout.json 2> $OUT/$name/log.txt;
-  cp /tmp/zx/runs/$name/{metrics.jsonl,results.json,config.json} $OUT/$name/ 2>/dev/null;
-  echo "$name: $(tail -c 400 $OUT/$name/stdout.json)"; grep -a "wall" $OUT/$name/log.txt | tail -1; }
+  --batch-size 16 --output-dir /tmp/zx/runs/$name --log-every 1000 "$@" > /tmp/zx/$name.json 2> $OUT/logs/$name.txt;
+  summary $name; }
+summary(){ python -c "import json,sys;r=json.load(open('/tmp/zx/runs/$1/results.json'));d=[json.loads(l) for l in open('/tmp/zx/runs/$1/metrics.jsonl') if 'dev_' in l];print('$1', {k:r.get(k) for k in ('zero_shot_accuracy','best_dev_accuracy','final_accuracy','seconds_per_step','peak_memory_mb')}, [(x['step'],x.get('dev_accuracy',x.get('dev_f1'))) for x in d])"; }
 if [ "$1" = rt ]; then
   run mezo_lora_900 --mode lora --layers top4 --lr 5e-3 --eps 1e-2 --steps 900 --eval-every 300
   run bp_lora --optimizer adamw --mode lora --layers top4 --lr 1e-3 --steps 300 --eval-every 100 --no-zero-shot
@@ -24,3 +24,29 @@ if [ "$1" = rt ]; then
   run mezo_lora_6k_lr1e-2 --mode lora --layers top4 --lr 1e-2 --eps 1e-2 --steps 6000 --eval-every 1000 --no-zero-shot
   run mezo_lora_all_6k --mode lora --lr 5e-3 --eps 1e-2 --steps 6000 --eval-every 1000 --no-zero-shot
 fi
+if [ "$1" = sweep ]; then  # after the rt runs: constant lr 5e-3 diverges near step 2000
+  z="--mode lora --layers top4 --eps 1e-2 --no-zero-shot"
+  run lr2e-3_8k $z --lr 2e-3 --steps 8000 --eval-every 1000
+  run lr5e-3_linear_6k $z --lr 5e-3 --schedule linear --steps 6000 --eval-every 1000
+  run lr5e-3_guard_6k $z --lr 5e-3 --guard-threshold 2 --steps 6000 --eval-every 1000
+  run lr5e-3_dir4_3k $z --lr 5e-3 --directions 4 --steps 3000 --eval-every 500
+  run lr3e-3_cosine_10k $z --lr 3e-3 --schedule cosine --steps 10000 --eval-every 1000
+fi
+if [ "$1" = final ]; then  # the best sweep arm (cosine), longer, and a second seed of data order/z
+  z="--mode lora --layers top4 --eps 1e-2"
+  run cos3e-3_20k $z --lr 3e-3 --schedule cosine --steps 20000 --eval-every 2000
+  run cos2e-3_20k_seed1 $z --lr 2e-3 --schedule cosine --steps 20000 --eval-every 2000 --seed 1 --no-zero-shot
+fi
+if [ "$1" = squad ]; then
+  # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
+  mkdir -p $ZOFT_CACHE/bigbench && cp -r .xfer/bigbench/squad_shifts $ZOFT_CACHE/bigbench/
+  q="--task squad --n-train 1000 --n-dev 200 --n-test 500 --eval-batch-size 32"
+  python -m zoft eval --model $G --device cuda $q --icl-k 2 > /tmp/zx/squad_icl2.json 2>$OUT/logs/squad_icl2.txt; echo "squad icl2: $(tail -1 /tmp/zx/squad_icl2.json)"
+  runq(){ name=$1; shift; /usr/bin/time -f "%e s wall" python -m zoft train --model $G --device cuda $q --batch-size 16 \
+    --output-dir /tmp/zx/runs/$name --log-every 1000 "$@" > /tmp/zx/$name.json 2> $OUT/logs/$name.txt; summary $name; }
+  runq squad_mezo_lora --mode lora --layers top4 --lr 3e-3 --eps 1e-2 --schedule cosine --steps 4000 --eval-every 1000
+  runq squad_bp_lora --optimizer adamw --mode lora --layers top4 --lr 1e-3 --steps 300 --eval-every 100 --no-zero-shot
+  runq squad_mezo_full --mode full --layers top4 --lr 1e-5 --eps 1e-3 --steps 4000 --eval-every 1000 --no-zero-shot
+  runq squad_bp_full --optimizer adamw --mode full --layers top4 --lr 1e-5 --steps 300 --eval-every 100 --no-zero-shot
+fi
+tar czf $OUT/runs.tgz -C /tmp/zx/runs --exclude=checkpoint --exclude=best --exclude=adapter . 2>/dev/null

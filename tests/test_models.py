@@ -64,3 +64,18 @@ def test_kv_cache_greedy_decoding_matches_transformers_generate(root, kind):
     assert got[0] == want and got[1] == want
     first = want[3]
     assert ours.generate(prompt, 10, stop={first})[0] == want[: want.index(first)]
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_batched_generation_matches_one_prompt_at_a_time(root, kind):
+    """Left-padded batched decoding gives each prompt the tokens it gets alone (positions and padding
+    masks right), including a row that stops early while the others go on."""
+    folder = make_tiny(kind, root)
+    ours = build_native(folder, read_config(folder), torch.float32, "cpu").eval()
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 50000, (n,), generator=g).tolist() for n in (5, 17, 9, 1)]
+    alone = [ours.generate(p, 8, set())[0] for p in prompts]
+    assert ours.generate_batch(prompts, 8, set()) == alone
+    stop = {alone[1][2]}
+    want = [ours.generate(p, 8, stop)[0] for p in prompts]
+    assert len(want[1]) < 8 and ours.generate_batch(prompts, 8, stop) == want

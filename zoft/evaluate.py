@@ -61,24 +61,26 @@ def stop_tokens(tokenizer) -> set[int]:
 
 @torch.no_grad()
 def evaluate_generation(model, tokenizer, encoded: list[Encoded], examples, max_new: int = 50,
-                        desc: str | None = None) -> dict:
-    """Greedy decoding with a KV cache (native models), stopping at a newline or after max_new tokens;
-    SQuAD-style exact match and F1 against every gold answer (`examples[i].answers`, else the target)."""
+                        desc: str | None = None, batch_size: int = 16) -> dict:
+    """Greedy decoding with a KV cache (native models), `batch_size` prompts at a time (similar lengths
+    together), stopping at a newline or after max_new tokens; SQuAD-style exact match and F1 against
+    every gold answer (`examples[i].answers`, else the target)."""
     from zoft.tasks.metrics import qa_scores
 
-    if not hasattr(model, "generate") or not hasattr(model, "blocks"):
+    if not hasattr(model, "generate_batch") or not hasattr(model, "blocks"):
         raise ZoftError("generation tasks are evaluated with a native model (OPT, Llama family); use --engine native")
     stop = stop_tokens(tokenizer)
-    preds, golds, rows = [], [], []
-    for e, ex in tqdm(list(zip(encoded, examples, strict=True)), desc=desc, leave=False, disable=desc is None):
-        out = model.generate(e.prompt_ids, max_new, stop)[0]
-        text = tokenizer.decode(out).split("\n")[0].strip()
-        gold = answers_of(ex)
-        preds.append(text)
-        golds.append(gold)
-        rows.append({"prediction": text, "answers": gold})
-    scores = qa_scores(preds, golds)
-    return {**scores, "n": len(rows), "rows": rows}
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt_ids))
+    texts: dict[int, str] = {}
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in tqdm(chunks, desc=desc, leave=False, disable=desc is None, unit="batch"):
+        outs = model.generate_batch([encoded[i].prompt_ids for i in chunk], max_new, stop)
+        for i, out in zip(chunk, outs, strict=True):
+            texts[i] = tokenizer.decode(out).split("\n")[0].strip()
+    preds = [texts[i] for i in range(len(encoded))]
+    golds = [answers_of(ex) for ex in examples]
+    rows = [{"prediction": p, "answers": g} for p, g in zip(preds, golds, strict=True)]
+    return {**qa_scores(preds, golds), "n": len(rows), "rows": rows}
 
 
 def evaluate_split(engine, session, encoded: list[Encoded], examples, batch_size: int = 32,
@@ -86,7 +88,7 @@ def evaluate_split(engine, session, encoded: list[Encoded], examples, batch_size
     """Accuracy for multiple-choice examples, exact match / F1 by greedy generation for generation ones.
     Always holds "score" (accuracy or F1) and "metric" (its name)."""
     if examples and examples[0].kind == "gen":
-        ev = evaluate_generation(session.model, session.tokenizer, encoded, examples, desc=desc)
+        ev = evaluate_generation(session.model, session.tokenizer, encoded, examples, desc=desc, batch_size=batch_size)
         return ev | {"score": ev["f1"], "metric": "f1"}
     ev = evaluate(engine, encoded, batch_size, desc)
     return ev | {"score": ev["accuracy"], "metric": "accuracy"}

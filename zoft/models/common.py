@@ -105,6 +105,45 @@ class NativeModel(nn.Module):
         return F.linear(h.to(w.dtype), w)
 
     @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], max_new: int, stop: set[int]) -> list[list[int]]:
+        """Greedy decoding with a KV cache for several prompts at once: left-padded, each row's positions
+        starting at 0 and its padding masked out of every key set, so each row decodes as if alone."""
+        dev = self.lm_head_weight.device
+        n, P = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(n, P, dtype=torch.long)
+        real = torch.zeros(n, P, dtype=torch.bool)
+        for r, p in enumerate(prompts):
+            ids[r, P - len(p):] = torch.tensor(p)
+            real[r, P - len(p):] = True
+        ids, real = ids.to(dev), real.to(dev)
+        pos = (real.cumsum(1) - 1).clamp(min=0)
+        eye = torch.eye(P, dtype=torch.bool, device=dev)
+        mask = (torch.ones(P, P, dtype=torch.bool, device=dev).tril() & real[:, None, :]) | eye  # pads see themselves
+        mask = mask[:, None]  # (n, 1, P, P)
+        keys = real  # (n, keys so far): which cached keys are real tokens
+        caches = [{} for _ in self.blocks]
+        out: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
+        for _ in range(max_new):
+            h = self.embed(ids, pos)
+            ctx = self.position_context(pos)
+            for layer, cache in zip(self.blocks, caches, strict=True):
+                h = layer(h, mask, ctx, cache)
+            w = self.lm_head_weight
+            nxt = F.linear(self.norm_out(h[:, -1:]).to(w.dtype), w)[:, 0].argmax(-1)  # (n,)
+            for r, t in enumerate(nxt.tolist()):
+                if not done[r]:
+                    if t in stop:
+                        done[r] = True
+                    else:
+                        out[r].append(t)
+            if all(done):
+                break
+            keys = torch.cat([keys, torch.ones(n, 1, dtype=torch.bool, device=dev)], 1)
+            ids, pos, mask = nxt[:, None], pos[:, -1:] + 1, keys[:, None, None, :]
+        return out
+
+    @torch.no_grad()
     def generate(self, prompt: list[int], max_new: int, stop: set[int], rows: int = 1) -> list[list[int]]:
         """Greedy decoding with a KV cache for `rows` copies of one prompt (each row may carry its own
         LoRA perturbation); stops a row at a token in `stop` (kept out of the output) or after max_new."""
