@@ -11,7 +11,7 @@ if [ ! -f $G ]; then
   cat /tmp/zx/smol.gguf.part00 .xfer/smol.gguf.part01 > $G
 fi
 echo "$(cut -d' ' -f1 .xfer/sha)  $G" | sha256sum -c - || exit 3
-nvidia-smi --query-gpu=name --format=csv,noheader
+mkdir -p $OUT/logs; nvidia-smi --query-gpu=name --format=csv,noheader
 run(){ name=$1; shift; mkdir -p $OUT/logs; /usr/bin/time -f "%e s wall, %M KB max RSS" \
   python -m zoft train --model $G --device cuda --task rotten_tomatoes --n-train 1000 --n-dev 200 --n-test 500 \
   --batch-size 16 --output-dir /tmp/zx/runs/$name --log-every 1000 "$@" > /tmp/zx/$name.json 2> $OUT/logs/$name.txt;
