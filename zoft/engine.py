@@ -86,8 +86,8 @@ def pack(segments: list[Segment], pack_tokens: int, device, one_per_row: bool = 
             rows.append([i])
             fill.append(n)
     N, L = len(rows), max(fill)
-    if torch.device(device).type == "cuda":  # few distinct shapes: kernels and plans are reused across steps
-        L = -(-L // 64) * 64
+    if torch.device(device).type == "cuda":  # few distinct shapes: kernels, plans and CUDA graphs are reused
+        L = -(-(pack_tokens if N > 1 else L) // 64) * 64  # several rows: the first is nearly full anyway
     ids = torch.zeros(N, L, dtype=torch.long)
     pos = torch.zeros(N, L, dtype=torch.long)
     seg = torch.full((N, L), -1, dtype=torch.long)

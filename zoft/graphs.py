@@ -3,7 +3,8 @@
 A ZO step on a small model is launch-bound: opt-125m's step issues ~500 kernels whose GPU time is a
 fraction of the CPU time spent launching them (docs/LOG.md). A CUDA graph records the block stack's
 kernels once per shape and replays them with one launch. Pack rows are padded to a multiple of 64 on
-CUDA, so a run sees few distinct shapes; graphs are kept in an LRU.
+CUDA (to the full pack length when a batch needs several rows), so a run sees few distinct shapes. A
+shape is recorded the second time it is met (a one-off shape runs eagerly), and graphs are kept in an LRU.
 
 What a graph reads lives in static buffers that each replay refills: the hidden states entering the
 first graphed block, the attention mask, the position context (rotary cos/sin) and, in LoRA mode, one
@@ -34,16 +35,24 @@ class _Graph:
 class GraphCache:
     """Record `fn(*tensors)` as a CUDA graph per (shapes, dtypes) of its tensor inputs; replay after."""
 
-    def __init__(self, max_graphs: int = 8):
+    def __init__(self, max_graphs: int = 16):
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.seen: OrderedDict[tuple, None] = OrderedDict()  # shapes met once: recorded on the second meeting
         self.pool = None  # one memory pool shared by every graph: they never run concurrently
         self.captures = 0
         self.replays = 0
+        self.eager = 0
 
     def __call__(self, fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor], extra_key: tuple = ()) -> torch.Tensor:
         key = tuple((tuple(t.shape), t.dtype, t.stride()) for t in tensors) + extra_key
         g = self.graphs.get(key)
+        if g is None and key not in self.seen:  # a one-off shape is not worth a recording (~3 forwards)
+            self.seen[key] = None
+            while len(self.seen) > 4 * self.max_graphs:
+                self.seen.popitem(last=False)
+            self.eager += 1
+            return fn(*tensors)
         if g is None:
             g = self._capture(fn, tensors)
             self.graphs[key] = g
