@@ -77,11 +77,12 @@ def train_backprop(cfg: TrainConfig) -> dict:
                                   "seconds": round(time.time() - t_start, 3)}) + "\n")
         done = step + 1
         if rc.eval_every and done % rc.eval_every == 0 and enc["dev"]:
-            dev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)["score"]
-            metrics.write(json.dumps({"step": done, "dev_accuracy": dev}) + "\n")
+            ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
+            dev = ev["score"]
+            metrics.write(json.dumps({"step": done, f"dev_{ev['metric']}": dev}) + "\n")
             if dev > best_dev:
                 best_dev = dev
-                save_checkpoint(s, os.path.join(out, "best"), {"step": done, "dev_accuracy": dev})
+                save_checkpoint(s, os.path.join(out, "best"), {"step": done, "dev_score": dev})
     bar.close()
     metrics.close()
     train_seconds = time.time() - t_loop

@@ -19,9 +19,10 @@ def read_metrics(run_dir: str) -> tuple[list, list, list, list]:
             if "loss" in r:
                 steps.append(r["step"])
                 losses.append(r["loss"])
-            if "dev_accuracy" in r:
+            key = next((k for k in r if k.startswith("dev_")), None)  # dev_accuracy or dev_f1
+            if key:
                 dsteps.append(r["step"])
-                dev.append(r["dev_accuracy"])
+                dev.append(r[key])
     return steps, losses, dsteps, dev
 
 
@@ -51,7 +52,7 @@ def plot(run_dirs: list[str], output: str, window: int = 20) -> str:
         if dev:
             ax2.plot(dsteps, dev, marker="o", label=label)
     ax1.set(xlabel="step", ylabel=f"training loss (moving average of {window})", title="loss")
-    ax2.set(xlabel="step", ylabel="dev accuracy", title="dev accuracy")
+    ax2.set(xlabel="step", ylabel="dev metric", title="dev accuracy / F1")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

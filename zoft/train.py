@@ -327,12 +327,13 @@ def train(cfg: TrainConfig) -> dict:
                           f"{st['token_layers_naive']:,} naive two-pass ({st['work_saved']:.1%} saved)"
                           + (f", prefix-cache hits {st['prefix_cache_hit_rate']:.1%}" if st["prefix_cache_hit_rate"] else ""))
             if main and rc.eval_every and step % rc.eval_every == 0 and enc["dev"]:
-                dev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)["score"]
-                metrics.write(json.dumps({"step": step, "dev_accuracy": dev}) + "\n")
-                bar.write(file=sys.stderr, s=f"step {step}: dev accuracy {dev:.4f}" + (" (best)" if dev > best_dev else ""))
+                ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
+                dev, metric = ev["score"], ev["metric"]
+                metrics.write(json.dumps({"step": step, f"dev_{metric}": dev}) + "\n")
+                bar.write(file=sys.stderr, s=f"step {step}: dev {metric} {dev:.4f}" + (" (best)" if dev > best_dev else ""))
                 if dev > best_dev:
                     best_dev = dev
-                    save_checkpoint(s, os.path.join(out, "best"), {"step": step, "dev_accuracy": dev})
+                    save_checkpoint(s, os.path.join(out, "best"), {"step": step, "dev_score": dev})
             if main and ((rc.save_every and step % rc.save_every == 0) or step == rc.steps):
                 slog.sync()
                 save_checkpoint(s, ckpt, state(step))

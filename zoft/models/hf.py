@@ -65,8 +65,10 @@ class HFEngine:
         return build_batch(encoded, self.device, pack_tokens=0, share_prompt=False, gold_only=gold_only,
                            one_per_row=True)
 
-    def scores(self, b: Batch, rows: int = 1, logits_only: bool = False, grad: bool = False) -> Scores:
-        """grad=True keeps the autograd graph (the first-order baseline); ZO never needs it."""
+    def scores(self, b: Batch, rows: int = 1, logits_only: bool = False, grad: bool = False,
+               graph: bool = False) -> Scores:
+        """grad=True keeps the autograd graph (the first-order baseline); ZO never needs it. `graph` is
+        accepted for the engines' common interface: the fallback never records CUDA graphs."""
         with torch.set_grad_enabled(grad):
             return self._scores(b, rows, logits_only)
 
