@@ -143,31 +143,7 @@ class NativeModel(nn.Module):
             ids, pos, mask = nxt[:, None], pos[:, -1:] + 1, keys[:, None, None, :]
         return out
 
-    @torch.no_grad()
     def generate(self, prompt: list[int], max_new: int, stop: set[int], rows: int = 1) -> list[list[int]]:
-        """Greedy decoding with a KV cache for `rows` copies of one prompt (each row may carry its own
-        LoRA perturbation); stops a row at a token in `stop` (kept out of the output) or after max_new."""
-        dev = self.lm_head_weight.device
-        ids = torch.tensor([prompt], device=dev).repeat(rows, 1)
-        pos = torch.arange(len(prompt), device=dev).expand(rows, -1)
-        caches = [{} for _ in self.blocks]
-        out: list[list[int]] = [[] for _ in range(rows)]
-        done = [False] * rows
-        mask = None  # prefill: causal over the prompt; then one query per step, attending to all cached keys
-        for _ in range(max_new):
-            h = self.embed(ids, pos)
-            ctx = self.position_context(pos)
-            for layer, cache in zip(self.blocks, caches, strict=True):
-                h = layer(h, mask, ctx, cache)
-            w = self.lm_head_weight
-            nxt = F.linear(self.norm_out(h[:, -1:]).to(w.dtype), w)[:, 0].argmax(-1)  # (rows,)
-            for r, t in enumerate(nxt.tolist()):
-                if not done[r]:
-                    if t in stop:
-                        done[r] = True
-                    else:
-                        out[r].append(t)
-            if all(done):
-                break
-            ids, pos, mask = nxt[:, None], pos[:, -1:] + 1, False
-        return out
+        """Greedy decoding for `rows` copies of one prompt (each row may carry its own LoRA perturbation);
+        stops a row at a token in `stop` (kept out of the output) or after max_new."""
+        return self.generate_batch([prompt] * rows, max_new, stop)
