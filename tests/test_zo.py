@@ -182,3 +182,34 @@ def test_bfloat16_base_with_float32_trained_parameters(root, mode, layers):
 
     lp, lm, g = step_losses(make_engine(s), s, examples(4), "candidate", direction_seeds(0, 0, 1), 1e-2)
     assert torch.isfinite(lp).all() and torch.isfinite(lm).all() and lp.item() != lm.item()
+
+
+def test_next_batch_packed_during_the_step_changes_nothing(root):
+    """The train loop packs batch i+1 while step i's forward runs: same losses and parameters as packing
+    each batch when its step starts, and the packed batch handed over is the next step's."""
+    from zoft.session import make_engine
+    from zoft.train import step_losses
+    from zoft.zo import direction_seeds, sgd_update_
+
+    batches = [examples(1), examples(2), examples(3)]
+
+    def run(prefetch):
+        s = load_session(ModelConfig(model=make_tiny("llama", root)))
+        attach(s, ZOConfig(mode="lora"), seed=0)
+        eng, ahead, out = make_engine(s), {}, []
+        for i, b in enumerate(batches):
+            seeds = direction_seeds(0, i, 2)
+            if prefetch:
+                packed = ahead.pop("packed", None)
+                assert (packed is None) == (i == 0)
+                nxt = batches[i + 1] if i + 1 < len(batches) else None
+                lp, lm, g = step_losses(eng, s, b, "candidate", seeds, 1e-2, packed=packed, next_batch=nxt, ahead=ahead)
+            else:
+                lp, lm, g = step_losses(eng, s, b, "candidate", seeds, 1e-2)
+            sgd_update_(s.trainable, seeds, g, 0.1, 0.0)
+            out.append(torch.cat([lp, lm]))
+        return torch.stack(out), [t.detach().clone() for t in s.trainable.tensors]
+
+    a, ta = run(False)
+    b, tb = run(True)
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ta, tb, strict=True))

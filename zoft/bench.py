@@ -370,9 +370,13 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
     attach(s, zc)
     engine = make_engine(s)
 
-    def step(i: int) -> None:
+    ahead: dict = {}
+
+    def step(i: int) -> None:  # as zoft train runs it: batch i+1 is packed while step i's forward runs
         dirs = direction_seeds(seed, i, zc.directions)
-        _, _, grads = step_losses(engine, s, batches[i], "candidate", dirs, zc.eps_value)
+        nxt = batches[i + 1] if i + 1 < len(batches) else None
+        _, _, grads = step_losses(engine, s, batches[i], "candidate", dirs, zc.eps_value,
+                                  packed=ahead.pop("packed", None), next_batch=nxt, ahead=ahead)
         sgd_update_(s.trainable, dirs, grads, zc.lr_value, zc.weight_decay)
 
     times, peak = measure(step, warmup, steps, device, "zoft")

@@ -80,14 +80,22 @@ def f1_row_losses(s: Session, batch: list[Encoded], golds: list[list[str]], rows
     return -total / len(batch)
 
 
+def pack_batch(engine, batch: list[Encoded], loss: str):
+    """The engine's packed batch for `loss` (built on the host; see step_losses' `next_batch`)."""
+    return engine.batch(batch, gold_only=(loss == "lm"))
+
+
 def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list[int], eps: float,
-                golds: list[list[str]] | None = None, reduce: bool = True):
+                golds: list[list[str]] | None = None, reduce: bool = True, packed=None, next_batch=None,
+                ahead: dict | None = None):
     """L₊, L₋ per direction and the projected gradients for one batch (this rank's shard of it).
-    loss="f1" (generation tasks) needs `golds`, the answers of each example."""
+    loss="f1" (generation tasks) needs `golds`, the answers of each example. `packed`: this batch
+    already packed (pack_batch). `next_batch`: the next step's examples, packed into ahead["packed"]
+    while this step's forward runs (LoRA; on a GPU the packing overlaps the forward)."""
     if loss == "f1":
         row_fn = lambda rows: f1_row_losses(s, batch, golds, rows)
     else:
-        b = engine.batch(batch, gold_only=(loss == "lm"))
+        b = packed if packed is not None else pack_batch(engine, batch, loss)
         logits_only = loss == "candidate" and b.single_token
         row_fn = lambda rows: row_losses(engine.scores(b, rows, logits_only, graph=True), b, loss)
 
@@ -98,7 +106,10 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
         return tot[:-1] / tot[-1]
 
     if s.loras is not None:
-        return rows_step(lambda rows: mean_over_ranks(row_fn(rows)), s.loras, seeds, eps)
+        early = None
+        if next_batch is not None and ahead is not None and loss != "f1":
+            early = lambda: ahead.update(packed=pack_batch(engine, next_batch, loss))
+        return rows_step(lambda rows: mean_over_ranks(row_fn(rows)), s.loras, seeds, eps, early)
     return inplace_step(lambda: mean_over_ranks(row_fn(1))[0], s.trainable, seeds, eps)
 
 
@@ -255,7 +266,7 @@ def train(cfg: TrainConfig) -> dict:
     metrics = open(os.path.join(out, "metrics.jsonl"), "a" if rc.resume else "w") if main else None
     bar = tqdm(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     ema, t_loop, recent, strikes, first, prev = None, time.time(), [], 0, step, None
-    train_set = enc["train"]
+    train_set, ahead = enc["train"], {}  # ahead["packed"]: this step's batch, packed during the previous step
     with _Signals() as sig:
         while step < rc.steps:
             t0 = time.time()
@@ -268,8 +279,12 @@ def train(cfg: TrainConfig) -> dict:
                 mine, seeds = dist.shard(idx, rank, world), direction_seeds(rc.seed, step, zc.directions)
             batch = [train_set[i] for i in mine]
             golds = [answers_of(splits["train"][i]) for i in mine] if loss == "f1" else None
-            lp, lm, grads = step_losses(engine, s, batch, loss, seeds, eps, golds,
-                                        reduce=not zc.spread_directions)
+            nxt_idx = batch_indices(step + 1, min(zc.batch_size, len(train_set)), len(train_set), rc.seed)
+            nxt_mine = nxt_idx if zc.spread_directions else dist.shard(nxt_idx, rank, world)
+            lp, lm, grads = step_losses(
+                engine, s, batch, loss, seeds, eps, golds, reduce=not zc.spread_directions,
+                packed=ahead.pop("packed", None), ahead=ahead,
+                next_batch=[train_set[i] for i in nxt_mine] if step + 1 < rc.steps else None)
             if zc.spread_directions and world > 1:  # (L₊, L₋, g) of every direction, back in seed order
                 parts = dist.all_gather_floats(lp.tolist() + lm.tolist() + grads)
                 n = zc.directions

@@ -118,11 +118,16 @@ def set_bank_views(modules, bank: torch.Tensor) -> None:
 
 
 def rows_step(
-    row_loss: Callable[[int], torch.Tensor], loras: dict[str, LoRALinear], seeds: list[int], eps: float
+    row_loss: Callable[[int], torch.Tensor], loras: dict[str, LoRALinear], seeds: list[int], eps: float,
+    before_sync: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """row_loss(P) runs the batch for P rows and returns (P,) losses. Returns L₊, L₋ (n,) and g per direction."""
+    """row_loss(P) runs the batch for P rows and returns (P,) losses. Returns L₊, L₋ (n,) and g per direction.
+    before_sync runs after the forward is queued and before its result is read (on a GPU, host work
+    there, such as packing the next batch, overlaps the forward)."""
     with lora_rows(loras, seeds, eps):
         losses = row_loss(2 * len(seeds)).double()
+    if before_sync is not None:
+        before_sync()
     lp, lm = losses[0::2], losses[1::2]
     return lp, lm, ((lp - lm) / (2 * eps)).tolist()
 
