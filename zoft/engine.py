@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from zoft.graphs import GraphCache
+from zoft.lora import LoRALinear, set_bank_views
 from zoft.tasks.encode import Encoded
 
 
@@ -247,9 +249,6 @@ class NativeEngine:
 
     def __init__(self, model, first_trained: int = 0, cache_mb: float = 0.0, pack_tokens: int = 1024,
                  streamer=None, cuda_graphs: bool = False):
-        from zoft.graphs import GraphCache
-        from zoft.lora import LoRALinear
-
         self.model = model
         self.streamer = streamer  # zoft.offload.LayerStreamer: blocks' frozen weights live on the CPU
         self.first_trained = first_trained  # blocks below it are frozen: run once, maybe cached
@@ -329,8 +328,6 @@ class NativeEngine:
         blocks, dtypes, loras = self.model.blocks, self.block_dtypes, self.loras
 
         def stack(h, mask, *rest):  # runs at capture only; reads the graph's static buffers
-            from zoft.zo import set_bank_views
-
             c = tuple(rest[: len(ctx_t)]) if ctx is not None else None
             if bank is not None:
                 saved = [(m.rows, m.bank) for m in loras]

@@ -70,6 +70,16 @@ class LoRALinear(nn.Module):
         return w.to(self.base.weight.dtype)
 
 
+def set_bank_views(modules, bank: torch.Tensor) -> None:
+    """Point each LoRALinear's rows at its slice of a flat (P, D) bank laid out in `lora_trainable` order."""
+    P, off = bank.shape[0], 0
+    for m in modules:
+        a, b = m.lora_A.numel(), m.lora_B.numel()
+        m.rows = (bank[:, off : off + a].view(P, *m.lora_A.shape), bank[:, off + a : off + a + b].view(P, *m.lora_B.shape))
+        m.bank = bank
+        off += a + b
+
+
 def resolve_targets(model: nn.Module, targets: list[str], short: dict[str, str]) -> list[str]:
     """Map short names (q, v…) to module names (q_proj…), checking each exists as an nn.Linear."""
     linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from zoft.lora import LoRALinear
+from zoft.lora import LoRALinear, set_bank_views
 from zoft.perturb import add_noise_, noise, param_seed
 
 
@@ -105,16 +105,6 @@ def lora_rows(loras: dict[str, LoRALinear], seeds: list[int], eps: float):
     finally:
         for m in loras.values():
             m.rows = m.bank = None
-
-
-def set_bank_views(modules, bank: torch.Tensor) -> None:
-    """Point each LoRALinear's rows at its slice of a flat (P, D) bank laid out in `lora_trainable` order."""
-    P, off = bank.shape[0], 0
-    for m in modules:
-        a, b = m.lora_A.numel(), m.lora_B.numel()
-        m.rows = (bank[:, off : off + a].view(P, *m.lora_A.shape), bank[:, off + a : off + a + b].view(P, *m.lora_B.shape))
-        m.bank = bank
-        off += a + b
 
 
 def rows_step(
