@@ -213,3 +213,37 @@ def test_next_batch_packed_during_the_step_changes_nothing(root):
     a, ta = run(False)
     b, tb = run(True)
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_full_rows_equal_inplace_passes_and_autograd(root, kind):
+    """Full mode as rows of one forward (x·Wᵀ + ε·x·Zᵀ per Linear, per-row norms) gives the in-place
+    passes' L₊, L₋ for two directions, matches autograd to O(ε²), and never modifies θ."""
+    from zoft.zo import full_rows_step
+
+    folder = make_tiny(kind, root)
+    model = build_native(folder, read_config(folder), torch.float64, "cpu").eval()
+    tr = full_trainable(model, [f"{model.block_prefix}.1", f"{model.block_prefix}.2"])
+    assert any(t.dim() == 1 for t in tr.tensors)  # norms and biases are perturbed too
+    exs, seeds = examples(1), [99, 123]
+    engine = NativeEngine(model, first_trained=1)
+    b = engine.batch(exs)
+    before = [t.clone() for t in tr.tensors]
+    row_fn = lambda rows: row_losses(engine.scores(b, rows), b, "candidate")
+    lp, lm, g = full_rows_step(row_fn, model, tr, seeds, 1e-3)
+    assert all(torch.equal(a, t) for a, t in zip(before, tr.tensors))  # θ untouched, bitwise
+    lp2, lm2, g2 = inplace_step(lambda: row_fn(1)[0], tr, seeds, 1e-3)
+    torch.testing.assert_close(lp, lp2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lm, lm2, rtol=0, atol=1e-12)
+    assert not any(isinstance(m.__dict__.get("forward"), type(lambda: 0)) for m in model.modules())  # unpatched
+    want = directional_derivative(model, exs, tr, seeds[0]).item()
+    errs = [abs(full_rows_step(row_fn, model, tr, seeds[:1], eps)[2][0] - want) for eps in (1e-5, 1e-6)]
+    assert_second_order(errs, want)
+
+
+def test_full_rows_needs_layers(root):
+    from zoft.errors import ZoftError
+
+    s = load_session(ModelConfig(model=make_tiny("opt", root)))
+    with pytest.raises(ZoftError, match="--full-step rows needs --layers"):
+        attach(s, ZOConfig(mode="full", full_step="rows"))

@@ -71,6 +71,10 @@ class ZOConfig:
     schedule: str = arg("constant", "learning-rate schedule", choices=["constant", "linear", "cosine"])
     warmup: int = arg(0, "warm-up steps")
     batch_size: int = arg(16, "examples per step")
+    full_step: str = arg("inplace", "full mode: inplace (MeZO's +εz, −2εz, +εz passes over the weights, "
+                         "two forwards) or rows (both signs as rows of one forward, x·Wᵀ once plus the seeded "
+                         "±ε·x·Zᵀ term per layer, weights never modified; needs --layers)",
+                         choices=["inplace", "rows"])
     z_backend: str = arg("auto", "full mode's z generator: torch (chunked torch.randn, any device), triton "
                          "(fused Philox kernel, one pass per tensor, CUDA), auto: triton on CUDA when installed. "
                          "z differs between them: resume and replay a run with the one it used (config.json)",

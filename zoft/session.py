@@ -60,6 +60,7 @@ class Session:
     layers: list[int] | None = None
     lora_args: LoraArgs | None = None
     offload: str = "none"
+    full_step: str = "inplace"  # full mode: "inplace" passes or "rows" of one forward (zo.full_rows)
 
     @property
     def native(self) -> bool:
@@ -130,6 +131,10 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
                 s.model.get_submodule(p).float().to(s.device)
         s.trainable = full_trainable(s.model, prefixes)
         s.trainable.z_backend = resolve_z_backend(zc.z_backend, s.device)
+        if zc.full_step == "rows" and (prefixes is None or not s.native):
+            raise ZoftError("--full-step rows needs --layers (embeddings and the LM head are not perturbed per "
+                            "row) and a native model (OPT, Llama family); or use --full-step inplace")
+        s.full_step = zc.full_step
 
 
 def resolve_z_backend(choice: str, device) -> str:
@@ -185,7 +190,8 @@ def describe(s: Session, engine, zo: bool = True) -> str:
     if s.loras and zo:
         feats.append(f"LoRA ±ε rows in one forward ({len(s.loras)} modules)")
     elif s.trainable is not None and zo:
-        feats.append(f"full parameters perturbed in place, z from {s.trainable.z_backend}")
+        how = "±ε as rows of one forward" if s.full_step == "rows" else "perturbed in place"
+        feats.append(f"full parameters {how}, z from {s.trainable.z_backend}")
     return f"zoft: {s.path} path on {s.device}; " + "; ".join(feats)
 
 

@@ -32,7 +32,7 @@ from zoft.lora import load_peft_weights, save_peft
 from zoft.session import Session, attach, describe, load_session, log, make_engine
 from zoft.tasks import get_task, sample_splits
 from zoft.tasks.encode import Encoded, encode
-from zoft.zo import direction_seeds, inplace_step, lr_at, rows_step, sgd_update_
+from zoft.zo import direction_seeds, full_rows_step, inplace_step, lr_at, rows_step, sgd_update_
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
@@ -91,13 +91,14 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
     """L₊, L₋ per direction and the projected gradients for one batch (this rank's shard of it).
     loss="f1" (generation tasks) needs `golds`, the answers of each example. `packed`: this batch
     already packed (pack_batch). `next_batch`: the next step's examples, packed into ahead["packed"]
-    while this step's forward runs (LoRA; on a GPU the packing overlaps the forward)."""
+    while this step's forward runs (one-forward steps; on a GPU the packing overlaps the forward)."""
     if loss == "f1":
         row_fn = lambda rows: f1_row_losses(s, batch, golds, rows)
     else:
         b = packed if packed is not None else pack_batch(engine, batch, loss)
         logits_only = loss == "candidate" and b.single_token
-        row_fn = lambda rows: row_losses(engine.scores(b, rows, logits_only, graph=True), b, loss)
+        graph = s.loras is not None or s.full_step == "inplace"  # full rows draw z inside the forward
+        row_fn = lambda rows: row_losses(engine.scores(b, rows, logits_only, graph=graph), b, loss)
 
     def mean_over_ranks(v: torch.Tensor) -> torch.Tensor:  # (P,) local means -> global means
         if not reduce or dist.world()[1] == 1:
@@ -105,11 +106,13 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
         tot = dist.all_reduce_sum(torch.cat([v.double() * len(batch), v.new_tensor([len(batch)]).double()]))
         return tot[:-1] / tot[-1]
 
+    early = None
+    if next_batch is not None and ahead is not None and loss != "f1":
+        early = lambda: ahead.update(packed=pack_batch(engine, next_batch, loss))
     if s.loras is not None:
-        early = None
-        if next_batch is not None and ahead is not None and loss != "f1":
-            early = lambda: ahead.update(packed=pack_batch(engine, next_batch, loss))
         return rows_step(lambda rows: mean_over_ranks(row_fn(rows)), s.loras, seeds, eps, early)
+    if s.full_step == "rows":
+        return full_rows_step(lambda rows: mean_over_ranks(row_fn(rows)), s.model, s.trainable, seeds, eps, early)
     return inplace_step(lambda: mean_over_ranks(row_fn(1))[0], s.trainable, seeds, eps)
 
 

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zoft.lora import LoRALinear, set_bank_views
@@ -114,12 +115,104 @@ def rows_step(
     """row_loss(P) runs the batch for P rows and returns (P,) losses. Returns L₊, L₋ (n,) and g per direction.
     before_sync runs after the forward is queued and before its result is read (on a GPU, host work
     there, such as packing the next batch, overlaps the forward)."""
-    with lora_rows(loras, seeds, eps):
+    return _estimate(row_loss, lora_rows(loras, seeds, eps), seeds, eps, before_sync)
+
+
+def full_rows_step(
+    row_loss: Callable[[int], torch.Tensor], model: nn.Module, tr: Trainable, seeds: list[int], eps: float,
+    before_sync: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """rows_step for full parameters (see full_rows): one forward of 2n rows, θ never modified."""
+    return _estimate(row_loss, full_rows(model, tr, seeds, eps), seeds, eps, before_sync)
+
+
+def _estimate(row_loss, rows_ctx, seeds, eps, before_sync):
+    with rows_ctx:
         losses = row_loss(2 * len(seeds)).double()
     if before_sync is not None:
         before_sync()
     lp, lm = losses[0::2], losses[1::2]
     return lp, lm, ((lp - lm) / (2 * eps)).tolist()
+
+
+def tensor_z(tr: Trainable, i: int, seed: int) -> torch.Tensor:
+    """All of tensor i's z at direction seed `seed` (float32): the values the in-place passes add."""
+    t = tr.tensors[i]
+    if tr.z_backend == "triton":
+        from zoft.kernels.perturb_triton import randn_triton
+
+        return randn_triton(t.numel(), param_seed(seed, i), t.device).view_as(t)
+    return noise(t, param_seed(seed, i))
+
+
+@contextmanager
+def full_rows(model: nn.Module, tr: Trainable, seeds: list[int], eps: float):
+    """Full-parameter perturbations as rows of one batch: row block 2j sees θ + εz_j, row block 2j+1
+    sees θ − εz_j, and θ is never modified (nothing to restore, no rounding drift).
+
+    A Linear computes x·Wᵀ once over every row (W read once), then, per direction, the seeded term
+    ±ε·x·Z_jᵀ on its two row blocks, with Z_j generated for that one weight and dropped: at most one
+    tensor's z is alive. Other modules holding trained tensors (norms) run each row block with its own
+    perturbed copy. Every trained tensor must live in a module that sees the stacked rows, i.e. inside
+    the blocks the engine runs per row: train with --layers."""
+    index = {id(t): i for i, t in enumerate(tr.tensors)}
+    patched = []
+    try:
+        for mod in model.modules():
+            own = {n: index[id(p)] for n, p in mod.named_parameters(recurse=False) if id(p) in index}
+            if own:
+                fwd = _rows_linear if isinstance(mod, nn.Linear) else _rows_module
+                mod.forward = fwd(mod, own, tr, seeds, eps)  # an instance attribute shadows the class's
+                patched.append(mod)
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
+def _rows_linear(mod: nn.Linear, own: dict[str, int], tr: Trainable, seeds: list[int], eps: float):
+    P = 2 * len(seeds)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        xr = x.reshape(P, -1, x.shape[-1])  # (P, tokens per row block, in)
+        y = F.linear(xr, mod.weight)
+        sign = torch.tensor([eps, -eps], dtype=y.dtype, device=y.device).view(2, 1, 1)
+        parts = []
+        for j, s in enumerate(seeds):
+            yj = y[2 * j : 2 * j + 2]
+            if "weight" in own:
+                yj = yj + sign * F.linear(xr[2 * j : 2 * j + 2], tensor_z(tr, own["weight"], s).to(x.dtype))
+            if mod.bias is not None:
+                yj = yj + mod.bias
+                if "bias" in own:
+                    yj = yj + sign * tensor_z(tr, own["bias"], s).to(y.dtype)
+            parts.append(yj)
+        return torch.cat(parts).view(*x.shape[:-1], -1)
+
+    return forward
+
+
+def _rows_module(mod: nn.Module, own: dict[str, int], tr: Trainable, seeds: list[int], eps: float):
+    P = 2 * len(seeds)
+    cls_forward = type(mod).forward
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        params = {n: getattr(mod, n) for n in own}
+        base = {n: p.data for n, p in params.items()}
+        xs, outs = x.chunk(P, 0), []
+        try:
+            for j, s in enumerate(seeds):
+                zs = {n: tensor_z(tr, i, s) for n, i in own.items()}
+                for k, c in ((2 * j, eps), (2 * j + 1, -eps)):
+                    for n, p in params.items():
+                        p.data = base[n] + c * zs[n].to(base[n].dtype)
+                    outs.append(cls_forward(mod, xs[k], *args, **kwargs))
+        finally:
+            for n, p in params.items():
+                p.data = base[n]
+        return torch.cat(outs)
+
+    return forward
 
 
 def perturb_(tr: Trainable, seed: int, scale: float) -> None:
