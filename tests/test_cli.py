@@ -104,7 +104,7 @@ def runs(root, models):
         "opt-lora": ["--model", models["opt"], *six, *MODES["lora"]],
         "opt-full": ["--model", models["opt"], *six, *MODES["full"]],
         "llama-lora": ["--model", models["llama"], *six, *MODES["lora"]],
-        "llama-full": ["--model", models["llama"], *six, *MODES["full"]],
+        "llama-full": ["--model", models["llama"], *six, *MODES["full"], "--full-step", "rows"],
         # --max-length 16: most prompts are longer, so truncation gets counted
         "neox-lora": ["--model", models["neox"], *six, *MODES["lora"], "--max-length", "16"],
         "resume-b": ["--model", models["opt"], *TRAIN, *MODES["lora"], "--steps", "3"],  # opt-lora's start
@@ -151,6 +151,8 @@ def test_train(runs, kind, mode):
     assert r["steps"] == 6 and r["seconds"] > 0
     assert 0 <= r["zero_shot_accuracy"] <= 1 and 0 <= r["final_accuracy"] <= 1
     assert PATHS[kind] in p.stderr
+    if mode == "full":  # opt-full runs MeZO's in-place passes, llama-full the one-forward rows
+        assert ("±ε as rows of one forward" if kind == "llama" else "perturbed in place") in p.stderr
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["zo"]["mode"] == mode and cfg["run"]["steps"] == 6
