@@ -327,7 +327,7 @@ class NativeEngine:
         tensors = [h, p.mask, *ctx_t] + ([bank] if bank is not None else [])
         blocks, dtypes, loras = self.model.blocks, self.block_dtypes, self.loras
 
-        def stack(h, mask, *rest):  # runs at capture only; reads the graph's static buffers
+        def stack(h, mask, *rest):  # eager on a shape's first meeting; then recorded over static buffers
             c = tuple(rest[: len(ctx_t)]) if ctx is not None else None
             if bank is not None:
                 saved = [(m.rows, m.bank) for m in loras]
