@@ -76,3 +76,18 @@ def test_f1_objective_matches_evaluation_and_trains(tmp_path):
     assert result["metric"] == "f1"
     rows = [json.loads(x) for x in open(out / "metrics.jsonl") if '"loss"' in x]
     assert len(rows) == 2 and all(-1.0 <= r["loss"] <= 0.0 for r in rows)
+
+
+def test_eval_cli_reports_f1_and_exact_match_for_generation(tmp_path, capsys):
+    from zoft.cli import main
+
+    folder = make_tiny("llama", str(tmp_path))
+    data = tmp_path / "qa.jsonl"
+    with open(data, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"input": f"Question: what is {i} plus one?\nAnswer:", "output": f" {i + 1}\n"}) + "\n")
+    main(["eval", "--model", folder, "--task", str(data), "--n-test", "4", "--output", str(tmp_path / "p.jsonl")])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = [json.loads(x) for x in open(tmp_path / "p.jsonl")]
+    want = qa_scores([r["prediction"] for r in rows], [r["answers"] for r in rows])
+    assert out["n"] == 4 and out["f1"] == want["f1"] and out["em"] == want["em"]

@@ -86,8 +86,9 @@ def cmd_eval(ns) -> None:
     ev = evaluate_split(engine, s, enc, exs, ns.eval_batch_size, desc="eval")
     if ns.output:
         write_predictions(ns.output, ev["rows"], exs)
-    print(json.dumps({ev["metric"]: ev["score"], "n": ev["n"], "task": tc.task, "split": ns.split, "icl_k": ns.icl_k,
-                      "path": s.path}))
+    extra = {"em": ev["em"]} if ev["metric"] == "f1" else {}  # generation: exact match beside F1
+    print(json.dumps({ev["metric"]: ev["score"], **extra, "n": ev["n"], "task": tc.task, "split": ns.split,
+                      "icl_k": ns.icl_k, "path": s.path}))
 
 
 def cmd_export(ns) -> None:
