@@ -139,8 +139,6 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
 
 def resolve_z_backend(choice: str, device) -> str:
     """auto → triton on CUDA when triton is installed, else torch; an impossible explicit choice is an error."""
-    import importlib.util
-
     cuda = str(device).startswith("cuda")
     has_triton = importlib.util.find_spec("triton") is not None
     if choice == "triton":

@@ -109,11 +109,12 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
     early = None
     if next_batch is not None and ahead is not None and loss != "f1":
         early = lambda: ahead.update(packed=pack_batch(engine, next_batch, loss))
+    rows_fn = lambda rows: mean_over_ranks(row_fn(rows))
     if s.loras is not None:
-        return rows_step(lambda rows: mean_over_ranks(row_fn(rows)), s.loras, seeds, eps, early)
+        return rows_step(rows_fn, s.loras, seeds, eps, early)
     if s.full_step == "rows":
-        return full_rows_step(lambda rows: mean_over_ranks(row_fn(rows)), s.model, s.trainable, seeds, eps, early)
-    return inplace_step(lambda: mean_over_ranks(row_fn(1))[0], s.trainable, seeds, eps)
+        return full_rows_step(rows_fn, s.model, s.trainable, seeds, eps, early)
+    return inplace_step(lambda: rows_fn(1)[0], s.trainable, seeds, eps)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def train(cfg: TrainConfig) -> dict:
     eps, base_lr = zc.eps_value, zc.lr_value
     resolved = cfg.to_dict() | {"resolved": {"eps": eps, "lr": base_lr, "path": s.path, "device": s.device,
                                              "trainable_parameters": s.trainable.numel(), "layers": s.layers,
-                                             "world_size": world}}
+                                             "world_size": world, "z_backend": s.trainable.z_backend}}
     if main:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(resolved, f, indent=2)
@@ -270,24 +271,27 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     ema, t_loop, recent, strikes, first, prev = None, time.time(), [], 0, step, None
     train_set, ahead = enc["train"], {}  # ahead["packed"]: this step's batch, packed during the previous step
+
+    def my_examples(at: int) -> list[int]:  # this rank's examples at step `at` (all of them when spreading directions)
+        idx = batch_indices(at, min(zc.batch_size, len(train_set)), len(train_set), rc.seed)
+        return idx if zc.spread_directions else dist.shard(idx, rank, world)
+
     with _Signals() as sig:
         while step < rc.steps:
             t0 = time.time()
             lr = lr_at(step, rc.steps, base_lr, zc.schedule, zc.warmup) * lr_scale
-            idx = batch_indices(step, min(zc.batch_size, len(train_set)), len(train_set), rc.seed)
             if zc.spread_directions:  # the whole batch here; this rank's share of the directions
-                mine, all_seeds = idx, direction_seeds(rc.seed, step, zc.directions * world)
+                all_seeds = direction_seeds(rc.seed, step, zc.directions * world)
                 seeds = all_seeds[rank::world]
             else:  # this rank's share of the batch; every direction
-                mine, seeds = dist.shard(idx, rank, world), direction_seeds(rc.seed, step, zc.directions)
+                seeds = direction_seeds(rc.seed, step, zc.directions)
+            mine = my_examples(step)
             batch = [train_set[i] for i in mine]
             golds = [answers_of(splits["train"][i]) for i in mine] if loss == "f1" else None
-            nxt_idx = batch_indices(step + 1, min(zc.batch_size, len(train_set)), len(train_set), rc.seed)
-            nxt_mine = nxt_idx if zc.spread_directions else dist.shard(nxt_idx, rank, world)
             lp, lm, grads = step_losses(
                 engine, s, batch, loss, seeds, eps, golds, reduce=not zc.spread_directions,
                 packed=ahead.pop("packed", None), ahead=ahead,
-                next_batch=[train_set[i] for i in nxt_mine] if step + 1 < rc.steps else None)
+                next_batch=[train_set[i] for i in my_examples(step + 1)] if step + 1 < rc.steps else None)
             if zc.spread_directions and world > 1:  # (L₊, L₋, g) of every direction, back in seed order
                 parts = dist.all_gather_floats(lp.tolist() + lm.tolist() + grads)
                 n = zc.directions

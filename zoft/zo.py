@@ -47,7 +47,17 @@ def directions(tr: Trainable, seed: int) -> list[torch.Tensor]:
     if tr.flat:
         z = _flat_z(tr, seed)
         return [v.view_as(t) for v, t in zip(z.split([t.numel() for t in tr.tensors]), tr.tensors, strict=True)]
-    return [noise(t, param_seed(seed, i)) for i, t in enumerate(tr.tensors)]
+    return [tensor_z(tr, i, seed) for i in range(len(tr.tensors))]
+
+
+def tensor_z(tr: Trainable, i: int, seed: int) -> torch.Tensor:
+    """All of tensor i's z at direction seed `seed` (float32): the values the in-place passes add."""
+    t = tr.tensors[i]
+    if tr.z_backend == "triton":
+        from zoft.kernels.perturb_triton import randn_triton
+
+        return randn_triton(t.numel(), param_seed(seed, i), t.device).view_as(t)
+    return noise(t, param_seed(seed, i))
 
 
 def _flat_z(tr: Trainable, seed: int) -> torch.Tensor:
@@ -135,16 +145,6 @@ def _estimate(row_loss, rows_ctx, seeds, eps, before_sync):
     return lp, lm, ((lp - lm) / (2 * eps)).tolist()
 
 
-def tensor_z(tr: Trainable, i: int, seed: int) -> torch.Tensor:
-    """All of tensor i's z at direction seed `seed` (float32): the values the in-place passes add."""
-    t = tr.tensors[i]
-    if tr.z_backend == "triton":
-        from zoft.kernels.perturb_triton import randn_triton
-
-        return randn_triton(t.numel(), param_seed(seed, i), t.device).view_as(t)
-    return noise(t, param_seed(seed, i))
-
-
 @contextmanager
 def full_rows(model: nn.Module, tr: Trainable, seeds: list[int], eps: float):
     """Full-parameter perturbations as rows of one batch: row block 2j sees θ + εz_j, row block 2j+1
@@ -156,13 +156,17 @@ def full_rows(model: nn.Module, tr: Trainable, seeds: list[int], eps: float):
     perturbed copy. Every trained tensor must live in a module that sees the stacked rows, i.e. inside
     the blocks the engine runs per row: train with --layers."""
     index = {id(t): i for i, t in enumerate(tr.tensors)}
+    t0 = tr.tensors[0]
+    sign = torch.tensor([eps, -eps], dtype=t0.dtype, device=t0.device).view(2, 1, 1)  # row blocks 2j, 2j+1
     patched = []
     try:
         for mod in model.modules():
             own = {n: index[id(p)] for n, p in mod.named_parameters(recurse=False) if id(p) in index}
             if own:
-                fwd = _rows_linear if isinstance(mod, nn.Linear) else _rows_module
-                mod.forward = fwd(mod, own, tr, seeds, eps)  # an instance attribute shadows the class's
+                if isinstance(mod, nn.Linear):
+                    mod.forward = _rows_linear(mod, own, tr, seeds, sign)  # shadows the class's forward
+                else:
+                    mod.forward = _rows_module(mod, own, tr, seeds, eps)
                 patched.append(mod)
         yield
     finally:
@@ -170,22 +174,22 @@ def full_rows(model: nn.Module, tr: Trainable, seeds: list[int], eps: float):
             del mod.forward
 
 
-def _rows_linear(mod: nn.Linear, own: dict[str, int], tr: Trainable, seeds: list[int], eps: float):
+def _rows_linear(mod: nn.Linear, own: dict[str, int], tr: Trainable, seeds: list[int], sign: torch.Tensor):
     P = 2 * len(seeds)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         xr = x.reshape(P, -1, x.shape[-1])  # (P, tokens per row block, in)
         y = F.linear(xr, mod.weight)
-        sign = torch.tensor([eps, -eps], dtype=y.dtype, device=y.device).view(2, 1, 1)
+        sign_y = sign.to(y.dtype)
         parts = []
         for j, s in enumerate(seeds):
             yj = y[2 * j : 2 * j + 2]
             if "weight" in own:
-                yj = yj + sign * F.linear(xr[2 * j : 2 * j + 2], tensor_z(tr, own["weight"], s).to(x.dtype))
+                yj = yj + sign_y * F.linear(xr[2 * j : 2 * j + 2], tensor_z(tr, own["weight"], s).to(x.dtype))
             if mod.bias is not None:
                 yj = yj + mod.bias
                 if "bias" in own:
-                    yj = yj + sign * tensor_z(tr, own["bias"], s).to(y.dtype)
+                    yj = yj + sign_y * tensor_z(tr, own["bias"], s).to(y.dtype)
             parts.append(yj)
         return torch.cat(parts).view(*x.shape[:-1], -1)
 
