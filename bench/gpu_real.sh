@@ -12,7 +12,7 @@ if [ ! -f $G ]; then
 fi
 echo "$(cut -d' ' -f1 .xfer/sha)  $G" | sha256sum -c - || exit 3
 mkdir -p $OUT/logs; nvidia-smi --query-gpu=name --format=csv,noheader
-run(){ name=$1; shift; mkdir -p $OUT/logs; /usr/bin/time -f "%e s wall, %M KB max RSS" \
+run(){ name=$1; shift; mkdir -p $OUT/logs; timeout ${RUN_LIMIT:-9999} /usr/bin/time -f "%e s wall, %M KB max RSS" \
   python -m zoft train --model $G --device cuda --task rotten_tomatoes --n-train 1000 --n-dev 200 --n-test 500 \
   --batch-size 16 --output-dir /tmp/zx/runs/$name --log-every 1000 "$@" > /tmp/zx/$name.json 2> $OUT/logs/$name.txt;
   summary $name; }
@@ -36,6 +36,19 @@ if [ "$1" = final ]; then  # the best sweep arm (cosine), longer, and a second s
   z="--mode lora --layers top4 --eps 1e-2"
   run cos3e-3_20k $z --lr 3e-3 --schedule cosine --steps 20000 --eval-every 2000
   run cos2e-3_20k_seed1 $z --lr 2e-3 --schedule cosine --steps 20000 --eval-every 2000 --seed 1 --no-zero-shot
+fi
+if [ "$1" = final2 ]; then  # 20k-step arms in parallel on one GPU (each process is launch-bound, the GPU mostly idle)
+  export OMP_NUM_THREADS=2
+  export RUN_LIMIT=540; python -m zoft eval --model $G --device cuda --task rotten_tomatoes --n-dev 200 --n-test 500 \
+    > /tmp/zx/zs.json 2>$OUT/logs/zero_shot.txt; echo "zero-shot: $(tail -1 /tmp/zx/zs.json)"  # also fills the cache
+  z="--mode lora --eps 1e-2 --schedule cosine --steps 20000 --eval-every 2000 --no-zero-shot"
+  run c3_top4_20k $z --layers top4 --lr 3e-3 &
+  run c3_top4_20k_seed1 $z --layers top4 --lr 3e-3 --seed 1 &
+  run c5_top4_20k $z --layers top4 --lr 5e-3 &
+  run c3_top8_20k $z --layers top8 --lr 3e-3 &
+  run c5_top4_dir2_20k $z --layers top4 --lr 5e-3 --directions 2 &
+  run bp_lora_seed1 --optimizer adamw --mode lora --layers top4 --lr 1e-3 --steps 300 --eval-every 100 --no-zero-shot --seed 1 &
+  wait
 fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
