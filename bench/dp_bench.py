@@ -7,6 +7,9 @@ example count from ``zoft.distributed``) followed by ``zoft.zo.sgd_update_``. Th
 the same optimisation runs on two GPUs, not how much more data they can see. A step's time is the
 slowest rank's (per-step max over ranks), measured between a barrier and ``torch.cuda.synchronize``;
 the result is the median over ``--steps`` after ``--warmup``. examples/s = global batch / step time.
+The same steps are then run as ``zoft train`` pipelines them (next batch packed during the step, the
+update queued with g on the device, the losses read one step later; no barrier or synchronize between
+steps): ``step_ms_pipelined`` is that window's time over the slowest rank / --steps.
 Two parts of a step are also timed alone on rank 0, to say where the time goes: building the shard's
 packed batch on the CPU (``batch_build_ms``) and one all-reduce of the step's three scalars
 (``allreduce_ms``).
@@ -49,7 +52,8 @@ from zoft.bench import WORKLOADS, make_batch, write_stub_tokenizer
 from zoft.config import ModelConfig, ZOConfig
 from zoft.models.opt import PRESETS
 from zoft.session import attach, load_session, make_engine
-from zoft.train import step_losses
+from zoft.bench import _read
+from zoft.train import _snapshot, _to_host, step_losses
 from zoft.zo import direction_seeds, sgd_update_
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64,
@@ -109,6 +113,26 @@ def run(args: argparse.Namespace) -> dict | None:
                   f"on rank 0", file=sys.stderr, flush=True)
     slowest = dist.all_reduce_max(torch.tensor(times, dtype=torch.float64))[args.warmup :].tolist()
 
+    # the train loop's pipeline (zoft.train): batch i+1 packed during step i, the update queued with g on
+    # the device, step i's losses read once step i+1 is queued; time of the whole window / steps
+    ahead, pending = {}, None
+    dist.barrier()
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(args.warmup, n):
+        seeds = direction_seeds(args.seed, i, zc.directions)
+        lp, lm, g = step_losses(engine, s, shards[i], "candidate", seeds, eps, packed=ahead.pop("packed", None),
+                                next_batch=shards[i + 1] if i + 1 < n else None, ahead=ahead, lazy=True)
+        _snapshot(s)
+        sgd_update_(s.trainable, seeds, g, lr, zc.weight_decay)
+        nxt = _to_host(torch.cat([lp, lm, g]))
+        if pending is not None:
+            _read(pending)
+        pending = nxt
+    _read(pending)
+    sync(device)
+    piped = float(dist.all_reduce_max(torch.tensor([time.perf_counter() - t0], dtype=torch.float64))[0]) / args.steps
+
     build = []  # what of a step is the CPU's: packing this rank's shard, masks, the copy to the device
     for shard in shards[args.warmup :]:
         sync(device)
@@ -137,6 +161,8 @@ def run(args: argparse.Namespace) -> dict | None:
         "batch_build_ms": round(statistics.median(build) * 1e3, 3),
         "allreduce_ms": round(statistics.median(reduce) * 1e3, 3) if world > 1 else 0.0,
         "examples_per_second": round(args.global_batch / step_s, 2),
+        "step_ms_pipelined": round(piped * 1e3, 3),
+        "examples_per_second_pipelined": round(args.global_batch / piped, 2),
         "tokens_per_second": round(tokens / args.steps / step_s, 1),
         "peak_mb_per_rank": round(peak, 1) if device.startswith("cuda") else None,
         "trainable": s.trainable.numel(), "path": s.path,
@@ -155,15 +181,21 @@ def summarize(path: str) -> None:
     with open(path) as f:
         results = [json.loads(line) for line in f if line.strip()]
     base = {(r["preset"], r["workload"], r["dtype"]): r for r in results if r["world_size"] == 1}
-    print(f"{'preset':<10} {'workload':<8} {'dtype':<9} {'GPUs':>4} {'step ms':>9} {'ex/s':>8} {'speed-up':>8}")
+    print(f"{'preset':<10} {'workload':<8} {'dtype':<9} {'GPUs':>4} {'step ms':>9} {'ex/s':>8} {'speed-up':>8}"
+          f" {'pipelined ms':>13} {'ex/s':>8} {'speed-up':>8}")
     out = []
     for r in results:
         b = base.get((r["preset"], r["workload"], r["dtype"]))
         speedup = round(r["examples_per_second"] / b["examples_per_second"], 3) if b else None
+        piped = (round(r["examples_per_second_pipelined"] / b["examples_per_second_pipelined"], 3)
+                 if b and "step_ms_pipelined" in r and "step_ms_pipelined" in b else None)
         print(f"{r['preset']:<10} {r['workload']:<8} {r['dtype']:<9} {r['world_size']:>4} {r['step_ms']:>9.1f} "
-              f"{r['examples_per_second']:>8.1f} {speedup if speedup is not None else '-':>8}")
+              f"{r['examples_per_second']:>8.1f} {speedup if speedup is not None else '-':>8}"
+              f" {r.get('step_ms_pipelined', float('nan')):>13.1f} {r.get('examples_per_second_pipelined', float('nan')):>8.1f}"
+              f" {piped if piped is not None else '-':>8}")
         out.append({k: r[k] for k in ("preset", "workload", "dtype", "world_size", "step_ms", "examples_per_second")}
-                   | {"speedup": speedup, "device_name": r["device_name"]})
+                   | {"speedup": speedup, "speedup_pipelined": piped, "step_ms_pipelined": r.get("step_ms_pipelined"),
+                      "device_name": r["device_name"]})
     print(json.dumps({"bench": "dp_summary", "results": out}))
 
 

@@ -1,21 +1,28 @@
-"""Where a zoft ZO step spends its time on the GPU: phase timings and the profiler's top ops.
+"""Where a zoft ZO step spends its time on the GPU: the train loop's step under torch.profiler.
 
-    python bench/profile_step.py --model opt-125m --workload sst2 --mode lora --dtype bfloat16
+    python bench/profile_step.py --model opt-125m --workload sst2 --dtype bfloat16
+
+Runs the step `zoft train` runs (``step_losses`` with the next batch packed ahead, CUDA graphs, the
+update queued with g on the device, the losses read one step later), first timed synchronously and
+pipelined, then 10 pipelined steps under the profiler: GPU kernel time per step (the floor a pipelined
+step cannot beat), CPU time per step, kernel launches per step, and the top ops by GPU time. Random
+weights of the preset's shapes (zoft.bench.load_reference).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
 import torch
 
-from zoft.bench import WORKLOADS, load_reference, make_batch
+from zoft.bench import WORKLOADS, _read, load_reference, make_batch
 from zoft.config import ModelConfig, ZOConfig
-from zoft.engine import row_losses
 from zoft.session import attach, load_session, make_engine
-from zoft.zo import direction_seeds, lora_rows, sgd_update_
+from zoft.train import _snapshot, _to_host, step_losses
+from zoft.zo import direction_seeds, sgd_update_
 
 
 def main():
@@ -23,53 +30,76 @@ def main():
     ap.add_argument("--model", default="opt-125m")
     ap.add_argument("--workload", default="sst2")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--graphs", type=int, default=1)
     a = ap.parse_args()
     tmp = tempfile.mkdtemp()
     ref, folder = load_reference(a.model, getattr(torch, a.dtype), "cuda", tmp)
     del ref
     s = load_session(ModelConfig(model=folder, device="cuda", dtype=a.dtype))
-    attach(s, ZOConfig(mode="lora"))
-    eng = make_engine(s)
-    enc = make_batch(WORKLOADS[a.workload], 16, 50000, 2, 0)
-    sync = torch.cuda.synchronize
-    phases = {"batch": [], "rows_setup": [], "forward": [], "update": []}
+    zc = ZOConfig(mode="lora")
+    attach(s, zc)
+    eng = make_engine(s, cuda_graphs=bool(a.graphs))
+    n = 40
+    batches = [make_batch(WORKLOADS[a.workload], 16, 50000, 2, i) for i in range(n + 1)]
+    ahead: dict = {}
 
-    def step(i, record=True):
-        t = [time.perf_counter()]
-        b = eng.batch(enc)
-        sync()
-        t.append(time.perf_counter())
+    def step(i):
         seeds = direction_seeds(0, i, 1)
-        cm = lora_rows(s.loras, seeds, 1e-2)
-        cm.__enter__()
-        sync()
-        t.append(time.perf_counter())
-        losses = row_losses(eng.scores(b, 2, b.single_token), b, "candidate").double()
-        g = ((losses[0] - losses[1]) / 2e-2).item()
-        cm.__exit__(None, None, None)
-        t.append(time.perf_counter())
-        sgd_update_(s.trainable, seeds, [g], 1e-4, 0.0)
-        sync()
-        t.append(time.perf_counter())
-        if record:
-            for k, (x, y) in zip(phases, zip(t, t[1:])):
-                phases[k].append((y - x) * 1e3)
+        lp, lm, g = step_losses(eng, s, batches[i % n], "candidate", seeds, zc.eps_value,
+                                packed=ahead.pop("packed", None), next_batch=batches[(i + 1) % n], ahead=ahead,
+                                lazy=True)
+        _snapshot(s)
+        sgd_update_(s.trainable, seeds, g, 1e-4, 0.0)
+        return _to_host(torch.cat([lp, lm, g]))
 
-    for i in range(5):
-        step(i, False)
-    for i in range(10):
-        step(i)
-    for k, v in phases.items():
-        v.sort()
-        print(f"{k:12s} median {v[len(v) // 2]:8.2f} ms")
+    def run(lo, hi, pipelined):
+        pending = None
+        for i in range(lo, hi):
+            nxt = step(i)
+            if not pipelined:
+                _read(nxt)
+                continue
+            if pending is not None:
+                _read(pending)
+            pending = nxt
+        if pending is not None:
+            _read(pending)
+
+    run(0, 2 * n, True)  # warm-up: every batch shape met twice, so recorded
+    sync_ms = []
+    for i in range(2 * n, 3 * n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run(i, i + 1, False)
+        torch.cuda.synchronize()
+        sync_ms.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run(3 * n, 4 * n, True)
+    torch.cuda.synchronize()
+    piped = (time.perf_counter() - t0) * 1e3 / n
+    print(f"{a.model} {a.workload} {a.dtype} graphs={bool(a.graphs)} on {torch.cuda.get_device_name()}: "
+          f"synchronous step median {statistics.median(sync_ms):.2f} ms, pipelined {piped:.2f} ms/step")
+    if s.device.startswith("cuda") and eng.graphs is not None:
+        g = eng.graphs
+        print(f"graphs: {g.captures} recorded, {g.replays} replays, {g.eager} eager")
+
     from torch.profiler import ProfilerActivity, profile
 
+    k = 10
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-        for i in range(3):
-            step(100 + i, False)
+        run(4 * n, 4 * n + k, True)
+        torch.cuda.synchronize()
+    events = p.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.device_time for e in kernels if "Memcpy" not in e.name and "Memset" not in e.name)
+    launches = [e for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch",
+                                                 "cudaLaunchKernelExC", "cuLaunchKernelEx")]
+    print(f"per step under the profiler: GPU kernel time {gpu_us / k / 1e3:.2f} ms, {len(kernels) / k:.0f} kernels, "
+          f"{len(launches) / k:.0f} launch calls from the host")
     ka = p.key_averages()
-    print(ka.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50))
-    print(ka.table(sort_by="self_cuda_time_total", row_limit=10, max_name_column_width=50))
+    print(ka.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
 if __name__ == "__main__":

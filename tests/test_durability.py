@@ -414,3 +414,50 @@ def test_a_fresh_start_replaces_a_stale_step_log(tmp_path):
     header, records = steplog.read(str(out / "steps.jsonl"))
     assert header and header["run"]["steps"] == 2
     assert [r["step"] for r in records] == [0, 1] and all(r["grads"] != [9.0] for r in records)
+
+
+# ---- the pipelined loop ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_pipelined_lora_run_equals_a_synchronous_loop(root, model, device):
+    """LoRA steps are pipelined (the update is queued with g on the device; the host reads step i's
+    losses while step i+1 runs). Written out synchronously (read g, then update) from the run's own
+    config, every step's g and the final parameters must be identical: each forward saw exactly the
+    parameters of the updates before it. Two directions, clipping and weight decay all take part. On
+    CUDA the losses travel through pinned memory and an event, and the blocks replay CUDA graphs."""
+    from zoft.config import TrainConfig
+    from zoft.session import attach, load_session, make_engine
+    from zoft.train import batch_indices, load_data, step_losses
+    from zoft.zo import direction_seeds, lr_at, sgd_update_
+
+    out = root / f"pipelined-{device}"
+    run = [x if x != "cpu" else device for x in RUN]
+    code, err, _ = zoft("train", "--model", model, *run, "--lr", "0.05", "--directions", "2", "--clip-grad", "0.05",
+                        "--weight-decay", "0.1", "--schedule", "cosine", "--output-dir", out)
+    assert code == 0, err
+    cfg = TrainConfig.from_dict({k: v for k, v in json.loads((out / "config.json").read_text()).items()
+                                 if k != "resolved"})
+    rc, zc = cfg.run, cfg.zo
+    with one_thread():
+        s = load_session(cfg.model)
+        attach(s, zc, rc.seed)
+        eng = make_engine(s, rc.cache_mb, rc.pack_tokens, rc.cuda_graphs)
+        enc, _, loss = load_data(cfg, s)
+        want = []
+        for step in range(rc.steps):
+            idx = batch_indices(step, zc.batch_size, len(enc["train"]), rc.seed)
+            seeds = direction_seeds(rc.seed, step, zc.directions)
+            _, _, g = step_losses(eng, s, [enc["train"][i] for i in idx], loss, seeds, zc.eps_value)
+            assert isinstance(g, list)  # synchronous: g read on the host before the update
+            g = [min(max(x, -zc.clip_grad), zc.clip_grad) for x in g]
+            want.append(g)
+            sgd_update_(s.trainable, seeds, g, lr_at(step, rc.steps, zc.lr_value, zc.schedule, zc.warmup),
+                        zc.weight_decay)
+    got = [u[2] for u in updates(out)]
+    assert got == want
+    assert any(abs(x) == zc.clip_grad for g in got for x in g) and any(abs(x) < zc.clip_grad for g in got for x in g)
+    saved = tensors(out / "checkpoint" / "adapter_model.safetensors")
+    assert len(saved) == len(s.trainable.tensors)
+    for name, t in zip(s.trainable.names, s.trainable.tensors):
+        assert torch.equal(saved[f"base_model.model.{name}.weight"], t.detach().float()), name

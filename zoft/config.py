@@ -68,6 +68,8 @@ class ZOConfig:
                                   "directions (--directions each), and all ranks apply every direction's update")
     lr: float = arg(0.0, "learning rate; 0: 1e-4 for LoRA, 1e-6 for full (MeZO's, for ~20k steps)")
     weight_decay: float = arg(0.0, "decoupled weight decay (never on norms or biases)")
+    clip_grad: float = arg(0.0, "clip each projected gradient g to [-C, C] before the update (0: off); "
+                           "bounds the step when the loss surface sharpens, see docs/results.md")
     schedule: str = arg("constant", "learning-rate schedule", choices=["constant", "linear", "cosine"])
     warmup: int = arg(0, "warm-up steps")
     batch_size: int = arg(16, "examples per step")
@@ -87,6 +89,8 @@ class ZOConfig:
             raise ZoftError("--directions and --batch-size must be at least 1")
         if self.weight_decay < 0:
             raise ZoftError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.clip_grad < 0:
+            raise ZoftError(f"--clip-grad must be >= 0 (0 turns it off), got {self.clip_grad}")
 
     @property
     def eps_value(self) -> float:

@@ -87,11 +87,12 @@ def pack_batch(engine, batch: list[Encoded], loss: str):
 
 def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list[int], eps: float,
                 golds: list[list[str]] | None = None, reduce: bool = True, packed=None, next_batch=None,
-                ahead: dict | None = None):
+                ahead: dict | None = None, lazy: bool = False):
     """L₊, L₋ per direction and the projected gradients for one batch (this rank's shard of it).
     loss="f1" (generation tasks) needs `golds`, the answers of each example. `packed`: this batch
     already packed (pack_batch). `next_batch`: the next step's examples, packed into ahead["packed"]
-    while this step's forward runs (one-forward steps; on a GPU the packing overlaps the forward)."""
+    while this step's forward runs (one-forward steps; on a GPU the packing overlaps the forward).
+    lazy (LoRA): g is returned as a device tensor and nothing waits for the forward."""
     if loss == "f1":
         row_fn = lambda rows: f1_row_losses(s, batch, golds, rows)
     else:
@@ -111,7 +112,7 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
         early = lambda: ahead.update(packed=pack_batch(engine, next_batch, loss))
     rows_fn = lambda rows: mean_over_ranks(row_fn(rows))
     if s.loras is not None:
-        return rows_step(rows_fn, s.loras, seeds, eps, early)
+        return rows_step(rows_fn, s.loras, seeds, eps, early, lazy)
     if s.full_step == "rows":
         return full_rows_step(rows_fn, s.model, s.trainable, seeds, eps, early)
     return inplace_step(lambda: rows_fn(1)[0], s.trainable, seeds, eps)
@@ -195,9 +196,22 @@ class _Signals:
             signal.signal(sig, h)
 
 
-def _snapshot(s: Session) -> list[torch.Tensor] | None:
-    """LoRA parameters are small: keep a copy before each update so the guard can undo it exactly."""
-    return [t.detach().clone() for t in s.trainable.tensors] if s.loras is not None else None
+def _snapshot(s: Session) -> torch.Tensor | None:
+    """LoRA parameters are small: keep a flat copy before each update so the guard can undo it exactly."""
+    if s.loras is None:
+        return None
+    return torch.cat([t.detach().reshape(-1) for t in s.trainable.tensors])
+
+
+def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying a small device tensor to the host without waiting; (host tensor, event to wait on)."""
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -269,16 +283,95 @@ def train(cfg: TrainConfig) -> dict:
         save_checkpoint(s, ckpt, state(0))  # the starting point: what the guard falls back to in full mode
     metrics = open(os.path.join(out, "metrics.jsonl"), "a" if rc.resume else "w") if main else None
     bar = tqdm(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
-    ema, t_loop, recent, strikes, first, prev = None, time.time(), [], 0, step, None
+    # Pipelined steps (LoRA with the candidate or LM loss, all on the device): step i's update is queued
+    # with g still on the device, and the host reads step i's losses while step i+1 runs, so nothing
+    # waits for the GPU between steps. A non-finite g makes the queued update a no-op; a rejected step
+    # (non-finite or a guard spike) restores the copy taken before the last accepted update and runs
+    # again from the step after the rejected one: the same parameters as the synchronous loop, which
+    # checks before it updates. Every boundary (eval, save, log, signals, the end) first reads every
+    # queued step, so what is evaluated and saved is exactly the accepted updates.
+    lazy = s.loras is not None and loss != "f1" and not zc.spread_directions
+    ema, t_loop, recent, strikes, first, undo = None, time.time(), [], 0, step, None
     train_set, ahead = enc["train"], {}  # ahead["packed"]: this step's batch, packed during the previous step
+    inflight: list[dict] = []  # lazy: steps whose update is queued and whose losses the host has not read
+    signalled = 0  # data parallel: a signal some rank got, learnt through the step's all-reduce
+    t_prev = time.time()
 
     def my_examples(at: int) -> list[int]:  # this rank's examples at step `at` (all of them when spreading directions)
         idx = batch_indices(at, min(zc.batch_size, len(train_set)), len(train_set), rc.seed)
         return idx if zc.spread_directions else dist.shard(idx, rank, world)
 
+    def boundary(at: int) -> bool:  # after `at` steps: work that needs the parameters as accepted so far
+        every = lambda k: k and at % k == 0
+        return (at >= rc.steps or every(rc.eval_every) or every(rc.save_every) or every(rc.log_every)
+                or (world == 1 and bool(sig.got)))
+
+    def reject(r: dict, why: str) -> None:
+        """Step r is rejected: undo the update before it, lower the lr, and go on from the step after r."""
+        nonlocal applied, undo, lr_scale, strikes, step
+        strikes += 1
+        nothing_to_undo = applied == 0
+        if applied > 0:  # the update before this loss is the suspect: undo it exactly
+            applied, undo = _undo_last(s, ckpt, undo, applied), None
+            dist.barrier()  # every rank has read the checkpoint before rank 0 replaces it below
+            lr_scale *= rc.guard_lr_factor
+            if main:
+                slog.write({"step": r["step"], "revert_to": applied, "reason": why, "lr_scale": lr_scale})
+                save_checkpoint(s, ckpt, state(r["step"] + 1))
+        if strikes > rc.guard_strikes or nothing_to_undo:
+            if main:
+                slog.close()
+            bar.close()
+            raise ZoftError(f"{why} at step {r['step'] + 1} ({strikes} strike(s)); the parameters before it are in "
+                            f"{ckpt}: lower --lr or --eps and continue with --resume")
+        if main:
+            bar.write(file=sys.stderr, s=f"step {r['step'] + 1}: {why}; undid the last update, lr × {rc.guard_lr_factor} "
+                      f"(strike {strikes}/{rc.guard_strikes})")
+        inflight.clear()  # queued after r: computed on parameters that no longer hold
+        ahead.clear()  # the batch packed ahead is for the step after the last one queued
+        step = r["step"] + 1
+        bar.n = step
+        bar.refresh()
+
+    def accept(r: dict) -> bool:
+        """Read step r's losses; log and count it, or reject it. (Synchronous steps update here.)"""
+        nonlocal applied, undo, ema, t_prev, signalled
+        if r.get("event") is not None:
+            r["event"].synchronize()
+        vals = r["vals"].tolist() if isinstance(r["vals"], torch.Tensor) else r["vals"]
+        n = len(r["seeds"])
+        if world > 1 and vals[-1] > 0:  # some rank was signalled during this step: every rank stops together
+            signalled = int(vals[-1])
+        lp, lm, grads = vals[:n], vals[n : 2 * n], vals[2 * n : 3 * n]
+        loss_val = sum(a + b for a, b in zip(lp, lm)) / (2 * n)
+        finite = all(math.isfinite(x) for x in grads + [loss_val])
+        spike = (rc.guard_threshold > 0 and len(recent) >= 20
+                 and loss_val > rc.guard_threshold * statistics.median(recent[-100:]))
+        if not finite or spike:
+            reject(r, "non-finite loss" if not finite else f"loss {loss_val:.4g} > {rc.guard_threshold}× running median")
+            return False
+        if main:  # write-ahead in the synchronous loop: the record is on its way to disk before the update
+            slog.write({"step": r["step"], "seeds": r["seeds"], "grads": grads, "lr": r["lr"], "loss": loss_val})
+        if "snap" in r:  # lazy: already queued
+            undo = r["snap"]
+        else:
+            undo = _snapshot(s)
+            sgd_update_(s.trainable, r["seeds"], grads, r["lr"], zc.weight_decay)
+        applied += 1
+        recent.append(loss_val)
+        now = time.time()
+        dt, t_prev = now - t_prev, now
+        ema = loss_val if ema is None else 0.95 * ema + 0.05 * loss_val
+        g_mean = sum(grads) / len(grads)
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.4f}", g=f"{g_mean:+.3g}", s_step=f"{dt:.3f}")
+        if main:
+            metrics.write(json.dumps({"step": r["step"] + 1, "loss": loss_val, "projected_grad": g_mean, "lr": r["lr"],
+                                      "seconds": round(now - t_start, 3), "step_seconds": round(dt, 4)}) + "\n")
+        return True
+
     with _Signals() as sig:
         while step < rc.steps:
-            t0 = time.time()
             lr = lr_at(step, rc.steps, base_lr, zc.schedule, zc.warmup) * lr_scale
             if zc.spread_directions:  # the whole batch here; this rank's share of the directions
                 all_seeds = direction_seeds(rc.seed, step, zc.directions * world)
@@ -290,7 +383,7 @@ def train(cfg: TrainConfig) -> dict:
             golds = [answers_of(splits["train"][i]) for i in mine] if loss == "f1" else None
             lp, lm, grads = step_losses(
                 engine, s, batch, loss, seeds, eps, golds, reduce=not zc.spread_directions,
-                packed=ahead.pop("packed", None), ahead=ahead,
+                packed=ahead.pop("packed", None), ahead=ahead, lazy=lazy,
                 next_batch=[train_set[i] for i in my_examples(step + 1)] if step + 1 < rc.steps else None)
             if zc.spread_directions and world > 1:  # (L₊, L₋, g) of every direction, back in seed order
                 parts = dist.all_gather_floats(lp.tolist() + lm.tolist() + grads)
@@ -300,54 +393,34 @@ def train(cfg: TrainConfig) -> dict:
                 seeds = all_seeds
                 lp, lm = torch.tensor([o[1] for o in order]), torch.tensor([o[2] for o in order])
                 grads = [o[3] for o in order]
-            loss_val = float((lp + lm).mean() / 2)
-            finite = all(math.isfinite(x) for x in grads + [loss_val])
-            spike = (rc.guard_threshold > 0 and len(recent) >= 20
-                     and loss_val > rc.guard_threshold * statistics.median(recent[-100:]))
-            if not finite or spike:
-                strikes += 1
-                nothing_to_undo = applied == 0
-                why = "non-finite loss" if not finite else f"loss {loss_val:.4g} > {rc.guard_threshold}× running median"
-                if applied > 0:  # the update before this loss is the suspect: undo it exactly
-                    applied, prev = _undo_last(s, ckpt, prev, applied), None
-                    dist.barrier()  # every rank has read the checkpoint before rank 0 replaces it below
-                    lr_scale *= rc.guard_lr_factor
-                    if main:
-                        slog.write({"step": step, "revert_to": applied, "reason": why, "lr_scale": lr_scale})
-                        save_checkpoint(s, ckpt, state(step + 1))
-                if strikes > rc.guard_strikes or nothing_to_undo:
-                    if main:
-                        slog.close()
-                    bar.close()
-                    raise ZoftError(f"{why} at step {step + 1} ({strikes} strike(s)); the parameters before it are in "
-                                    f"{ckpt}: lower --lr or --eps and continue with --resume")
-                if main:
-                    bar.write(file=sys.stderr, s=f"step {step + 1}: {why}; undid the last update, lr × {rc.guard_lr_factor} "
-                              f"(strike {strikes}/{rc.guard_strikes})")
-                step += 1
-                bar.update(1)
-                continue
-            if main:  # write-ahead: the record is on its way to disk before the update happens
-                slog.write({"step": step, "seeds": seeds, "grads": grads, "lr": lr, "loss": loss_val})
-            prev = _snapshot(s)
-            sgd_update_(s.trainable, seeds, grads, lr, zc.weight_decay)
-            applied += 1
-            recent.append(loss_val)
+            if zc.clip_grad:  # the clipped g is what the update uses and the step log records
+                c = zc.clip_grad
+                grads = grads.clamp(-c, c) if torch.is_tensor(grads) else [min(max(x, -c), c) if math.isfinite(x) else x for x in grads]
+            rec = {"step": step, "seeds": seeds, "lr": lr}
+            flag = []
+            if world > 1:  # the ranks agree on stopping through a max over ranks queued with the step
+                flag = [dist.all_reduce_max(torch.full((1,), float(sig.got or 0), dtype=torch.float64, device=lp.device))]
+            if lazy:
+                rec["snap"] = _snapshot(s)
+                sgd_update_(s.trainable, seeds, grads, lr, zc.weight_decay)  # no-op on the device if g is not finite
+                rec["vals"], rec["event"] = _to_host(torch.cat([lp, lm, grads, *flag]))
+            else:
+                rec["vals"] = lp.tolist() + lm.tolist() + list(grads) + [float(f) for f in flag]
+            inflight.append(rec)
             step += 1
-            dt = time.time() - t0
-            ema = loss_val if ema is None else 0.95 * ema + 0.05 * loss_val
-            g_mean = sum(grads) / len(grads)
-            bar.update(1)
-            bar.set_postfix(loss=f"{ema:.4f}", g=f"{g_mean:+.3g}", s_step=f"{dt:.2f}")
-            if main:
-                metrics.write(json.dumps({"step": step, "loss": loss_val, "projected_grad": g_mean, "lr": lr,
-                                          "seconds": round(time.time() - t_start, 3), "step_seconds": round(dt, 4)}) + "\n")
-                metrics.flush()
+            flush = boundary(step)
+            rejected = False
+            while inflight and (flush or signalled or len(inflight) > 1 or not lazy) and not rejected:
+                rejected = not accept(inflight.pop(0))
+            if inflight or rejected or not (flush or signalled):
+                continue  # steps still queued, or a step was rejected: no boundary work now
             if main and rc.log_every and step % rc.log_every == 0:
                 st = engine.stats.summary()
                 bar.write(file=sys.stderr, s=f"step {step}: token×layer work {st['token_layers_computed']:,} computed vs "
                           f"{st['token_layers_naive']:,} naive two-pass ({st['work_saved']:.1%} saved)"
                           + (f", prefix-cache hits {st['prefix_cache_hit_rate']:.1%}" if st["prefix_cache_hit_rate"] else ""))
+            if main:
+                metrics.flush()
             if main and rc.eval_every and step % rc.eval_every == 0 and enc["dev"]:
                 ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
                 dev, metric = ev["score"], ev["metric"]
@@ -359,10 +432,8 @@ def train(cfg: TrainConfig) -> dict:
             if main and ((rc.save_every and step % rc.save_every == 0) or step == rc.steps):
                 slog.sync()
                 save_checkpoint(s, ckpt, state(step))
-            got = sig.got or 0
-            if world > 1:  # stop at the same step on every rank, or the others wait forever in the next all-reduce
-                got = int(dist.all_reduce_max(torch.tensor([float(got)]))[0])
-            if got:
+            got = (sig.got or 0) if world == 1 else signalled  # ranks must stop at the same step, or the others
+            if got:  # wait forever in the next all-reduce
                 if main:
                     slog.sync()
                     save_checkpoint(s, ckpt, state(step))
@@ -408,12 +479,13 @@ def finish(s: Session, engine, enc: dict, splits: dict, out: str, eval_batch_siz
     return result
 
 
-def _undo_last(s: Session, ckpt: str, prev: list[torch.Tensor] | None, applied: int) -> int:
+def _undo_last(s: Session, ckpt: str, prev: torch.Tensor | None, applied: int) -> int:
     """Undo exactly: LoRA restores the copy taken before the last update; otherwise reload the checkpoint."""
     if prev is not None:
         with torch.no_grad():
-            for t, p in zip(s.trainable.tensors, prev):
-                t.copy_(p)
+            parts = prev.split([t.numel() for t in s.trainable.tensors])
+            torch._foreach_copy_([t.data for t in s.trainable.tensors],
+                                 [p.view_as(t).to(t.dtype) for p, t in zip(parts, s.trainable.tensors)])
         return applied - 1
     return load_checkpoint(s, ckpt)["applied"]
 

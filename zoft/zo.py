@@ -120,12 +120,13 @@ def lora_rows(loras: dict[str, LoRALinear], seeds: list[int], eps: float):
 
 def rows_step(
     row_loss: Callable[[int], torch.Tensor], loras: dict[str, LoRALinear], seeds: list[int], eps: float,
-    before_sync: Callable[[], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    before_sync: Callable[[], None] | None = None, lazy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[float] | torch.Tensor]:
     """row_loss(P) runs the batch for P rows and returns (P,) losses. Returns L₊, L₋ (n,) and g per direction.
     before_sync runs after the forward is queued and before its result is read (on a GPU, host work
-    there, such as packing the next batch, overlaps the forward)."""
-    return _estimate(row_loss, lora_rows(loras, seeds, eps), seeds, eps, before_sync)
+    there, such as packing the next batch, overlaps the forward). lazy: g stays a float64 tensor on the
+    device and nothing waits for the forward (``sgd_update_`` takes it as it is; see train's pipeline)."""
+    return _estimate(row_loss, lora_rows(loras, seeds, eps), seeds, eps, before_sync, lazy)
 
 
 def full_rows_step(
@@ -136,13 +137,14 @@ def full_rows_step(
     return _estimate(row_loss, full_rows(model, tr, seeds, eps), seeds, eps, before_sync)
 
 
-def _estimate(row_loss, rows_ctx, seeds, eps, before_sync):
+def _estimate(row_loss, rows_ctx, seeds, eps, before_sync, lazy=False):
     with rows_ctx:
         losses = row_loss(2 * len(seeds)).double()
     if before_sync is not None:
         before_sync()
     lp, lm = losses[0::2], losses[1::2]
-    return lp, lm, ((lp - lm) / (2 * eps)).tolist()
+    g = (lp - lm) / (2 * eps)
+    return lp, lm, (g if lazy else g.tolist())
 
 
 @contextmanager
@@ -250,10 +252,20 @@ def inplace_step(
 
 
 @torch.no_grad()
-def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float], lr: float, weight_decay: float) -> None:
-    """θ ← θ − lr·((1/n) Σ_j g_j z_j + wd·θ), z regenerated chunk by chunk."""
+def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tensor, lr: float,
+                weight_decay: float) -> None:
+    """θ ← θ − lr·((1/n) Σ_j g_j z_j + wd·θ), z regenerated chunk by chunk.
+
+    LoRA (flat) sets take g as a list or as a float64 tensor on the parameters' device, and do the same
+    arithmetic either way (a replay from the step log repeats a pipelined run's update bitwise). A
+    tensor g is never read on the host: a non-finite g makes the whole update, decay included, a no-op
+    on the device, and the caller, who reads g later, treats the step as rejected."""
+    if tr.flat:
+        _flat_update_(tr, seeds, grads, lr, weight_decay)
+        return
+    grads = grads.tolist() if isinstance(grads, torch.Tensor) else grads
     n = len(seeds)
-    if tr.z_backend == "triton" and not tr.flat:  # decay and every direction in one pass per tensor
+    if tr.z_backend == "triton":  # decay and every direction in one pass per tensor
         from zoft.kernels.perturb_triton import add_noise_multi_triton_
 
         for i, t in enumerate(tr.tensors):
@@ -264,11 +276,26 @@ def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float], lr: float, 
     if weight_decay and decayed:
         torch._foreach_mul_(decayed, 1 - lr * weight_decay)
     for s, g in zip(seeds, grads):
-        if tr.flat:
-            _foreach_add(tr, directions(tr, s), -lr * g / n)
-        else:
-            for i, t in enumerate(tr.tensors):
-                add_noise_(t.data, param_seed(s, i), -lr * g / n)
+        for i, t in enumerate(tr.tensors):
+            add_noise_(t.data, param_seed(s, i), -lr * g / n)
+
+
+def _flat_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tensor, lr: float,
+                  weight_decay: float) -> None:
+    """The LoRA update in a fixed number of launches: Δ = Σ_j (−lr·g_j/n)·z_j over the flat parameter
+    vector, then θ_i += Δ_i for every tensor in one foreach kernel."""
+    t0 = tr.tensors[0]
+    g = grads if isinstance(grads, torch.Tensor) else torch.tensor(grads, dtype=torch.float64)
+    g = g.to(t0.device, torch.float64)
+    ok = torch.isfinite(g).all()
+    alpha = torch.where(ok, g * -lr / len(seeds), 0.0)  # the same double arithmetic as -lr * g / n
+    z = torch.stack([_flat_z(tr, s) for s in seeds])  # (n, D) float32
+    delta = (alpha.to(z.dtype)[:, None] * z).sum(0) if len(seeds) > 1 else alpha.to(z.dtype) * z[0]
+    decayed = [t.data for t, d in zip(tr.tensors, tr.decay) if d]
+    if weight_decay and decayed:
+        torch._foreach_mul_(decayed, torch.where(ok, 1 - lr * weight_decay, 1.0).to(t0.dtype))
+    parts = delta.split([t.numel() for t in tr.tensors])
+    torch._foreach_add_([t.data for t in tr.tensors], [d.view_as(t).to(t.dtype) for d, t in zip(parts, tr.tensors)])
 
 
 def _foreach_add(tr: Trainable, zs: list[torch.Tensor], alpha: float) -> None:
