@@ -48,11 +48,10 @@ import time
 import torch
 
 from zoft import distributed as dist
-from zoft.bench import WORKLOADS, make_batch, write_stub_tokenizer
+from zoft.bench import WORKLOADS, _read, make_batch, write_stub_tokenizer
 from zoft.config import ModelConfig, ZOConfig
 from zoft.models.opt import PRESETS
 from zoft.session import attach, load_session, make_engine
-from zoft.bench import _read
 from zoft.train import _snapshot, _to_host, step_losses
 from zoft.zo import direction_seeds, sgd_update_
 

@@ -50,6 +50,17 @@ if [ "$1" = final2 ]; then  # 20k-step arms in parallel on one GPU (each process
   run bp_lora_seed1 --optimizer adamw --mode lora --layers top4 --lr 1e-3 --steps 300 --eval-every 100 --no-zero-shot --seed 1 &
   wait
 fi
+if [ "$1" = final3 ]; then  # after final2 (every 20k arm collapsed once |g| grew): clipped g, lower lr
+  export OMP_NUM_THREADS=2 RUN_LIMIT=560
+  z="--mode lora --layers top4 --eps 1e-2 --schedule cosine --eval-every 2000 --no-zero-shot"
+  G1=$(( $(nvidia-smi -L | wc -l) > 1 ? 1 : 0 ))  # a second GPU takes two of the arms when there is one
+  run c3_clip1_20k $z --lr 3e-3 --clip-grad 1 --steps 20000 &
+  run c3_clip1_20k_seed1 $z --lr 3e-3 --clip-grad 1 --steps 20000 --seed 1 &
+  run c3_clip05_20k $z --lr 3e-3 --clip-grad 0.5 --steps 20000 &
+  CUDA_VISIBLE_DEVICES=$G1 run c15_20k $z --lr 1.5e-3 --steps 20000 &
+  CUDA_VISIBLE_DEVICES=$G1 run c5_clip1_dir4_10k $z --lr 5e-3 --clip-grad 1 --directions 4 --steps 10000 --eval-every 1000 &
+  wait
+fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
   mkdir -p $ZOFT_CACHE/bigbench && cp -r .xfer/bigbench/squad_shifts $ZOFT_CACHE/bigbench/

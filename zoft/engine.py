@@ -60,6 +60,16 @@ def make_segment(e: Encoded, cands: list[list[int]], share_prompt: bool) -> list
     return [Segment(ids, pos, br, (tuple(e.prompt_ids),) + tuple(tuple(c) for c in cands))]
 
 
+def longs_to(device, *arrays: list[int]) -> list[torch.Tensor]:
+    """Integer lists as int64 tensors on `device`, through one host→device copy. On CUDA the copy is
+    from pinned memory and asynchronous: a copy from pageable memory makes the host wait until the GPU
+    has drained its queue, which would stall the train loop's pipeline (zoft.train) once per tensor."""
+    host = torch.tensor([x for a in arrays for x in a], dtype=torch.long)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    return list(host.split([len(a) for a in arrays]))
+
+
 @dataclass
 class Packs:
     ids: torch.Tensor  # (N, L)
@@ -90,17 +100,11 @@ def pack(segments: list[Segment], pack_tokens: int, device, one_per_row: bool = 
     N, L = len(rows), max(fill)
     if torch.device(device).type == "cuda":  # few distinct shapes: kernels, plans and CUDA graphs are reused
         L = -(-(pack_tokens if N > 1 else L) // 64) * 64  # several rows: the first is nearly full anyway
-    ids = torch.zeros(N, L, dtype=torch.long)
-    pos = torch.zeros(N, L, dtype=torch.long)
-    seg = torch.full((N, L), -1, dtype=torch.long)
-    br = torch.zeros(N, L, dtype=torch.long)
+    ids, pos, br, seg = [0] * (N * L), [0] * (N * L), [0] * (N * L), [-1] * (N * L)
     for i, (s, (r, st)) in enumerate(zip(segments, where)):
-        n = len(s.ids)
-        ids[r, st : st + n] = torch.tensor(s.ids)
-        pos[r, st : st + n] = torch.tensor(s.pos)
-        br[r, st : st + n] = torch.tensor(s.branch)
-        seg[r, st : st + n] = i
-    ids, pos, seg, br = (t.to(device) for t in (ids, pos, seg, br))  # the (N, L, L) mask is built on the device
+        o, n = r * L + st, len(s.ids)
+        ids[o : o + n], pos[o : o + n], br[o : o + n], seg[o : o + n] = s.ids, s.pos, s.branch, [i] * n
+    ids, pos, seg, br = (t.view(N, L) for t in longs_to(device, ids, pos, seg, br))  # the mask is built there
     same = seg[:, :, None] == seg[:, None, :]
     causal = pos[:, None, :] <= pos[:, :, None]
     branch_ok = (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
@@ -119,6 +123,7 @@ class Batch:
     tgt: torch.Tensor  # (M,) target token ids
     cand: torch.Tensor  # (M,) candidate index of target m, 0..C-1
     cand_len: torch.Tensor  # (C,)
+    cand_tok: torch.Tensor  # (C, W) target indices of each candidate's tokens, padded with M (a zero slot)
     cand_example: torch.Tensor  # (C,) example index of each candidate
     cand_slot: torch.Tensor  # (C,) index of the candidate within its example
     answers: torch.Tensor  # (E,)
@@ -164,18 +169,24 @@ def build_batch(
             cand_len.append(len(c))
             cand_ex.append(ei)
             cand_slot.append(k)
-    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     single = all(n == 1 for n in cand_len) and share_prompt
+    width, starts = max(cand_len), [0]
+    for n in cand_len[:-1]:
+        starts.append(starts[-1] + n)
+    cand_tok = [st + t if t < n else len(tgt) for st, n in zip(starts, cand_len) for t in range(width)]
+    src, tgt, cand, cand_len_t, cand_ex, cand_slot, answers, cand_tok = longs_to(
+        device, src, tgt, cand, cand_len, cand_ex, cand_slot, [e.answer for e in encoded], cand_tok)
     return Batch(
         packs=packs,
         segments=segments,
-        src=t(src),
-        tgt=t(tgt),
-        cand=t(cand),
-        cand_len=t(cand_len),
-        cand_example=t(cand_ex),
-        cand_slot=t(cand_slot),
-        answers=t([e.answer for e in encoded]),
+        src=src,
+        tgt=tgt,
+        cand=cand,
+        cand_len=cand_len_t,
+        cand_example=cand_ex,
+        cand_slot=cand_slot,
+        answers=answers,
+        cand_tok=cand_tok.view(len(cand_len), width),
         n_slots=max(len(e.cand_ids) for e in encoded),
         single_token=single,
         naive_tokens=naive,
@@ -373,8 +384,10 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 
 
 def score_table(b: Batch, token_lp: torch.Tensor, logits_only: bool) -> Scores:
-    rows, C = token_lp.shape[0], b.cand_len.numel()
-    cand_sum = torch.zeros(rows, C, dtype=token_lp.dtype, device=token_lp.device).index_add_(1, b.cand, token_lp)
+    rows = token_lp.shape[0]
+    padded = F.pad(token_lp, (0, 1))  # a zero at index M for the padding of b.cand_tok
+    cand_sum = padded[:, b.cand_tok].sum(-1)  # (P, C); a gather and a fixed-order sum: deterministic on CUDA,
+    # where index_add_'s atomics would sum a candidate's tokens in a varying order
     cand_mean = cand_sum / b.cand_len
     E = b.answers.numel()
     table = torch.full((rows, E, b.n_slots), float("-inf"), dtype=token_lp.dtype, device=token_lp.device)

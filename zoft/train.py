@@ -104,7 +104,7 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
     def mean_over_ranks(v: torch.Tensor) -> torch.Tensor:  # (P,) local means -> global means
         if not reduce or dist.world()[1] == 1:
             return v
-        tot = dist.all_reduce_sum(torch.cat([v.double() * len(batch), v.new_tensor([len(batch)]).double()]))
+        tot = dist.all_reduce_sum(torch.cat([v.double() * len(batch), torch.full((1,), float(len(batch)), dtype=torch.float64, device=v.device)]))
         return tot[:-1] / tot[-1]
 
     early = None

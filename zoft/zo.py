@@ -108,7 +108,8 @@ def lora_rows(loras: dict[str, LoRALinear], seeds: list[int], eps: float):
     tr = lora_trainable(loras)
     theta = torch.cat([t.detach().reshape(-1) for t in tr.tensors])
     z = torch.stack([_flat_z(tr, s) for s in seeds]).repeat_interleave(2, dim=0)  # (2n, D)
-    signs = torch.tensor([eps, -eps] * len(seeds), device=theta.device, dtype=z.dtype)[:, None]
+    signs = torch.full((2 * len(seeds), 1), eps, device=theta.device, dtype=z.dtype)  # built there: no host copy
+    signs[1::2] = -eps
     bank = theta[None] + signs * z  # float32 z; float64 θ (the exactness tests) stays float64
     try:
         set_bank_views(loras.values(), bank)

@@ -186,6 +186,7 @@ class Llama(NativeModel):
         super().__init__()
         self.args = args
         self.max_positions = args.sliding_window or args.max_position_embeddings
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # rotary frequencies per device
         self.model = _Inner(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -198,7 +199,9 @@ class Llama(NativeModel):
         return self.model.embed_tokens(ids)
 
     def position_context(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = rope_inv_freq(self.args).to(pos.device)  # recomputed: cheap, and no meta-device buffer
+        inv_freq = self._inv_freq.get(pos.device)  # kept per device (not a buffer: no meta-device state)
+        if inv_freq is None:
+            inv_freq = self._inv_freq[pos.device] = rope_inv_freq(self.args).to(pos.device)
         freqs = pos.float()[..., None] * inv_freq  # (N, L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (N, 1, L, hd)
         dtype = self.model.embed_tokens.weight.dtype
