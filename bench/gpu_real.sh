@@ -61,6 +61,17 @@ if [ "$1" = final3 ]; then  # after final2 (every 20k arm collapsed once |g| gre
   CUDA_VISIBLE_DEVICES=$G1 run c5_clip1_dir4_10k $z --lr 5e-3 --clip-grad 1 --directions 4 --steps 10000 --eval-every 1000 &
   wait
 fi
+if [ "$1" = final4 ]; then  # clipped g held (final3); its seed-0 arm lost to a cache race, now fixed
+  export OMP_NUM_THREADS=2 RUN_LIMIT=400
+  timeout 120 python -m pytest -q -m gpu tests/test_durability.py -p no:cacheprovider 2>&1 | tail -2
+  z="--mode lora --layers top4 --eps 1e-2 --schedule cosine --eval-every 2000 --no-zero-shot"
+  G1=$(( $(nvidia-smi -L | wc -l) > 1 ? 1 : 0 ))
+  run c3_clip1_20k $z --lr 3e-3 --clip-grad 1 --steps 20000 &
+  run c5_clip1_20k $z --lr 5e-3 --clip-grad 1 --steps 20000 &
+  CUDA_VISIBLE_DEVICES=$G1 run c3_clip1_30k $z --lr 3e-3 --clip-grad 1 --steps 30000 &
+  CUDA_VISIBLE_DEVICES=$G1 run c3_clip05_20k $z --lr 3e-3 --clip-grad 0.5 --steps 20000 &
+  wait
+fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
   mkdir -p $ZOFT_CACHE/bigbench && cp -r .xfer/bigbench/squad_shifts $ZOFT_CACHE/bigbench/

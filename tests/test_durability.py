@@ -460,4 +460,4 @@ def test_pipelined_lora_run_equals_a_synchronous_loop(root, model, device):
     saved = tensors(out / "checkpoint" / "adapter_model.safetensors")
     assert len(saved) == len(s.trainable.tensors)
     for name, t in zip(s.trainable.names, s.trainable.tensors):
-        assert torch.equal(saved[f"base_model.model.{name}.weight"], t.detach().float()), name
+        assert torch.equal(saved[f"base_model.model.{name}.weight"], t.detach().float().cpu()), name

@@ -82,7 +82,7 @@ def gguf_to_folder(path: str) -> str:
         raise ZoftError(f"loading GGUF needs the gguf and accelerate packages: pip install gguf accelerate ({e})") from None
     from safetensors.torch import save_file
 
-    tmp = out + ".tmp"
+    tmp = f"{out}.tmp-{os.getpid()}"  # per process: several runs started at once each convert, one wins
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     # save_pretrained refuses GGUF-quantised models; the weights are already dequantised, so write them directly
@@ -95,8 +95,13 @@ def gguf_to_folder(path: str) -> str:
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        shutil.rmtree(out, ignore_errors=True)  # a partial folder left by a killed conversion
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process's conversion landed first
+            pass
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
