@@ -20,7 +20,8 @@ around every timed region:
    step; the reference's collation is not (MeZO's DataLoader does it), so the comparison leans to MeZO.
    LoRA steps are timed twice: synchronously (median of per-step times, each step waits for its own
    losses) and pipelined as ``zoft train`` runs them (the update queued with g on the device, step i's
-   losses read once step i+1 is queued; total time over --steps consecutive steps / --steps). The
+   losses read once step i+1 is queued; the --steps timed batches in a cycle of at least 50 steps,
+   after one untimed cycle that records every shape's CUDA graph; window time / steps). The
    pipelined figure is ``zoft_step_ms``, what a training run sees per step; the reference cannot
    pipeline (MeZO reads g with ``.item()`` before its update), so its per-step time is its throughput.
 
@@ -378,12 +379,13 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
     ahead: dict = {}
     lazy = s.loras is not None  # zoft train pipelines LoRA steps (zoft.train): g stays on the device
 
-    def step(i: int, read_now: bool = True):
-        """One step as zoft train runs it: batch i+1 is packed while step i's forward runs; LoRA steps
-        queue their update with g on the device and start copying the losses to the host. read_now:
+    def step(i: int, read_now: bool = True, nxt_i: int | None = None):
+        """One step as zoft train runs it: batch i+1 (or nxt_i) is packed while step i's forward runs; LoRA
+        steps queue their update with g on the device and start copying the losses to the host. read_now:
         wait for them (a synchronous step); otherwise return them to read after the next step is queued."""
         dirs = direction_seeds(seed, i, zc.directions)
-        nxt = batches[i + 1] if i + 1 < len(batches) else None
+        nxt_i = i + 1 if nxt_i is None else nxt_i
+        nxt = batches[nxt_i] if nxt_i < len(batches) else None
         lp, lm, grads = step_losses(engine, s, batches[i], "candidate", dirs, zc.eps_value,
                                     packed=ahead.pop("packed", None), next_batch=nxt, ahead=ahead, lazy=lazy)
         if not lazy:
@@ -398,25 +400,29 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
     piped = None
     if lazy:  # the train loop's pipeline: step i's losses are read after step i+1 is queued
 
+        # the timed batches in a cycle, at least 50 steps: filling and draining the pipeline (one step's
+        # latency) is then a small part of the window, as in a training run
+        order = list(range(warmup, warmup + steps)) * -(-50 // steps)
+
         def window() -> float:
             ahead.clear()
             _sync(device)
             t0, pending = time.perf_counter(), None
-            for i in range(warmup, warmup + steps):
-                nxt = step(i, read_now=False)
+            for k, i in enumerate(order):
+                nxt = step(i, read_now=False, nxt_i=order[(k + 1) % len(order)])
                 if pending is not None:
                     _read(pending)
                 pending = nxt
             _read(pending)
             _sync(device)
-            return (time.perf_counter() - t0) * 1e3 / steps
+            return (time.perf_counter() - t0) * 1e3 / len(order)
 
         window()  # untimed: every batch shape now met twice, so its CUDA graph is recorded (zoft.graphs)
         recorded = engine.graphs.captures if engine.graphs is not None else 0
         piped = window()
         if engine.graphs is not None and engine.graphs.captures != recorded:
             log(f"  note: {engine.graphs.captures - recorded} graph recordings fell in the timed window")
-        log(f"  zoft pipelined: {piped:.2f} ms a step over {steps} steps")
+        log(f"  zoft pipelined: {piped:.2f} ms a step over {len(order)} steps")
     build_ms = []
     for b in batches[warmup:]:
         t0 = time.perf_counter()
