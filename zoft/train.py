@@ -295,7 +295,7 @@ def train(cfg: TrainConfig) -> dict:
     train_set, ahead = enc["train"], {}  # ahead["packed"]: this step's batch, packed during the previous step
     inflight: list[dict] = []  # lazy: steps whose update is queued and whose losses the host has not read
     signalled = 0  # data parallel: a signal some rank got, learnt through the step's all-reduce
-    t_prev = time.time()
+    t_prev, flushed = time.time(), [time.time()]
 
     def my_examples(at: int) -> list[int]:  # this rank's examples at step `at` (all of them when spreading directions)
         idx = batch_indices(at, min(zc.batch_size, len(train_set)), len(train_set), rc.seed)
@@ -360,7 +360,7 @@ def train(cfg: TrainConfig) -> dict:
         applied += 1
         recent.append(loss_val)
         now = time.time()
-        dt, t_prev = now - t_prev, now
+        dt, t_prev = r["t"] - t_prev, r["t"]  # between queueing this step and the one before
         ema = loss_val if ema is None else 0.95 * ema + 0.05 * loss_val
         g_mean = sum(grads) / len(grads)
         bar.update(1)
@@ -368,6 +368,9 @@ def train(cfg: TrainConfig) -> dict:
         if main:
             metrics.write(json.dumps({"step": r["step"] + 1, "loss": loss_val, "projected_grad": g_mean, "lr": r["lr"],
                                       "seconds": round(now - t_start, 3), "step_seconds": round(dt, 4)}) + "\n")
+            if now - flushed[0] > 2:  # readable while the run goes on, without a write call per step
+                metrics.flush()
+                flushed[0] = now
         return True
 
     with _Signals() as sig:
@@ -396,7 +399,7 @@ def train(cfg: TrainConfig) -> dict:
             if zc.clip_grad:  # the clipped g is what the update uses and the step log records
                 c = zc.clip_grad
                 grads = grads.clamp(-c, c) if torch.is_tensor(grads) else [min(max(x, -c), c) if math.isfinite(x) else x for x in grads]
-            rec = {"step": step, "seeds": seeds, "lr": lr}
+            rec = {"step": step, "seeds": seeds, "lr": lr, "t": time.time()}
             flag = []
             if world > 1:  # the ranks agree on stopping through a max over ranks queued with the step
                 flag = [dist.all_reduce_max(torch.full((1,), float(sig.got or 0), dtype=torch.float64, device=lp.device))]
