@@ -16,7 +16,7 @@ def test_two_runs_converting_at_once_both_get_the_cached_folder(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", CONVERT, gguf], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
         assert "converting" in err  # both really converted: the race was real
     folders = {out.strip().splitlines()[-1] for out, _ in outs}

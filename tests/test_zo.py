@@ -247,3 +247,4 @@ def test_full_rows_needs_layers(root):
     s = load_session(ModelConfig(model=make_tiny("opt", root)))
     with pytest.raises(ZoftError, match="--full-step rows needs --layers"):
         attach(s, ZOConfig(mode="full", full_step="rows"))
+

@@ -170,7 +170,7 @@ def build_batch(
             cand_ex.append(ei)
             cand_slot.append(k)
     single = all(n == 1 for n in cand_len) and share_prompt
-    width, starts = max(cand_len), [0]
+    width, starts = max(cand_len, default=1), [0]
     for n in cand_len[:-1]:
         starts.append(starts[-1] + n)
     cand_tok = [st + t if t < n else len(tgt) for st, n in zip(starts, cand_len) for t in range(width)]
@@ -386,8 +386,9 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 def score_table(b: Batch, token_lp: torch.Tensor, logits_only: bool) -> Scores:
     rows = token_lp.shape[0]
     padded = F.pad(token_lp, (0, 1))  # a zero at index M for the padding of b.cand_tok
-    cand_sum = padded[:, b.cand_tok].sum(-1)  # (P, C); a gather and a fixed-order sum: deterministic on CUDA,
-    # where index_add_'s atomics would sum a candidate's tokens in a varying order
+    cand_sum = padded[:, b.cand_tok].sum(-1)  # (P, C): a gather and a sum, deterministic on CUDA, where
+    # index_add_'s atomics summed a candidate's tokens in a varying order. (Scores still depend on the batch
+    # at rounding level, as in any engine: packing changes the GEMM shapes of the forward itself.)
     cand_mean = cand_sum / b.cand_len
     E = b.answers.numel()
     table = torch.full((rows, E, b.n_slots), float("-inf"), dtype=token_lp.dtype, device=token_lp.device)

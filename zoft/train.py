@@ -290,7 +290,7 @@ def train(cfg: TrainConfig) -> dict:
     # again from the step after the rejected one: the same parameters as the synchronous loop, which
     # checks before it updates. Every boundary (eval, save, log, signals, the end) first reads every
     # queued step, so what is evaluated and saved is exactly the accepted updates.
-    lazy = s.loras is not None and loss != "f1" and not zc.spread_directions
+    lazy = rc.pipeline and s.loras is not None and loss != "f1" and not zc.spread_directions
     ema, t_loop, recent, strikes, first, undo = None, time.time(), [], 0, step, None
     train_set, ahead = enc["train"], {}  # ahead["packed"]: this step's batch, packed during the previous step
     inflight: list[dict] = []  # lazy: steps whose update is queued and whose losses the host has not read
@@ -303,8 +303,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def boundary(at: int) -> bool:  # after `at` steps: work that needs the parameters as accepted so far
         every = lambda k: k and at % k == 0
-        return (at >= rc.steps or every(rc.eval_every) or every(rc.save_every) or every(rc.log_every)
-                or (world == 1 and bool(sig.got)))
+        return at >= rc.steps or every(rc.eval_every) or every(rc.save_every) or (world == 1 and bool(sig.got))
 
     def reject(r: dict, why: str) -> None:
         """Step r is rejected: undo the update before it, lower the lr, and go on from the step after r."""
@@ -350,7 +349,8 @@ def train(cfg: TrainConfig) -> dict:
         if not finite or spike:
             reject(r, "non-finite loss" if not finite else f"loss {loss_val:.4g} > {rc.guard_threshold}× running median")
             return False
-        if main:  # write-ahead in the synchronous loop: the record is on its way to disk before the update
+        if main:  # synchronous: written ahead of the update. Pipelined: the update is already queued, but no
+            # checkpoint is written before a flush has logged every queued step, so a crash loses both together
             slog.write({"step": r["step"], "seeds": r["seeds"], "grads": grads, "lr": r["lr"], "loss": loss_val})
         if "snap" in r:  # lazy: already queued
             undo = r["snap"]
@@ -398,7 +398,8 @@ def train(cfg: TrainConfig) -> dict:
                 grads = [o[3] for o in order]
             if zc.clip_grad:  # the clipped g is what the update uses and the step log records
                 c = zc.clip_grad
-                grads = grads.clamp(-c, c) if torch.is_tensor(grads) else [min(max(x, -c), c) if math.isfinite(x) else x for x in grads]
+                grads = (torch.where(grads.isfinite(), grads.clamp(-c, c), grads) if torch.is_tensor(grads)
+                         else [min(max(x, -c), c) if math.isfinite(x) else x for x in grads])  # ±inf and NaN stay
             rec = {"step": step, "seeds": seeds, "lr": lr, "t": time.time()}
             flag = []
             if world > 1:  # the ranks agree on stopping through a max over ranks queued with the step
@@ -411,17 +412,17 @@ def train(cfg: TrainConfig) -> dict:
                 rec["vals"] = lp.tolist() + lm.tolist() + list(grads) + [float(f) for f in flag]
             inflight.append(rec)
             step += 1
+            if main and rc.log_every and step % rc.log_every == 0:  # host-side counts: no need to wait for the GPU
+                st = engine.stats.summary()
+                bar.write(file=sys.stderr, s=f"step {step}: token×layer work {st['token_layers_computed']:,} computed vs "
+                          f"{st['token_layers_naive']:,} naive two-pass ({st['work_saved']:.1%} saved)"
+                          + (f", prefix-cache hits {st['prefix_cache_hit_rate']:.1%}" if st["prefix_cache_hit_rate"] else ""))
             flush = boundary(step)
             rejected = False
             while inflight and (flush or signalled or len(inflight) > 1 or not lazy) and not rejected:
                 rejected = not accept(inflight.pop(0))
             if inflight or rejected or not (flush or signalled):
                 continue  # steps still queued, or a step was rejected: no boundary work now
-            if main and rc.log_every and step % rc.log_every == 0:
-                st = engine.stats.summary()
-                bar.write(file=sys.stderr, s=f"step {step}: token×layer work {st['token_layers_computed']:,} computed vs "
-                          f"{st['token_layers_naive']:,} naive two-pass ({st['work_saved']:.1%} saved)"
-                          + (f", prefix-cache hits {st['prefix_cache_hit_rate']:.1%}" if st["prefix_cache_hit_rate"] else ""))
             if main:
                 metrics.flush()
             if main and rc.eval_every and step % rc.eval_every == 0 and enc["dev"]:

@@ -255,7 +255,7 @@ def inplace_step(
 @torch.no_grad()
 def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tensor, lr: float,
                 weight_decay: float) -> None:
-    """θ ← θ − lr·((1/n) Σ_j g_j z_j + wd·θ), z regenerated chunk by chunk.
+    """θ ← θ − lr·((1/n) Σ_j g_j z_j + wd·θ), z regenerated from the seeds (chunk by chunk in full mode).
 
     LoRA (flat) sets take g as a list or as a float64 tensor on the parameters' device, and do the same
     arithmetic either way (a replay from the step log repeats a pipelined run's update bitwise). A
@@ -286,15 +286,17 @@ def _flat_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Te
     """The LoRA update in a fixed number of launches: Δ = Σ_j (−lr·g_j/n)·z_j over the flat parameter
     vector, then θ_i += Δ_i for every tensor in one foreach kernel."""
     t0 = tr.tensors[0]
+    dt = torch.promote_types(t0.dtype, torch.float32)  # float32, or float64 for float64 parameters
     g = grads if isinstance(grads, torch.Tensor) else torch.tensor(grads, dtype=torch.float64)
     g = g.to(t0.device, torch.float64)
     ok = torch.isfinite(g).all()
-    alpha = torch.where(ok, g * -lr / len(seeds), 0.0)  # the same double arithmetic as -lr * g / n
-    z = torch.stack([_flat_z(tr, s) for s in seeds])  # (n, D) float32
-    delta = (alpha.to(z.dtype)[:, None] * z).sum(0) if len(seeds) > 1 else alpha.to(z.dtype) * z[0]
+    alpha = torch.where(ok, g * -lr / len(seeds), 0.0).to(dt)  # the same double arithmetic as -lr * g / n
+    z = torch.stack([_flat_z(tr, s) for s in seeds]).to(dt)  # (n, D)
+    delta = (alpha[:, None] * z).sum(0) if len(seeds) > 1 else alpha * z[0]
     decayed = [t.data for t, d in zip(tr.tensors, tr.decay) if d]
     if weight_decay and decayed:
-        torch._foreach_mul_(decayed, torch.where(ok, 1 - lr * weight_decay, 1.0).to(t0.dtype))
+        factor = torch.full((), 1 - lr * weight_decay, dtype=torch.float64, device=t0.device)
+        torch._foreach_mul_(decayed, torch.where(ok, factor, 1.0).to(t0.dtype))
     parts = delta.split([t.numel() for t in tr.tensors])
     torch._foreach_add_([t.data for t in tr.tensors], [d.view_as(t).to(t.dtype) for d, t in zip(parts, tr.tensors)])
 
