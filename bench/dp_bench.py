@@ -48,11 +48,11 @@ import time
 import torch
 
 from zoft import distributed as dist
-from zoft.bench import WORKLOADS, _read, make_batch, write_stub_tokenizer
+from zoft.bench import WORKLOADS, make_batch, write_stub_tokenizer
 from zoft.config import ModelConfig, ZOConfig
 from zoft.models.opt import PRESETS
 from zoft.session import attach, load_session, make_engine
-from zoft.train import _snapshot, _to_host, step_losses
+from zoft.train import HostCopy, snapshot, step_losses
 from zoft.zo import direction_seeds, sgd_update_
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64,
@@ -122,13 +122,13 @@ def run(args: argparse.Namespace) -> dict | None:
         seeds = direction_seeds(args.seed, i, zc.directions)
         lp, lm, g = step_losses(engine, s, shards[i], "candidate", seeds, eps, packed=ahead.pop("packed", None),
                                 next_batch=shards[i + 1] if i + 1 < n else None, ahead=ahead, lazy=True)
-        _snapshot(s)
+        snapshot(s)
         sgd_update_(s.trainable, seeds, g, lr, zc.weight_decay)
-        nxt = _to_host(torch.cat([lp, lm, g]))
+        nxt = HostCopy(torch.cat([lp, lm, g]))
         if pending is not None:
-            _read(pending)
+            pending.read()
         pending = nxt
-    _read(pending)
+    pending.read()
     sync(device)
     piped = float(dist.all_reduce_max(torch.tensor([time.perf_counter() - t0], dtype=torch.float64))[0]) / args.steps
 

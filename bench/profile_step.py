@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from zoft.bench import WORKLOADS, _read, load_reference, make_batch
+from zoft.bench import WORKLOADS, load_reference, make_batch
 from zoft.config import ModelConfig, ZOConfig
 from zoft.session import attach, load_session, make_engine
-from zoft.train import _snapshot, _to_host, step_losses
+from zoft.train import HostCopy, snapshot, step_losses
 from zoft.zo import direction_seeds, sgd_update_
 
 
@@ -48,22 +48,22 @@ def main():
         lp, lm, g = step_losses(eng, s, batches[i % n], "candidate", seeds, zc.eps_value,
                                 packed=ahead.pop("packed", None), next_batch=batches[(i + 1) % n], ahead=ahead,
                                 lazy=True)
-        _snapshot(s)
+        snapshot(s)
         sgd_update_(s.trainable, seeds, g, 1e-4, 0.0)
-        return _to_host(torch.cat([lp, lm, g]))
+        return HostCopy(torch.cat([lp, lm, g]))
 
     def run(lo, hi, pipelined):
         pending = None
         for i in range(lo, hi):
             nxt = step(i)
             if not pipelined:
-                _read(nxt)
+                nxt.read()
                 continue
             if pending is not None:
-                _read(pending)
+                pending.read()
             pending = nxt
         if pending is not None:
-            _read(pending)
+            pending.read()
 
     run(0, 2 * n, True)  # warm-up: every batch shape met twice, so recorded
     sync_ms = []

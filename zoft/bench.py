@@ -55,7 +55,7 @@ from zoft.loading import DTYPES, resolve
 from zoft.models import llama, opt
 from zoft.session import attach, load_session, make_engine, pick_device, resolve_alias
 from zoft.tasks.encode import Encoded
-from zoft.train import _snapshot, _to_host, step_losses
+from zoft.train import HostCopy, snapshot, step_losses
 from zoft.zo import direction_seeds, sgd_update_
 
 # ---- workloads: synthetic batches at the lengths of the real tasks ------------------------------
@@ -391,10 +391,10 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
         if not lazy:
             sgd_update_(s.trainable, dirs, grads, zc.lr_value, zc.weight_decay)
             return None
-        _snapshot(s)  # the guard's copy, as in the train loop
+        snapshot(s)  # the guard's copy, as in the train loop
         sgd_update_(s.trainable, dirs, grads, zc.lr_value, zc.weight_decay)
-        pending = _to_host(torch.cat([lp, lm, grads]))
-        return _read(pending) if read_now else pending
+        pending = HostCopy(torch.cat([lp, lm, grads]))
+        return pending.read() if read_now else pending
 
     times, peak = measure(step, warmup, steps, device, "zoft")
     piped = None
@@ -411,9 +411,9 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
             for k, i in enumerate(order):
                 nxt = step(i, read_now=False, nxt_i=order[(k + 1) % len(order)])
                 if pending is not None:
-                    _read(pending)
+                    pending.read()
                 pending = nxt
-            _read(pending)
+            pending.read()
             _sync(device)
             return (time.perf_counter() - t0) * 1e3 / len(order)
 
@@ -439,13 +439,6 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
         "zoft_tokens": packed.packs.ids.numel(),  # of the last batch
         **engine.stats.summary(),
     })
-
-
-def _read(pending) -> list[float]:
-    host, event = pending
-    if event is not None:
-        event.synchronize()
-    return host.tolist()
 
 
 def run_bench(

@@ -121,7 +121,6 @@ class Batch:
     segments: list[Segment]
     src: torch.Tensor  # (M,) flat index into N*L: the hidden state that predicts target m
     tgt: torch.Tensor  # (M,) target token ids
-    cand: torch.Tensor  # (M,) candidate index of target m, 0..C-1
     cand_len: torch.Tensor  # (C,)
     cand_tok: torch.Tensor  # (C, W) target indices of each candidate's tokens, padded with M (a zero slot)
     cand_example: torch.Tensor  # (C,) example index of each candidate
@@ -152,36 +151,32 @@ def build_batch(
             owners += [[(ei, k, c)] for k, c in cands]
     packs = pack(segments, max(pack_tokens, max(len(s.ids) for s in segments)), device, one_per_row)
     L = packs.ids.shape[1]
-    src, tgt, cand, cand_len, cand_ex, cand_slot = [], [], [], [], [], []
+    src, tgt, cand_start, cand_len, cand_ex, cand_slot = [], [], [], [], [], []
     naive = 0
     for s, own, (r, st) in zip(segments, owners, packs.where):
         lp = s.branch.count(0)
         offset = lp  # candidates follow the prompt in segment order
         for ei, k, c in own:
-            ci = len(cand_len)
+            cand_start.append(len(tgt))
             naive += lp + len(c)
             for t in range(len(c)):
                 prev = (lp - 1) if t == 0 else (offset + t - 1)
                 src.append(r * L + st + prev)
                 tgt.append(c[t])
-                cand.append(ci)
             offset += len(c)
             cand_len.append(len(c))
             cand_ex.append(ei)
             cand_slot.append(k)
     single = all(n == 1 for n in cand_len) and share_prompt
-    width, starts = max(cand_len, default=1), [0]
-    for n in cand_len[:-1]:
-        starts.append(starts[-1] + n)
-    cand_tok = [st + t if t < n else len(tgt) for st, n in zip(starts, cand_len) for t in range(width)]
-    src, tgt, cand, cand_len_t, cand_ex, cand_slot, answers, cand_tok = longs_to(
-        device, src, tgt, cand, cand_len, cand_ex, cand_slot, [e.answer for e in encoded], cand_tok)
+    width = max(cand_len, default=1)
+    cand_tok = [st + t if t < n else len(tgt) for st, n in zip(cand_start, cand_len) for t in range(width)]
+    src, tgt, cand_len_t, cand_ex, cand_slot, answers, cand_tok = longs_to(
+        device, src, tgt, cand_len, cand_ex, cand_slot, [e.answer for e in encoded], cand_tok)
     return Batch(
         packs=packs,
         segments=segments,
         src=src,
         tgt=tgt,
-        cand=cand,
         cand_len=cand_len_t,
         cand_example=cand_ex,
         cand_slot=cand_slot,

@@ -196,22 +196,31 @@ class _Signals:
             signal.signal(sig, h)
 
 
-def _snapshot(s: Session) -> torch.Tensor | None:
+def snapshot(s: Session) -> torch.Tensor | None:
     """LoRA parameters are small: keep a flat copy before each update so the guard can undo it exactly."""
     if s.loras is None:
         return None
     return torch.cat([t.detach().reshape(-1) for t in s.trainable.tensors])
 
 
-def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """Start copying a small device tensor to the host without waiting; (host tensor, event to wait on)."""
-    if t.device.type != "cuda":
-        return t, None
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
+class HostCopy:
+    """A small device tensor on its way to the host: the copy starts now (pinned, asynchronous on CUDA),
+    and read() waits for that copy alone, not for work queued after it."""
+
+    def __init__(self, t: torch.Tensor):
+        self.event = None
+        if t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            t = host
+        self.host = t
+
+    def read(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -295,7 +304,7 @@ def train(cfg: TrainConfig) -> dict:
     train_set, ahead = enc["train"], {}  # ahead["packed"]: this step's batch, packed during the previous step
     inflight: list[dict] = []  # lazy: steps whose update is queued and whose losses the host has not read
     signalled = 0  # data parallel: a signal some rank got, learnt through the step's all-reduce
-    t_prev, flushed = time.time(), [time.time()]
+    t_prev = t_flush = time.time()
 
     def my_examples(at: int) -> list[int]:  # this rank's examples at step `at` (all of them when spreading directions)
         idx = batch_indices(at, min(zc.batch_size, len(train_set)), len(train_set), rc.seed)
@@ -334,10 +343,8 @@ def train(cfg: TrainConfig) -> dict:
 
     def accept(r: dict) -> bool:
         """Read step r's losses; log and count it, or reject it. (Synchronous steps update here.)"""
-        nonlocal applied, undo, ema, t_prev, signalled
-        if r.get("event") is not None:
-            r["event"].synchronize()
-        vals = r["vals"].tolist() if isinstance(r["vals"], torch.Tensor) else r["vals"]
+        nonlocal applied, undo, ema, t_prev, t_flush, signalled
+        vals = r["vals"].read() if isinstance(r["vals"], HostCopy) else r["vals"]
         n = len(r["seeds"])
         if world > 1 and vals[-1] > 0:  # some rank was signalled during this step: every rank stops together
             signalled = int(vals[-1])
@@ -355,7 +362,7 @@ def train(cfg: TrainConfig) -> dict:
         if "snap" in r:  # lazy: already queued
             undo = r["snap"]
         else:
-            undo = _snapshot(s)
+            undo = snapshot(s)
             sgd_update_(s.trainable, r["seeds"], grads, r["lr"], zc.weight_decay)
         applied += 1
         recent.append(loss_val)
@@ -368,9 +375,9 @@ def train(cfg: TrainConfig) -> dict:
         if main:
             metrics.write(json.dumps({"step": r["step"] + 1, "loss": loss_val, "projected_grad": g_mean, "lr": r["lr"],
                                       "seconds": round(now - t_start, 3), "step_seconds": round(dt, 4)}) + "\n")
-            if now - flushed[0] > 2:  # readable while the run goes on, without a write call per step
+            if now - t_flush > 2:  # readable while the run goes on, without a write call per step
                 metrics.flush()
-                flushed[0] = now
+                t_flush = now
         return True
 
     with _Signals() as sig:
@@ -405,9 +412,9 @@ def train(cfg: TrainConfig) -> dict:
             if world > 1:  # the ranks agree on stopping through a max over ranks queued with the step
                 flag = [dist.all_reduce_max(torch.full((1,), float(sig.got or 0), dtype=torch.float64, device=lp.device))]
             if lazy:
-                rec["snap"] = _snapshot(s)
+                rec["snap"] = snapshot(s)
                 sgd_update_(s.trainable, seeds, grads, lr, zc.weight_decay)  # no-op on the device if g is not finite
-                rec["vals"], rec["event"] = _to_host(torch.cat([lp, lm, grads, *flag]))
+                rec["vals"] = HostCopy(torch.cat([lp, lm, grads, *flag]))
             else:
                 rec["vals"] = lp.tolist() + lm.tolist() + list(grads) + [float(f) for f in flag]
             inflight.append(rec)
