@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--workload", default="sst2")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--graphs", type=int, default=1)
+    ap.add_argument("--varlen", type=int, default=-1, help="1: flash varlen attention, 0: the mask path, -1: auto")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp()
     ref, folder = load_reference(a.model, getattr(torch, a.dtype), "cuda", tmp)
@@ -38,7 +39,7 @@ def main():
     s = load_session(ModelConfig(model=folder, device="cuda", dtype=a.dtype))
     zc = ZOConfig(mode="lora")
     attach(s, zc)
-    eng = make_engine(s, cuda_graphs=bool(a.graphs))
+    eng = make_engine(s, cuda_graphs=bool(a.graphs), varlen=None if a.varlen < 0 else bool(a.varlen))
     n = 40
     batches = [make_batch(WORKLOADS[a.workload], 16, 50000, 2, i) for i in range(n + 1)]
     ahead: dict = {}
@@ -78,7 +79,7 @@ def main():
     run(3 * n, 4 * n, True)
     torch.cuda.synchronize()
     piped = (time.perf_counter() - t0) * 1e3 / n
-    print(f"{a.model} {a.workload} {a.dtype} graphs={bool(a.graphs)} on {torch.cuda.get_device_name()}: "
+    print(f"{a.model} {a.workload} {a.dtype} graphs={bool(a.graphs)} varlen={eng.varlen} on {torch.cuda.get_device_name()}: "
           f"synchronous step median {statistics.median(sync_ms):.2f} ms, pipelined {piped:.2f} ms/step")
     if s.device.startswith("cuda") and eng.graphs is not None:
         g = eng.graphs

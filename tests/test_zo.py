@@ -62,11 +62,12 @@ def directional_derivative(model, exs, tr, seed):
     return sum((g * z.to(g.dtype)).sum() for g, z in zip(grads, directions(tr, seed)))
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["mask", "varlen"])
 @pytest.mark.parametrize("kind", ["opt", "llama"])
-def test_lora_rows_estimate_matches_autograd(root, kind):
+def test_lora_rows_estimate_matches_autograd(root, kind, varlen):
     model, loras = lora_model(root, kind, torch.float64)
     exs, seed = examples(), 1234
-    engine = NativeEngine(model)
+    engine = NativeEngine(model, varlen=varlen)
     b = engine.batch(exs)
     want = directional_derivative(model, exs, lora_trainable(loras), seed).item()
     errs = []
@@ -83,13 +84,14 @@ def assert_second_order(errs, want):
     assert errs[1] < 1e-4 * abs(want), (errs, want)
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["mask", "varlen"])
 @pytest.mark.parametrize("kind", ["opt", "llama"])
-def test_full_inplace_estimate_matches_autograd(root, kind):
+def test_full_inplace_estimate_matches_autograd(root, kind, varlen):
     folder = make_tiny(kind, root)
     model = build_native(folder, read_config(folder), torch.float64, "cpu").eval()
     tr = full_trainable(model, [f"{model.block_prefix}.1", f"{model.block_prefix}.2"])
     exs, seed = examples(1), 99
-    engine = NativeEngine(model, first_trained=1)
+    engine = NativeEngine(model, first_trained=1, varlen=varlen)
     b = engine.batch(exs)
     before = [t.clone() for t in tr.tensors]
     want = directional_derivative(model, exs, tr, seed).item()
@@ -103,12 +105,14 @@ def test_full_inplace_estimate_matches_autograd(root, kind):
         torch.testing.assert_close(a, t, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["mask", "varlen"])
 @pytest.mark.parametrize("kind", ["opt", "llama"])
-def test_batched_rows_equal_two_separate_unpacked_passes(root, kind):
-    """zoft's one batched forward gives the same L₊, L₋ as MeZO's two passes with perturbed weights."""
+def test_batched_rows_equal_two_separate_unpacked_passes(root, kind, varlen):
+    """zoft's one batched forward gives the same L₊, L₋ as MeZO's two passes with perturbed weights
+    (the packed rows attending through the block-diagonal mask, or as varlen sequences)."""
     model, loras = lora_model(root, kind, torch.float32)
     exs, seed, eps = examples(2), 7, 1e-2
-    engine = NativeEngine(model)
+    engine = NativeEngine(model, varlen=varlen)
     b = engine.batch(exs)
     lp, lm, _ = rows_step(lambda rows: row_losses(engine.scores(b, rows), b, "candidate"), loras, [seed], eps)
     tr = lora_trainable(loras)
@@ -215,8 +219,9 @@ def test_next_batch_packed_during_the_step_changes_nothing(root):
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["mask", "varlen"])
 @pytest.mark.parametrize("kind", ["opt", "llama"])
-def test_full_rows_equal_inplace_passes_and_autograd(root, kind):
+def test_full_rows_equal_inplace_passes_and_autograd(root, kind, varlen):
     """Full mode as rows of one forward (x·Wᵀ + ε·x·Zᵀ per Linear, per-row norms) gives the in-place
     passes' L₊, L₋ for two directions, matches autograd to O(ε²), and never modifies θ."""
     from zoft.zo import full_rows_step
@@ -226,7 +231,7 @@ def test_full_rows_equal_inplace_passes_and_autograd(root, kind):
     tr = full_trainable(model, [f"{model.block_prefix}.1", f"{model.block_prefix}.2"])
     assert any(t.dim() == 1 for t in tr.tensors)  # norms and biases are perturbed too
     exs, seeds = examples(1), [99, 123]
-    engine = NativeEngine(model, first_trained=1)
+    engine = NativeEngine(model, first_trained=1, varlen=varlen)
     b = engine.batch(exs)
     before = [t.clone() for t in tr.tensors]
     row_fn = lambda rows: row_losses(engine.scores(b, rows), b, "candidate")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from zoft.graphs import GraphCache
 from zoft.lora import LoRALinear, set_bank_views
+from zoft.models.common import Varlen, flash_varlen_available
 from zoft.tasks.encode import Encoded
 
 
@@ -74,19 +75,36 @@ def longs_to(device, *arrays: list[int]) -> list[torch.Tensor]:
 class Packs:
     ids: torch.Tensor  # (N, L)
     pos: torch.Tensor  # (N, L)
-    mask: torch.Tensor  # (N, 1, L, L) bool, True = may attend
+    mask: torch.Tensor | None  # (N, 1, L, L) bool, True = may attend (None with a varlen plan)
     valid: torch.Tensor  # (N, L) bool, False on padding
     where: list[tuple[int, int]]  # segment i lives at (pack row, start)
+    varlen: Varlen | None = None  # the same attention as packed causal sequences (flash varlen)
+
+    @property
+    def attn(self):
+        """What the blocks' attention takes: the varlen plan when there is one, else the mask."""
+        return self.varlen if self.varlen is not None else self.mask
 
 
-def pack(segments: list[Segment], pack_tokens: int, device, one_per_row: bool = False) -> Packs:
+def _up_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def pack(segments: list[Segment], pack_tokens: int, device, one_per_row: bool = False,
+         varlen: bool = False) -> Packs:
     """First-fit packing in order; a segment longer than pack_tokens gets a row of its own.
-    one_per_row: no packing, each segment right-padded in its own row (the transformers fallback)."""
+    one_per_row: no packing, each segment right-padded in its own row (the transformers fallback).
+    varlen: every segment in one row, attention by a Varlen plan instead of an L×L mask (no mask, so
+    nothing bounds the row's length; padding is only the row's tail, to a multiple of 64 or 256)."""
     rows: list[list[int]] = []
     fill: list[int] = []
     where = []
     for i, s in enumerate(segments):
         n = len(s.ids)
+        if varlen:
+            where.append((0, fill[0] if fill else 0))
+            rows, fill = [[]], [(fill[0] if fill else 0) + n]
+            continue
         for r in range(0 if one_per_row else len(rows)):
             if fill[r] + n <= pack_tokens:
                 where.append((r, fill[r]))
@@ -98,12 +116,19 @@ def pack(segments: list[Segment], pack_tokens: int, device, one_per_row: bool = 
             rows.append([i])
             fill.append(n)
     N, L = len(rows), max(fill)
-    if torch.device(device).type == "cuda":  # few distinct shapes: kernels, plans and CUDA graphs are reused
-        L = -(-(pack_tokens if N > 1 else L) // 64) * 64  # several rows: the first is nearly full anyway
+    if varlen:
+        L = _up_to(L, 64 if L <= 2048 else 256)  # few distinct shapes: kernels and CUDA graphs are reused
+    elif torch.device(device).type == "cuda":  # few distinct shapes: kernels, plans and CUDA graphs are reused
+        L = _up_to(pack_tokens if N > 1 else L, 64)  # several rows: the first is nearly full anyway
     ids, pos, br, seg = [0] * (N * L), [0] * (N * L), [0] * (N * L), [-1] * (N * L)
     for i, (s, (r, st)) in enumerate(zip(segments, where)):
         o, n = r * L + st, len(s.ids)
         ids[o : o + n], pos[o : o + n], br[o : o + n], seg[o : o + n] = s.ids, s.pos, s.branch, [i] * n
+    if varlen:
+        cu_q, cu_k, kidx, (max_q, max_k) = _varlen_lists(segments, where, fill[0], L)
+        ids, pos, cu_q, cu_k, kidx = longs_to(device, ids, pos, cu_q, cu_k, kidx)
+        plan = Varlen(cu_q.int(), cu_k.int(), kidx, max_q, max_k, L)
+        return Packs(ids.view(1, L), pos.view(1, L), None, torch.arange(L, device=device)[None] < fill[0], where, plan)
     ids, pos, seg, br = (t.view(N, L) for t in longs_to(device, ids, pos, seg, br))  # the mask is built there
     same = seg[:, :, None] == seg[:, None, :]
     causal = pos[:, None, :] <= pos[:, :, None]
@@ -111,6 +136,40 @@ def pack(segments: list[Segment], pack_tokens: int, device, one_per_row: bool = 
     eye = torch.eye(L, dtype=torch.bool, device=device)
     mask = (same & causal & branch_ok & (seg[:, :, None] >= 0)) | eye  # pads attend to themselves (no NaN rows)
     return Packs(ids, pos, mask[:, None], seg >= 0, where)
+
+
+def _varlen_lists(segments: list[Segment], where, fill: int, L: int) -> tuple[list[int], list[int], list[int], tuple[int, int]]:
+    """The query sequences of one packed row (see Varlen): cu_q, cu_k, kidx, and (max_q, max_k)."""
+    q_len, k_len, kidx = [], [], []
+    for s, (_, st) in zip(segments, where):
+        lp = s.branch.count(0)  # the prompt, then each candidate's tokens in order
+        runs = [(st, lp)]  # (start, length) of the prompt and of each candidate
+        for b in s.branch[lp:]:
+            if len(runs) == 1 or b != s.branch[runs[-1][0] - st]:
+                runs.append((runs[-1][0] + runs[-1][1], 0))
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        first = runs[1][1] if len(runs) > 1 else 0
+        q_len.append(lp + first)
+        k_len.append(lp + first)
+        kidx += range(st, st + lp + first)
+        for o, n in runs[2:]:
+            q_len.append(n)
+            k_len.append(lp + n)
+            kidx += range(st, st + lp)
+            kidx += range(o, o + n)
+    if fill < L:  # the row's tail padding: one sequence attending to itself
+        q_len.append(L - fill)
+        k_len.append(L - fill)
+        kidx += range(fill, L)
+    S, Tk = _up_to(len(q_len), 32), _up_to(len(kidx), 256)
+    cu_q, cu_k = [0], [0]
+    for a, b in zip(q_len, k_len):
+        cu_q.append(cu_q[-1] + a)
+        cu_k.append(cu_k[-1] + b)
+    cu_q += [cu_q[-1]] * (S + 1 - len(cu_q))  # zero-length sequences up to the padded count
+    cu_k += [cu_k[-1]] * (S + 1 - len(cu_k))
+    kidx += [0] * (Tk - len(kidx))  # keys past cu_k[-1] are never read
+    return cu_q, cu_k, kidx, (_up_to(max(q_len), 64), _up_to(max(k_len), 64))
 
 
 @dataclass
@@ -138,6 +197,7 @@ def build_batch(
     share_prompt: bool = True,
     gold_only: bool = False,
     one_per_row: bool = False,
+    varlen: bool = False,
 ) -> Batch:
     segments: list[Segment] = []
     owners: list[list[tuple[int, int, list[int]]]] = []  # per segment: (example, slot, cand ids)
@@ -149,7 +209,7 @@ def build_batch(
             owners.append([(ei, k, c) for k, c in cands])
         else:
             owners += [[(ei, k, c)] for k, c in cands]
-    packs = pack(segments, max(pack_tokens, max(len(s.ids) for s in segments)), device, one_per_row)
+    packs = pack(segments, max(pack_tokens, max(len(s.ids) for s in segments)), device, one_per_row, varlen)
     L = packs.ids.shape[1]
     src, tgt, cand_start, cand_len, cand_ex, cand_slot = [], [], [], [], [], []
     naive = 0
@@ -254,7 +314,7 @@ class NativeEngine:
     """Runs a native model (OPT, Llama family) over a Batch for P perturbation rows at once."""
 
     def __init__(self, model, first_trained: int = 0, cache_mb: float = 0.0, pack_tokens: int = 1024,
-                 streamer=None, cuda_graphs: bool = False):
+                 streamer=None, cuda_graphs: bool = False, varlen: bool | None = None):
         self.model = model
         self.streamer = streamer  # zoft.offload.LayerStreamer: blocks' frozen weights live on the CPU
         self.first_trained = first_trained  # blocks below it are frozen: run once, maybe cached
@@ -267,16 +327,22 @@ class NativeEngine:
         on_gpu = self.device.type == "cuda" and streamer is None
         self.graphs = GraphCache() if cuda_graphs and on_gpu else None  # training calls only (see _run_trained)
         self.loras = [m for b in model.blocks[first_trained:] for m in b.modules() if isinstance(m, LoRALinear)]
+        # attention over packed sequences by flash's variable-length kernel where it runs (CUDA, every block
+        # in half precision); else the block-diagonal mask. varlen=None: choose; True on a CPU: the kernel's
+        # semantics in plain torch (tests); the backprop baseline passes False (no backward through it)
+        half = all(d in (torch.float16, torch.bfloat16) for d in self.block_dtypes)
+        self.varlen = (flash_varlen_available(self.device) and half) if varlen is None else varlen
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head_weight.device
 
     def batch(self, encoded: list[Encoded], gold_only: bool = False) -> Batch:
-        return build_batch(encoded, self.device, self.pack_tokens, share_prompt=True, gold_only=gold_only)
+        return build_batch(encoded, self.device, self.pack_tokens, share_prompt=True, gold_only=gold_only,
+                           varlen=self.varlen)
 
     def _run_blocks(self, h: torch.Tensor, packs: Packs, lo: int, hi: int, rows: int) -> torch.Tensor:
-        ctx = self.model.position_context(packs.pos)
+        attn, ctx = _for_rows(packs.attn, self.model.position_context(packs.pos), rows)
         st = self.streamer
         for i in range(lo, hi):
             block = self.model.blocks[i]
@@ -284,7 +350,7 @@ class NativeEngine:
                 st.enter(i)
                 if i + 1 < hi:
                     st.prefetch(i + 1)  # the next block's copy overlaps this block's compute
-            h = block(h.to(self.block_dtypes[i]), packs.mask, ctx)
+            h = block(h.to(self.block_dtypes[i]), attn, ctx)
             if st is not None:
                 st.exit(i)
         self.stats.computed += rows * packs.ids.numel() * (hi - lo)
@@ -301,7 +367,7 @@ class NativeEngine:
         fresh = {}
         if missing:
             segs = [b.segments[i] for i in missing]
-            sub = pack(segs, max(self.pack_tokens, max(len(s.ids) for s in segs)), self.device)
+            sub = pack(segs, max(self.pack_tokens, max(len(s.ids) for s in segs)), self.device, varlen=self.varlen)
             hs = self._run_blocks(self.model.embed(sub.ids, sub.pos), sub, 0, k, 1)
             for i, s, (r, st) in zip(missing, segs, sub.where):
                 fresh[i] = hs[r, st : st + len(s.ids)].clone()
@@ -329,25 +395,30 @@ class NativeEngine:
             return self._run_blocks(h, p, k, n, rows)
         ctx = self.model.position_context(p.pos)  # outside the graph: it may copy from the host
         ctx_t = [] if ctx is None else list(ctx)
+        plan = p.varlen
+        attn_t = plan.tensors() if plan is not None else [p.mask]
         bank = self.loras[0].bank if self.loras else None
-        tensors = [h, p.mask, *ctx_t] + ([bank] if bank is not None else [])
+        tensors = [h, *attn_t, *ctx_t] + ([bank] if bank is not None else [])
         blocks, dtypes, loras = self.model.blocks, self.block_dtypes, self.loras
+        extra = (plan.max_q, plan.max_k, plan.tokens) if plan is not None else None  # ints the graph bakes in
 
-        def stack(h, mask, *rest):  # eager on a shape's first meeting; then recorded over static buffers
-            c = tuple(rest[: len(ctx_t)]) if ctx is not None else None
+        def stack(h, *rest):  # eager on a shape's first meeting; then recorded over static buffers
+            a, rest = rest[: len(attn_t)], rest[len(attn_t) :]
+            attn = Varlen(*a, *extra) if plan is not None else a[0]
+            attn, c = _for_rows(attn, tuple(rest[: len(ctx_t)]) if ctx is not None else None, rows)
             if bank is not None:
-                saved = [(m.rows, m.bank) for m in loras]
+                saved = [(m.rows, m.rows_half, m.bank) for m in loras]
                 set_bank_views(loras, rest[-1])
             try:
                 for i in range(k, n):
-                    h = blocks[i](h.to(dtypes[i]), mask, c)
+                    h = blocks[i](h.to(dtypes[i]), attn, c)
                 return h
             finally:
                 if bank is not None:
-                    for m, (r, bk) in zip(loras, saved):
-                        m.rows, m.bank = r, bk
+                    for m, (r, rh, bk) in zip(loras, saved):
+                        m.rows, m.rows_half, m.bank = r, rh, bk
 
-        out = self.graphs(stack, tensors)
+        out = self.graphs(stack, tensors, extra)
         self.stats.computed += rows * p.ids.numel() * (n - k)
         return out
 
@@ -371,6 +442,15 @@ class NativeEngine:
             logits = _up(F.linear(hs.to(w.dtype), w))  # (P, M, V)
             token_lp = logits.log_softmax(-1).gather(-1, b.tgt.expand(rows, -1)[..., None])[..., 0]
         return score_table(b, token_lp, logits_only)
+
+
+def _for_rows(attn, ctx, rows: int):
+    """Attention (mask or varlen plan) and position context for `rows` perturbation copies stacked along
+    dim 0: built once per forward, not repeated inside every block."""
+    if rows > 1:
+        attn = attn.repeat(rows) if isinstance(attn, Varlen) else attn.repeat(rows, 1, 1, 1)
+        ctx = None if ctx is None else tuple(c.repeat(rows, *[1] * (c.dim() - 1)) for c in ctx)
+    return attn, ctx
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:

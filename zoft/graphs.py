@@ -44,8 +44,9 @@ class GraphCache:
         self.replays = 0
         self.eager = 0
 
-    def __call__(self, fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor]) -> torch.Tensor:
-        key = tuple((tuple(t.shape), t.dtype, t.stride()) for t in tensors)
+    def __call__(self, fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor], extra=None) -> torch.Tensor:
+        """extra: anything hashable that the recorded kernels depend on besides the tensors' shapes."""
+        key = (extra, tuple((tuple(t.shape), t.dtype, t.stride()) for t in tensors))
         g = self.graphs.get(key)
         if g is None and key not in self.seen:  # a one-off shape is not worth a recording (~3 forwards)
             self.seen[key] = None

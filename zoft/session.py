@@ -158,28 +158,33 @@ def first_trained_block(s: Session) -> int:
     return min(s.layers)
 
 
-def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda_graphs: bool = True):
+def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda_graphs: bool = True,
+                varlen: bool | None = None):
+    """varlen=None: flash's variable-length attention where it runs (CUDA, half precision), else masks."""
     if s.native:
         streamer = None
         if s.offload == "cpu":
             from zoft.offload import LayerStreamer
 
             streamer = LayerStreamer(s.model.blocks, s.device)
-        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, streamer, cuda_graphs)
+        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, streamer, cuda_graphs, varlen)
     return hf.HFEngine(s.model)
 
 
 def describe(s: Session, engine, zo: bool = True) -> str:
     feats = []
     if s.native:
-        feats += ["packed rows (block-diagonal SDPA mask)", "prompt shared across candidates", "logits at read positions"]
+        layout = "packed sequences in one row" if engine.varlen else "packed rows (block-diagonal SDPA mask)"
+        feats += [layout, "prompt shared across candidates", "logits at read positions"]
         if engine.streamer is not None:
             feats.append(f"blocks streamed from CPU memory ({engine.streamer.bytes_per_pass / 2**30:.2f} GiB a pass)")
         if engine.first_trained > 0:
             feats.append(f"frozen blocks 0-{engine.first_trained - 1} run once per batch")
             if engine.cache is not None:
                 feats.append(f"prefix cache {engine.cache.budget / 2**20:.0f} MB")
-        if str(s.device).startswith("cuda"):
+        if engine.varlen:
+            feats.append("attention: flash variable-length kernel (no mask, no work across examples)")
+        elif str(s.device).startswith("cuda"):
             feats.append("attention: SDPA memory-efficient/flash kernels with the bool mask (cuDNN off)")
         else:
             feats.append("attention: SDPA on the CPU with the bool mask")

@@ -116,7 +116,7 @@ def lora_rows(loras: dict[str, LoRALinear], seeds: list[int], eps: float):
         yield
     finally:
         for m in loras.values():
-            m.rows = m.bank = None
+            m.rows = m.rows_half = m.bank = None
 
 
 def rows_step(

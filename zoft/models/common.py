@@ -17,6 +17,9 @@ perturbation row, and compute logits only where the loss reads them.
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,13 +27,93 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 GPU_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
+try:  # flash attention's variable-length kernel (torch >= 2.10); its causal flag changed name in 2.11
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    _CAUSAL = ({"window_size": (-1, 0)} if "window_size" in inspect.signature(_varlen_attn).parameters
+               else {"is_causal": True})
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn = None
+
+
+def flash_varlen_available(device: torch.device | str) -> bool:
+    return _varlen_attn is not None and torch.device(device).type == "cuda"
+
+
+@dataclass
+class Varlen:
+    """Packed attention as a list of causal sequences, for flash attention's variable-length kernel.
+
+    The packed tokens (all rows, flattened: index r·L + t) split into contiguous query sequences: an
+    example's prompt with its first candidate, then each further candidate alone, then each row's tail
+    padding. Query sequence s attends, causally and aligned at the end, to its key sequence, the flat
+    tokens ``kidx[cu_k[s]:cu_k[s+1]]``: the sequence itself, and for a further candidate the prompt's
+    tokens before it. So each candidate sees its prompt and itself, exactly as the block-diagonal mask
+    says, and the kernel computes only those scores: no L×L mask, no work across examples.
+
+    Shapes are padded for CUDA graphs (zero-length sequences at the end, unused keys after cu_k[-1]);
+    ``max_q``/``max_k`` are bucketed upper bounds of the sequence lengths.
+    """
+
+    cu_q: torch.Tensor  # (S+1,) int32
+    cu_k: torch.Tensor  # (S+1,) int32
+    kidx: torch.Tensor  # (Tk,) int64: flat token index of each key
+    max_q: int
+    max_k: int
+    tokens: int  # flat tokens of one copy of the packs (N·L)
+
+    def repeat(self, rows: int) -> Varlen:
+        """The plan for `rows` perturbation copies of the packs stacked along dim 0."""
+        if rows == 1:
+            return self
+        dev, T, Tk = self.cu_q.device, self.tokens, self.kidx.numel()
+        p = torch.arange(rows, device=dev, dtype=torch.int32)[:, None]
+        cu_q = torch.cat([(self.cu_q[None, :-1] + p * T).flatten(), self.cu_q[-1:] + (rows - 1) * T])
+        cu_k = torch.cat([(self.cu_k[None, :-1] + p * Tk).flatten(), self.cu_k[-1:] + (rows - 1) * Tk])
+        kidx = (self.kidx[None, :] + p.long() * T).flatten()
+        return Varlen(cu_q, cu_k, kidx, self.max_q, self.max_k, rows * T)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.cu_q, self.cu_k, self.kidx]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        N, H, L, hd = q.shape
+        qf = q.transpose(1, 2).reshape(N * L, H, hd)  # a view when q came from (N, L, H, hd)
+        kf = k.transpose(1, 2).reshape(N * L, k.shape[1], hd).index_select(0, self.kidx)
+        vf = v.transpose(1, 2).reshape(N * L, v.shape[1], hd).index_select(0, self.kidx)
+        if kf.shape[1] != H:  # grouped-query attention
+            kf, vf = kf.repeat_interleave(H // kf.shape[1], dim=1), vf.repeat_interleave(H // vf.shape[1], dim=1)
+        if q.is_cuda and _varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
+            y = _varlen_attn(qf, kf, vf, self.cu_q, self.cu_k, self.max_q, self.max_k, **_CAUSAL)
+        else:
+            y = _varlen_reference(qf, kf, vf, self.cu_q.tolist(), self.cu_k.tolist())
+        return y.view(N, L, H, hd).transpose(1, 2)
+
+
+def _varlen_reference(q, k, v, cu_q: list[int], cu_k: list[int]) -> torch.Tensor:
+    """The variable-length kernel's semantics in plain torch, one sequence at a time (CPU, tests)."""
+    out = torch.zeros_like(q)
+    for s in range(len(cu_q) - 1):
+        a, b, c, d = cu_q[s], cu_q[s + 1], cu_k[s], cu_k[s + 1]
+        if b == a:
+            continue
+        lq, lk = b - a, d - c
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)  # aligned at the end
+        out[a:b] = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1), attn_mask=causal
+        ).transpose(0, 1)
+    return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Scaled dot-product attention. q: (N, H, L, hd), k/v: (N, Hkv, L, hd), mask: (N|1, 1, L, L) bool.
 
     ``mask`` is True where a query may attend. None means plain causal; False means no mask (a decode
-    step: one new query attends to every cached key).
+    step: one new query attends to every cached key); a ``Varlen`` plan runs packed sequences through
+    the variable-length kernel.
     """
+    if isinstance(mask, Varlen):
+        return mask.attend(q, k, v)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each K/V head across its query group
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
