@@ -305,10 +305,10 @@ GUARD = {  # name: (flags, exit status, strikes); each run strikes the guard, th
     # and stops (nothing left to undo), or, with the lr cut by 1e-12, goes on
     "lora-stops": (["--lr", "1e12"], 2, 4),  # lr × 0.5 per strike is not enough: the 4th of 3 strikes stops
     "lora-recovers": (["--lr", "1e12", "--guard-lr-factor", "1e-12"], 0, 1),
-    # every parameter (blocks alone can't blow up the loss: the final LayerNorm bounds the logits), 24
+    # every parameter (blocks alone can't blow up the loss: the final LayerNorm bounds the logits), 26
     # steps: the running median needs 20 losses before a finite spike counts
-    "full-spike": (["--mode", "full", "--lr", "0.1", "--steps", "24", "--guard-strikes", "10"], 0, 4),
-    "full-spike-stops": (["--mode", "full", "--lr", "0.1", "--steps", "24"], 2, 4),  # the 4th of 3 strikes
+    "full-spike": (["--mode", "full", "--lr", "0.1", "--steps", "26", "--guard-strikes", "10"], 0, 5),
+    "full-spike-stops": (["--mode", "full", "--lr", "0.1", "--steps", "26"], 2, 4),  # the 4th of 3 strikes
 }
 
 

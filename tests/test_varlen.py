@@ -37,9 +37,10 @@ def allowed_by_plan(plan, T):
     return out
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(6))
 def test_plan_allows_exactly_what_the_mask_allows(seed):
-    segs = [s for e in random_examples(9, seed) for s in make_segment(e, e.cand_ids, share_prompt=seed % 2 == 0)]
+    share, trim = seed % 3 != 2, seed % 3 == 1  # trimmed: one-token candidates leave no token at all
+    segs = [s for e in random_examples(9, seed) for s in make_segment(e, e.cand_ids, share, trim)]
     mask_packs = pack(segs, 10_000, "cpu")  # one row, block-diagonal mask
     plan_packs = pack(segs, 10_000, "cpu", varlen=True)
     T = sum(len(s.ids) for s in segs)
@@ -51,7 +52,10 @@ def test_plan_allows_exactly_what_the_mask_allows(seed):
     L = plan_packs.ids.shape[1]
     assert L % 64 == 0 and L - T < 64
     assert plan_packs.varlen.cu_q[-1] == L  # every token is some sequence's query
-    assert len(plan_packs.varlen.cu_q) % 32 == 1 and plan_packs.varlen.kidx.numel() % 256 == 0  # padded for graphs
+    plan = plan_packs.varlen
+    assert len(plan.cu_q) % 32 == 1  # padded for graphs
+    assert plan.identity == (not share) or plan.kidx.numel() % 256 == 0
+    assert not plan.identity or torch.equal(plan.kidx, torch.arange(L))
 
 
 def test_plan_for_stacked_rows_offsets_each_copy():

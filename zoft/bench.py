@@ -99,10 +99,11 @@ def make_batch(w: Workload, n: int, vocab_size: int, bos_id: int | None, seed: i
 
 
 def token_counts(batch: list[Encoded], pad_multiple: int = 8) -> dict:
-    """Useful tokens (each prompt once, each candidate once) vs. what MeZO's padded layout computes."""
+    """Useful tokens vs. what MeZO's padded layout computes. Useful: each prompt once, and each candidate's
+    tokens but its last (no score reads the last token's hidden state; zoft.engine.make_segment)."""
     seqs = [len(e.prompt_ids) + len(c) for e in batch for c in e.cand_ids]
     padded = -(-max(seqs) // pad_multiple) * pad_multiple
-    useful = sum(len(e.prompt_ids) + sum(len(c) for c in e.cand_ids) for e in batch)
+    useful = sum(len(e.prompt_ids) + sum(len(c) - 1 for c in e.cand_ids) for e in batch)
     return {"useful": useful, "reference": len(seqs) * padded}
 
 

@@ -45,8 +45,13 @@ class Segment:
     key: tuple  # cache key: the example's token ids
 
 
-def make_segment(e: Encoded, cands: list[list[int]], share_prompt: bool) -> list[Segment]:
-    """share_prompt=False gives one segment per candidate (the reference MeZO layout)."""
+def make_segment(e: Encoded, cands: list[list[int]], share_prompt: bool, trim: bool = False) -> list[Segment]:
+    """share_prompt=False gives one segment per candidate (the reference MeZO layout).
+    trim: leave out each candidate's last token. No score reads its hidden state (token t is predicted
+    from position t-1), and only later tokens of its own candidate could attend to it, so running it is
+    work without effect; with one-token candidates a segment is just the prompt."""
+    if trim:
+        cands = [c[:-1] for c in cands]
     lp = len(e.prompt_ids)
     if not share_prompt:
         return [
@@ -125,9 +130,9 @@ def pack(segments: list[Segment], pack_tokens: int, device, one_per_row: bool = 
         o, n = r * L + st, len(s.ids)
         ids[o : o + n], pos[o : o + n], br[o : o + n], seg[o : o + n] = s.ids, s.pos, s.branch, [i] * n
     if varlen:
-        cu_q, cu_k, kidx, (max_q, max_k) = _varlen_lists(segments, where, fill[0], L)
+        cu_q, cu_k, kidx, (max_q, max_k, identity) = _varlen_lists(segments, where, fill[0], L)
         ids, pos, cu_q, cu_k, kidx = longs_to(device, ids, pos, cu_q, cu_k, kidx)
-        plan = Varlen(cu_q.int(), cu_k.int(), kidx, max_q, max_k, L)
+        plan = Varlen(cu_q.int(), cu_k.int(), kidx, max_q, max_k, L, identity)
         return Packs(ids.view(1, L), pos.view(1, L), None, torch.arange(L, device=device)[None] < fill[0], where, plan)
     ids, pos, seg, br = (t.view(N, L) for t in longs_to(device, ids, pos, seg, br))  # the mask is built there
     same = seg[:, :, None] == seg[:, None, :]
@@ -138,8 +143,8 @@ def pack(segments: list[Segment], pack_tokens: int, device, one_per_row: bool = 
     return Packs(ids, pos, mask[:, None], seg >= 0, where)
 
 
-def _varlen_lists(segments: list[Segment], where, fill: int, L: int) -> tuple[list[int], list[int], list[int], tuple[int, int]]:
-    """The query sequences of one packed row (see Varlen): cu_q, cu_k, kidx, and (max_q, max_k)."""
+def _varlen_lists(segments: list[Segment], where, fill: int, L: int) -> tuple[list[int], list[int], list[int], tuple[int, int, bool]]:
+    """The query sequences of one packed row (see Varlen): cu_q, cu_k, kidx, and (max_q, max_k, identity)."""
     q_len, k_len, kidx = [], [], []
     for s, (_, st) in zip(segments, where):
         lp = s.branch.count(0)  # the prompt, then each candidate's tokens in order
@@ -161,7 +166,8 @@ def _varlen_lists(segments: list[Segment], where, fill: int, L: int) -> tuple[li
         q_len.append(L - fill)
         k_len.append(L - fill)
         kidx += range(fill, L)
-    S, Tk = _up_to(len(q_len), 32), _up_to(len(kidx), 256)
+    identity = len(kidx) == L  # no further candidates: each sequence attends to itself (no gather)
+    S, Tk = _up_to(len(q_len), 32), L if identity else _up_to(len(kidx), 256)
     cu_q, cu_k = [0], [0]
     for a, b in zip(q_len, k_len):
         cu_q.append(cu_q[-1] + a)
@@ -169,7 +175,7 @@ def _varlen_lists(segments: list[Segment], where, fill: int, L: int) -> tuple[li
     cu_q += [cu_q[-1]] * (S + 1 - len(cu_q))  # zero-length sequences up to the padded count
     cu_k += [cu_k[-1]] * (S + 1 - len(cu_k))
     kidx += [0] * (Tk - len(kidx))  # keys past cu_k[-1] are never read
-    return cu_q, cu_k, kidx, (_up_to(max(q_len), 64), _up_to(max(k_len), 64))
+    return cu_q, cu_k, kidx, (_up_to(max(q_len), 64), _up_to(max(k_len), 64), identity)
 
 
 @dataclass
@@ -203,7 +209,7 @@ def build_batch(
     owners: list[list[tuple[int, int, list[int]]]] = []  # per segment: (example, slot, cand ids)
     for ei, e in enumerate(encoded):
         cands = [(k, c) for k, c in enumerate(e.cand_ids) if not gold_only or k == e.answer]
-        segs = make_segment(e, [c for _, c in cands], share_prompt)
+        segs = make_segment(e, [c for _, c in cands], share_prompt, trim=share_prompt)
         segments += segs
         if share_prompt:
             owners.append([(ei, k, c) for k, c in cands])
@@ -223,7 +229,7 @@ def build_batch(
                 prev = (lp - 1) if t == 0 else (offset + t - 1)
                 src.append(r * L + st + prev)
                 tgt.append(c[t])
-            offset += len(c)
+            offset += len(c) - 1 if share_prompt else len(c)  # shared-prompt segments are trimmed
             cand_len.append(len(c))
             cand_ex.append(ei)
             cand_slot.append(k)
@@ -400,7 +406,7 @@ class NativeEngine:
         bank = self.loras[0].bank if self.loras else None
         tensors = [h, *attn_t, *ctx_t] + ([bank] if bank is not None else [])
         blocks, dtypes, loras = self.model.blocks, self.block_dtypes, self.loras
-        extra = (plan.max_q, plan.max_k, plan.tokens) if plan is not None else None  # ints the graph bakes in
+        extra = (plan.max_q, plan.max_k, plan.tokens, plan.identity) if plan is not None else None  # baked in
 
         def stack(h, *rest):  # eager on a shape's first meeting; then recorded over static buffers
             a, rest = rest[: len(attn_t)], rest[len(attn_t) :]

@@ -71,17 +71,19 @@ class LoRALinear(nn.Module):
     def _rows_half(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The per-row update on a half-precision base, on CUDA, without casting x to float32.
 
-        x·Aᵀ runs as two half-precision GEMMs with float32 accumulation and output, against A's float32
-        rows split as A = hi + lo (two bf16 parts: ~16 bits of A's mantissa, against float32 compute's
-        24; x itself is already half). The up-projection and the add are float32, rounded once into y.
-        On an H100 this replaced a float32 GEMM with 8 output columns that took ~50 µs per call on
-        OPT-1.3B shapes (docs/LOG.md)."""
-        a_hi, a_lo = self.rows_half
-        B = self.rows[1]
+        rows_half holds (α/r)·A split as hi + lo half parts (~16 bits of A's mantissa, against float32's
+        24; x itself is already half) and (α/r)·B in half. x·Aᵀ runs as two half GEMMs with float32
+        accumulation and output; the up-projection is one half GEMM that accumulates into y in place
+        (cuBLAS beta = 1). Its rounding (t and B to half) is relative to the update, which is already
+        below y's own rounding wherever the update is small against y. On an H100 this replaced a float32
+        GEMM with 8 output columns (~50 µs a call on OPT-1.3B shapes) and three passes over float32
+        copies of x and of the update (docs/LOG.md)."""
+        a_hi, a_lo, b = self.rows_half
         xr = x.reshape(a_hi.shape[0], -1, x.shape[-1])
         t = torch.bmm(xr, a_hi.transpose(1, 2), out_dtype=torch.float32)
         t += torch.bmm(xr, a_lo.transpose(1, 2), out_dtype=torch.float32)
-        return y.add_(torch.bmm(t, B.transpose(1, 2)).view(y.shape), alpha=self.scaling)
+        y.view(xr.shape[0], -1, y.shape[-1]).baddbmm_(t.to(y.dtype), b.transpose(1, 2))
+        return y
 
     def merged_weight(self) -> torch.Tensor:
         w = self.base.weight.to(self.lora_A.dtype) + self.scaling * (self.lora_B @ self.lora_A)
@@ -90,19 +92,24 @@ class LoRALinear(nn.Module):
 
 def set_bank_views(modules, bank: torch.Tensor) -> None:
     """Point each LoRALinear's rows at its slice of a flat (P, D) bank laid out in `lora_trainable` order.
-    On CUDA with a half-precision base, the bank is also split once into bf16/fp16 hi + lo parts for
-    LoRALinear._rows_half (three kernels for every module together)."""
+    On CUDA with a half-precision base, the bank is also scaled by α/r and split once into half hi + lo
+    parts for LoRALinear._rows_half (four kernels for every module together)."""
     modules = list(modules)
-    half = {m.base.weight.dtype for m in modules} & {torch.float16, torch.bfloat16}
+    half = {m.base.weight.dtype for m in modules}
+    scaling = {m.scaling for m in modules}
     split = None
-    if bank.is_cuda and bank.dtype == torch.float32 and len(half) == 1 and _bmm_out_dtype():
-        hi = bank.to(half.pop())
-        split = (hi, (bank - hi.float()).to(hi.dtype))
+    if (bank.is_cuda and bank.dtype == torch.float32 and len(half) == 1 and half <= {torch.float16, torch.bfloat16}
+            and len(scaling) == 1 and _bmm_out_dtype()):
+        scaled = bank * scaling.pop()
+        hi = scaled.to(half.pop())
+        split = (hi, (scaled - hi.float()).to(hi.dtype))
     P, off = bank.shape[0], 0
     for m in modules:
         a, b = m.lora_A.numel(), m.lora_B.numel()
         m.rows = (bank[:, off : off + a].view(P, *m.lora_A.shape), bank[:, off + a : off + a + b].view(P, *m.lora_B.shape))
-        m.rows_half = None if split is None else tuple(t[:, off : off + a].view(P, *m.lora_A.shape) for t in split)
+        m.rows_half = None if split is None else (
+            split[0][:, off : off + a].view(P, *m.lora_A.shape), split[1][:, off : off + a].view(P, *m.lora_A.shape),
+            split[0][:, off + a : off + a + b].view(P, *m.lora_B.shape))
         m.bank = bank
         off += a + b
 

@@ -61,6 +61,7 @@ class Varlen:
     max_q: int
     max_k: int
     tokens: int  # flat tokens of one copy of the packs (N·L)
+    identity: bool = False  # every key sequence is its query sequence: kidx = arange(tokens), no gather
 
     def repeat(self, rows: int) -> Varlen:
         """The plan for `rows` perturbation copies of the packs stacked along dim 0."""
@@ -71,7 +72,7 @@ class Varlen:
         cu_q = torch.cat([(self.cu_q[None, :-1] + p * T).flatten(), self.cu_q[-1:] + (rows - 1) * T])
         cu_k = torch.cat([(self.cu_k[None, :-1] + p * Tk).flatten(), self.cu_k[-1:] + (rows - 1) * Tk])
         kidx = (self.kidx[None, :] + p.long() * T).flatten()
-        return Varlen(cu_q, cu_k, kidx, self.max_q, self.max_k, rows * T)
+        return Varlen(cu_q, cu_k, kidx, self.max_q, self.max_k, rows * T, self.identity)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.cu_q, self.cu_k, self.kidx]
@@ -79,8 +80,10 @@ class Varlen:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         N, H, L, hd = q.shape
         qf = q.transpose(1, 2).reshape(N * L, H, hd)  # a view when q came from (N, L, H, hd)
-        kf = k.transpose(1, 2).reshape(N * L, k.shape[1], hd).index_select(0, self.kidx)
-        vf = v.transpose(1, 2).reshape(N * L, v.shape[1], hd).index_select(0, self.kidx)
+        kf = k.transpose(1, 2).reshape(N * L, k.shape[1], hd)
+        vf = v.transpose(1, 2).reshape(N * L, v.shape[1], hd)
+        if not self.identity:  # a further candidate's keys: its prompt's, then its own
+            kf, vf = kf.index_select(0, self.kidx), vf.index_select(0, self.kidx)
         if kf.shape[1] != H:  # grouped-query attention
             kf, vf = kf.repeat_interleave(H // kf.shape[1], dim=1), vf.repeat_interleave(H // vf.shape[1], dim=1)
         if q.is_cuda and _varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
