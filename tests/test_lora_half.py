@@ -36,3 +36,41 @@ def test_half_rows_match_float32_rows(dtype):
         x.view(P, T, -1), lo.transpose(1, 2), out_dtype=torch.float32)
     t_exact = m.scaling * (x.double().view(P, T, -1) @ A.double().transpose(1, 2))
     assert (t.double() - t_exact).abs().max().item() <= 2e-5 * t_exact.abs().max().item()
+
+
+@pytest.mark.gpu
+def test_half_rows_score_like_float32_rows(tmp_path, monkeypatch):
+    """End to end on a bf16 base: the ±ε rows' losses with the half rows equal the float32 rows' once B
+    is large enough that the update moves the loss (an error in its scale would show)."""
+    from tests.tiny import make_tiny
+    from zoft import lora
+    from zoft.config import ModelConfig, ZOConfig
+    from zoft.engine import row_losses
+    from zoft.session import attach, load_session, make_engine
+    from zoft.tasks import get_task, sample_splits
+    from zoft.tasks.encode import encode
+    from zoft.zo import lora_rows
+
+    folder = make_tiny("opt", str(tmp_path))
+    s = load_session(ModelConfig(model=folder, device="cuda", dtype="bfloat16"))
+    attach(s, ZOConfig(mode="lora"), seed=0)
+    with torch.no_grad():
+        for m in s.loras.values():
+            m.lora_B.normal_(0, 0.3, generator=torch.Generator("cuda").manual_seed(1))
+    eng = make_engine(s, cuda_graphs=False)
+    enc, _ = encode(s.tokenizer, sample_splits(get_task("rotten_tomatoes"), 16, 0, 0)["train"], s.max_length)
+    b = eng.batch(enc[:8])
+
+    def losses(half: bool, seeds=(5,)):
+        monkeypatch.setattr(lora, "_BMM_OUT_DTYPE", [] if half else [False])
+        with lora_rows(s.loras, list(seeds), 1e-2):
+            assert (next(iter(s.loras.values())).rows_half is not None) == half
+            return row_losses(eng.scores(b, 2 * len(seeds)), b, "candidate").float().cpu()
+
+    fast, slow = losses(True), losses(False)
+    with torch.no_grad():
+        for m in s.loras.values():
+            m.lora_B.zero_()
+    without = losses(False)
+    assert (slow - without).abs().max() > 0.05  # the update matters
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-2)

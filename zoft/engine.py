@@ -167,7 +167,8 @@ def _varlen_lists(segments: list[Segment], where, fill: int, L: int) -> tuple[li
         k_len.append(L - fill)
         kidx += range(fill, L)
     identity = len(kidx) == L  # no further candidates: each sequence attends to itself (no gather)
-    S, Tk = _up_to(len(q_len), 32), L if identity else _up_to(len(kidx), 256)
+    # sizes rounded so that a run meets few distinct shapes (one CUDA graph each), finely where small
+    S, Tk = _up_to(len(q_len), 32), L if identity else _up_to(len(kidx), 256 if len(kidx) <= 4096 else 2048)
     cu_q, cu_k = [0], [0]
     for a, b in zip(q_len, k_len):
         cu_q.append(cu_q[-1] + a)
@@ -175,7 +176,8 @@ def _varlen_lists(segments: list[Segment], where, fill: int, L: int) -> tuple[li
     cu_q += [cu_q[-1]] * (S + 1 - len(cu_q))  # zero-length sequences up to the padded count
     cu_k += [cu_k[-1]] * (S + 1 - len(cu_k))
     kidx += [0] * (Tk - len(kidx))  # keys past cu_k[-1] are never read
-    return cu_q, cu_k, kidx, (_up_to(max(q_len), 64), _up_to(max(k_len), 64), identity)
+    bucket = lambda n: _up_to(n, 64 if n <= 256 else 256)  # noqa: E731
+    return cu_q, cu_k, kidx, (bucket(max(q_len)), bucket(max(k_len)), identity)
 
 
 @dataclass

@@ -72,7 +72,7 @@ class LoRALinear(nn.Module):
         """The per-row update on a half-precision base, on CUDA, without casting x to float32.
 
         rows_half holds (α/r)·A split as hi + lo half parts (~16 bits of A's mantissa, against float32's
-        24; x itself is already half) and (α/r)·B in half. x·Aᵀ runs as two half GEMMs with float32
+        24; x itself is already half) and B in half. x·Aᵀ runs as two half GEMMs with float32
         accumulation and output; the up-projection is one half GEMM that accumulates into y in place
         (cuBLAS beta = 1). Its rounding (t and B to half) is relative to the update, which is already
         below y's own rounding wherever the update is small against y. On an H100 this replaced a float32
@@ -92,24 +92,24 @@ class LoRALinear(nn.Module):
 
 def set_bank_views(modules, bank: torch.Tensor) -> None:
     """Point each LoRALinear's rows at its slice of a flat (P, D) bank laid out in `lora_trainable` order.
-    On CUDA with a half-precision base, the bank is also scaled by α/r and split once into half hi + lo
-    parts for LoRALinear._rows_half (four kernels for every module together)."""
+    On CUDA with a half-precision base, the bank is also converted once for LoRALinear._rows_half: α/r
+    times A as half hi + lo parts, and B in half (a few kernels for every module together)."""
     modules = list(modules)
     half = {m.base.weight.dtype for m in modules}
     scaling = {m.scaling for m in modules}
     split = None
     if (bank.is_cuda and bank.dtype == torch.float32 and len(half) == 1 and half <= {torch.float16, torch.bfloat16}
             and len(scaling) == 1 and _bmm_out_dtype()):
-        scaled = bank * scaling.pop()
-        hi = scaled.to(half.pop())
-        split = (hi, (scaled - hi.float()).to(hi.dtype))
+        scaled, dtype = bank * scaling.pop(), half.pop()  # A's part carries α/r; B's part is B itself
+        hi = scaled.to(dtype)
+        split = (hi, (scaled - hi.float()).to(dtype), bank.to(dtype))
     P, off = bank.shape[0], 0
     for m in modules:
         a, b = m.lora_A.numel(), m.lora_B.numel()
         m.rows = (bank[:, off : off + a].view(P, *m.lora_A.shape), bank[:, off + a : off + a + b].view(P, *m.lora_B.shape))
         m.rows_half = None if split is None else (
             split[0][:, off : off + a].view(P, *m.lora_A.shape), split[1][:, off : off + a].view(P, *m.lora_A.shape),
-            split[0][:, off + a : off + a + b].view(P, *m.lora_B.shape))
+            split[2][:, off + a : off + a + b].view(P, *m.lora_B.shape))
         m.bank = bank
         off += a + b
 
