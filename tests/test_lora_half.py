@@ -56,7 +56,7 @@ def test_half_rows_score_like_float32_rows(tmp_path, monkeypatch):
     attach(s, ZOConfig(mode="lora"), seed=0)
     with torch.no_grad():
         for m in s.loras.values():
-            m.lora_B.normal_(0, 0.3, generator=torch.Generator("cuda").manual_seed(1))
+            m.lora_B.normal_(0, 5.0, generator=torch.Generator("cuda").manual_seed(1))
     eng = make_engine(s, cuda_graphs=False)
     enc, _ = encode(s.tokenizer, sample_splits(get_task("rotten_tomatoes"), 16, 0, 0)["train"], s.max_length)
     b = eng.batch(enc[:8])
@@ -72,5 +72,6 @@ def test_half_rows_score_like_float32_rows(tmp_path, monkeypatch):
         for m in s.loras.values():
             m.lora_B.zero_()
     without = losses(False)
-    assert (slow - without).abs().max() > 0.05  # the update matters
-    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-2)
+    moved = (slow - without).abs().max().item()
+    assert moved > 0.05  # the update matters: an error in its scale would show against the tolerance below
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0.1 * moved)
