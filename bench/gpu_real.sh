@@ -71,6 +71,16 @@ if [ "$1" = final4 ]; then  # clipped g held (final3); its seed-0 arm lost to a 
   CUDA_VISIBLE_DEVICES=$G1 run c3_clip05_20k $z --lr 3e-3 --clip-grad 0.5 --steps 20000 &
   wait
 fi
+if [ "$1" = final5 ]; then  # session 4, one H100: what closes the gap to backprop? (clip 1, lr 3e-3 cosine 20k = 0.805)
+  export OMP_NUM_THREADS=3 RUN_LIMIT=320
+  z="--mode lora --eps 1e-2 --schedule cosine --eval-every 2000 --no-zero-shot --clip-grad 1 --lr 3e-3 --steps 20000"
+  run c3_clip1_eps3e-2 ${z/--eps 1e-2/--eps 3e-2} --layers top4 &
+  run c3_clip1_eps1e-3 ${z/--eps 1e-2/--eps 1e-3} --layers top4 &
+  run c3_clip1_top8 $z --layers top8 &
+  run c3_clip1_b32 $z --layers top4 --batch-size 32 &
+  wait
+  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
   mkdir -p $ZOFT_CACHE/bigbench && cp -r .xfer/bigbench/squad_shifts $ZOFT_CACHE/bigbench/
