@@ -113,7 +113,8 @@ class RunConfig:
     resume: bool = arg(False, "continue from the checkpoint in --output-dir")
     eval_batch_size: int = arg(32, "examples per evaluation batch")
     cache_mb: float = arg(1024.0, "memory for caching frozen lower-layer outputs per example (with --layers)")
-    pack_tokens: int = arg(1024, "tokens per packed row")
+    pack_tokens: int = arg(1024, "tokens per packed row with the attention mask (CPU, float32 blocks); on a "
+                           "GPU with half-precision blocks the batch is one row of varlen sequences")
     cuda_graphs: bool = arg(True, "on CUDA, replay each training step's trained blocks from a CUDA graph "
                             "recorded once per batch shape (small models are launch-bound)")
     pipeline: bool = arg(True, "LoRA steps: queue each update with g on the device and read a step's losses "
