@@ -15,6 +15,7 @@ for spec in \
   "mezo_lora  --mode lora --layers top4 --lr 5e-3 --eps 1e-2 --steps 900" \
   "mezo_full  --mode full --layers top4 --lr 1e-5 --eps 1e-3 --steps 900" \
   "bp_lora    --optimizer adamw --mode lora --layers top4 --lr 1e-3 --steps 300" \
+  "bp_lora_top8 --optimizer adamw --mode lora --layers top8 --lr 1e-3 --steps 300" \
   "bp_full    --optimizer adamw --mode full --layers top4 --lr 1e-5 --steps 300"; do
   set -- $spec; name=$1; shift
   [[ " $want " == *" $name "* ]] || continue
