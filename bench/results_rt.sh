@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 4's real-model results on Rotten Tomatoes: SmolLM2-135M-Instruct (real weights), on this CPU.
-# Usage: bash bench/results_rt.sh [NAME...]  (default: all; names: icl8 mezo_lora mezo_full bp_lora bp_full)
+# Usage: bash bench/results_rt.sh [NAME...]  (default: the first five; names: icl8 mezo_lora mezo_full bp_lora bp_full bp_lora_top8)
 # Each run writes runs/results/NAME; the summary is collected into docs/results.md by hand from results.json.
 set -u
 cd "$(dirname "$0")/.."
