@@ -64,7 +64,9 @@ def measure_mode(mode, a, dev, lo, hi) -> dict:
     """Peaks of inference, a MeZO step and a backprop+AdamW step for one mode (a fresh model each)."""
     model, loras, tr = build(a.preset, getattr(torch, a.dtype), dev, mode)
     eng = NativeEngine(model)
-    b = eng.batch(batch(a.batch_size, model.args.vocab_size, lo=lo, hi=hi))
+    eng_bp = NativeEngine(model, varlen=False)  # the attention path `zoft train --optimizer adamw` uses
+    exs = batch(a.batch_size, model.args.vocab_size, lo=lo, hi=hi)
+    b, b_bp = eng.batch(exs), eng_bp.batch(exs)
     seeds = direction_seeds(0, 0, 1)
 
     def infer():
@@ -84,7 +86,7 @@ def measure_mode(mode, a, dev, lo, hi) -> dict:
         for t in tr.tensors:
             t.requires_grad_(True)
         opt = opt_holder.setdefault("o", torch.optim.AdamW(tr.tensors, lr=1e-6))
-        loss = row_losses(eng.scores(b, 1, True, grad=True), b, "candidate")[0]
+        loss = row_losses(eng_bp.scores(b_bp, 1, True, grad=True), b_bp, "candidate")[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -96,7 +98,7 @@ def measure_mode(mode, a, dev, lo, hi) -> dict:
     for name, fn in (("inference", infer), ("mezo", zo), ("backprop_adamw", backprop)):
         res[name + "_peak_mb"], res[name + "_resident_mb"] = peak(dev, fn)
     if mode == "lora" and dev.type == "cuda":
-        del model, loras, tr, eng, opt_holder
+        del model, loras, tr, eng, eng_bp, opt_holder
         res["mezo_offload_peak_mb"], res["mezo_offload_resident_mb"] = offloaded_lora_peak(a, dev, lo, hi)
     return res
 

@@ -37,7 +37,7 @@ def train_backprop(cfg: TrainConfig) -> dict:
     attach(s, zc, rc.seed)
     os.makedirs(out, exist_ok=True)
     # no frozen-prefix cache: its stored activations carry no graph, and the baseline should be plain
-    engine = make_engine(s, 0.0, rc.pack_tokens, varlen=False)  # masks: the varlen path has no backward here
+    engine = make_engine(s, 0.0, rc.pack_tokens, varlen=False)  # the mask path: its backward is the tested one
     lr = zc.lr_value
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg.to_dict() | {"resolved": {"lr": lr, "path": s.path, "device": s.device,

@@ -231,7 +231,7 @@ def build_batch(
                 prev = (lp - 1) if t == 0 else (offset + t - 1)
                 src.append(r * L + st + prev)
                 tgt.append(c[t])
-            offset += len(c) - 1 if share_prompt else len(c)  # shared-prompt segments are trimmed
+            offset += max(len(c) - 1, 0) if share_prompt else len(c)  # shared-prompt segments are trimmed
             cand_len.append(len(c))
             cand_ex.append(ei)
             cand_slot.append(k)
@@ -337,8 +337,12 @@ class NativeEngine:
         self.loras = [m for b in model.blocks[first_trained:] for m in b.modules() if isinstance(m, LoRALinear)]
         # attention over packed sequences by flash's variable-length kernel where it runs (CUDA, every block
         # in half precision); else the block-diagonal mask. varlen=None: choose; True on a CPU: the kernel's
-        # semantics in plain torch (tests); the backprop baseline passes False (no backward through it)
+        # semantics in plain torch (tests); the backprop baseline passes False (it keeps the mask path,
+        # whose backward is the one tested)
         half = all(d in (torch.float16, torch.bfloat16) for d in self.block_dtypes)
+        if varlen and self.device.type == "cuda" and not (half and flash_varlen_available(self.device)):
+            raise ValueError("varlen attention on CUDA needs flash attention (compute capability >= 8.0, torch "
+                             ">= 2.10) and half-precision blocks; pass varlen=None to choose automatically")
         self.varlen = (flash_varlen_available(self.device) and half) if varlen is None else varlen
 
     @property

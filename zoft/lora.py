@@ -52,19 +52,18 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dtype))
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self.bank: torch.Tensor | None = None  # the flat (P, D) tensor `rows` are views of (zo.lora_rows)
-        self.rows_half: tuple[torch.Tensor, torch.Tensor] | None = None  # A's rows as bf16 hi + lo (CUDA)
+        self.rows_half: tuple[torch.Tensor, ...] | None = None  # (α/r)·A as half hi + lo, and B, in the base's dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        xf = x.to(self.lora_A.dtype)
         if self.rows is None:
-            d = (xf @ self.lora_A.T) @ self.lora_B.T
+            d = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
         elif self.rows_half is not None and x.dtype == self.rows_half[0].dtype and not torch.is_grad_enabled():
-            return self._rows_half(x, y)
+            return self._rows_half(x, y)  # no float32 copy of x
         else:
             A, B = self.rows  # (P, r, in), (P, out, r)
             P = A.shape[0]
-            xr = xf.reshape(P, -1, xf.shape[-1])  # (P, tokens per row block, in)
+            xr = x.to(A.dtype).reshape(P, -1, x.shape[-1])  # (P, tokens per row block, in)
             d = torch.bmm(torch.bmm(xr, A.transpose(1, 2)), B.transpose(1, 2)).view(*y.shape)
         return y + (self.scaling * d).to(y.dtype)
 

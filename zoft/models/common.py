@@ -37,7 +37,11 @@ except ImportError:  # pragma: no cover - older torch
 
 
 def flash_varlen_available(device: torch.device | str) -> bool:
-    return _varlen_attn is not None and torch.device(device).type == "cuda"
+    """Whether flash's variable-length kernel runs on `device`: CUDA with compute capability >= 8.0
+    (Ampere or newer; flash attention has no kernels for older GPUs)."""
+    device = torch.device(device)
+    return (_varlen_attn is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
 @dataclass
