@@ -9,13 +9,12 @@ import resource
 import time
 
 import torch
-from tqdm import tqdm
 
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import ZoftError
 from zoft.evaluate import evaluate_split
-from zoft.session import attach, describe, load_session, log, make_engine
+from zoft.session import attach, describe, load_session, log, make_engine, progress
 
 
 def peak_memory(device: str) -> dict:
@@ -60,7 +59,7 @@ def train_backprop(cfg: TrainConfig) -> dict:
         torch.cuda.reset_peak_memory_stats(s.device)
     train_set, best_dev, t_loop = enc["train"], -1.0, time.time()
     metrics = open(os.path.join(out, "metrics.jsonl"), "a")
-    bar = tqdm(range(rc.steps), desc="train (adamw)", unit="step", dynamic_ncols=True)
+    bar = progress(iterable=range(rc.steps), desc="train (adamw)", unit="step", dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, rc.steps, lr, zc.schedule, zc.warmup)

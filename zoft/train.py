@@ -29,7 +29,7 @@ from zoft.engine import row_losses
 from zoft.errors import Interrupted, ZoftError
 from zoft.evaluate import answers_of, evaluate_split, write_predictions
 from zoft.lora import load_peft_weights, save_peft
-from zoft.session import Session, attach, describe, load_session, log, make_engine
+from zoft.session import Session, attach, describe, load_session, log, make_engine, progress
 from zoft.tasks import get_task, sample_splits
 from zoft.tasks.encode import Encoded, encode
 from zoft.zo import direction_seeds, full_rows_step, inplace_step, lr_at, rows_step, sgd_update_
@@ -291,7 +291,7 @@ def train(cfg: TrainConfig) -> dict:
     if main and not rc.resume:
         save_checkpoint(s, ckpt, state(0))  # the starting point: what the guard falls back to in full mode
     metrics = open(os.path.join(out, "metrics.jsonl"), "a" if rc.resume else "w") if main else None
-    bar = tqdm(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
+    bar = progress(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     # Pipelined steps (LoRA with the candidate or LM loss, all on the device): step i's update is queued
     # with g still on the device, and the host reads step i's losses while step i+1 runs, so nothing
     # waits for the GPU between steps. A non-finite g makes the queued update a no-op; a rejected step
