@@ -482,3 +482,21 @@ def test_pipelined_and_synchronous_runs_agree_through_guard_rejections(root, mod
     for name in ("adapter/adapter_model.safetensors", "checkpoint/adapter_model.safetensors", "checkpoint/state.json"):
         a, b = (runs[f] / name for f in ("--pipeline", "--no-pipeline"))
         assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_training_bar_is_quiet_in_a_log_file():
+    """Off a terminal the bar refreshes every 30 s: 500 steps with a postfix each render a handful of times
+    (at 0.1 s it was one line per step, megabytes for a 20k-step run)."""
+    from zoft.session import progress
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        bar = progress(total=500, desc="train", file=sys.stderr)
+        for i in range(500):
+            time.sleep(0.002)  # a 1 s loop: tqdm's default 0.1 s interval would render ~10 times
+            bar.update()
+            bar.set_postfix(loss=f"{i}", refresh=False)
+        bar.close()
+    renders = err.getvalue().count("\r")
+    assert renders <= 4, renders
+    assert "500/500" in err.getvalue()

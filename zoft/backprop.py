@@ -71,7 +71,7 @@ def train_backprop(cfg: TrainConfig) -> dict:
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
-        bar.set_postfix(loss=f"{value.item():.4f}")
+        bar.set_postfix(loss=f"{value.item():.4f}", refresh=False)
         metrics.write(json.dumps({"step": step + 1, "loss": value.item(), "lr": opt.param_groups[0]["lr"],
                                   "seconds": round(time.time() - t_start, 3)}) + "\n")
         done = step + 1

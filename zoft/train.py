@@ -371,7 +371,7 @@ def train(cfg: TrainConfig) -> dict:
         ema = loss_val if ema is None else 0.95 * ema + 0.05 * loss_val
         g_mean = sum(grads) / len(grads)
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.4f}", g=f"{g_mean:+.3g}", s_step=f"{dt:.3f}")
+        bar.set_postfix(loss=f"{ema:.4f}", g=f"{g_mean:+.3g}", s_step=f"{dt:.3f}", refresh=False)  # shown at the next refresh
         if main:
             metrics.write(json.dumps({"step": r["step"] + 1, "loss": loss_val, "projected_grad": g_mean, "lr": r["lr"],
                                       "seconds": round(now - t_start, 3), "step_seconds": round(dt, 4)}) + "\n")
