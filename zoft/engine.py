@@ -9,7 +9,11 @@ single batch. What it shares, and why each is exact (DESIGN.md):
   candidate k attends to the prompt and to itself, never to another candidate, and its positions
   continue from the prompt's end, exactly as if it were encoded alone after the prompt.
 * **no padding inside a pack**: segments are packed into rows of at most ``pack_tokens`` tokens with a
-  block-diagonal mask; only the tail of each pack row is padding.
+  block-diagonal mask; only the tail of each pack row is padding. On a GPU with half-precision blocks
+  the whole batch is one row and attention runs flash's variable-length kernel over the segments'
+  causal sequences (``zoft.models.common.Varlen``): no mask, no scores across examples.
+* **no token nobody reads**: a candidate's last token is left out of its segment (token t is scored
+  from the state at t−1, and no other token attends to it), so one-token candidates cost no token.
 * **the frozen lower layers**: blocks below the first trained block see no perturbation, so they run
   once per batch on one copy (not once per row), and their outputs can be cached per example across
   steps (an LRU keyed by the example's token ids, within a memory budget).
