@@ -5,6 +5,7 @@ blocks) and full parameters. On CUDA the allocator's peak is measured; on CPU th
 meaningful and the script says so.
 
     python bench/memory_bench.py --preset smollm2-135m --device cuda --dtype float32
+    python bench/memory_bench.py --preset smollm2-135m --device cuda --layers top8  # as zoft train --layers top8
     python bench/memory_bench.py --preset tiny --device cpu                         # smoke test
 """
 
@@ -16,6 +17,7 @@ import random
 
 import torch
 
+from zoft.config import parse_layers
 from zoft.engine import NativeEngine, row_losses
 from zoft.lora import LoraArgs, inject_lora
 from zoft.models.llama import PRESETS, Llama, LlamaArgs
@@ -32,7 +34,7 @@ def batch(n, vocab, seed=0, lo=10, hi=60):
                     [[r.randrange(3, vocab)], [r.randrange(3, vocab)]], r.randrange(2), "mc") for _ in range(n)]
 
 
-def build(preset, dtype, device, mode):
+def build(preset, dtype, device, mode, layers=""):
     torch.manual_seed(0)
     with torch.device("meta"):
         m = Llama(LlamaArgs(**PRESETS[preset]))
@@ -41,10 +43,15 @@ def build(preset, dtype, device, mode):
         p.data.normal_(0, 0.02) if p.dim() > 1 else p.data.fill_(1.0)
         p.requires_grad_(False)
     if mode == "lora":
-        loras = inject_lora(m, m.block_prefix, ["q_proj", "v_proj"], None, LoraArgs())
+        loras = inject_lora(m, m.block_prefix, ["q_proj", "v_proj"], parse_layers(layers, len(m.blocks)), LoraArgs())
         return m, loras, lora_trainable(loras)
     m.float()
     return m, None, full_trainable(m, None)
+
+
+def first_block(model, layers: str) -> int:
+    chosen = parse_layers(layers, len(model.blocks))
+    return 0 if chosen is None else min(chosen)
 
 
 def peak(device, fn):
@@ -62,9 +69,10 @@ def peak(device, fn):
 
 def measure_mode(mode, a, dev, lo, hi) -> dict:
     """Peaks of inference, a MeZO step and a backprop+AdamW step for one mode (a fresh model each)."""
-    model, loras, tr = build(a.preset, getattr(torch, a.dtype), dev, mode)
-    eng = NativeEngine(model)
-    eng_bp = NativeEngine(model, varlen=False)  # the attention path `zoft train --optimizer adamw` uses
+    model, loras, tr = build(a.preset, getattr(torch, a.dtype), dev, mode, a.layers if mode == "lora" else "")
+    k = first_block(model, a.layers if mode == "lora" else "")  # frozen blocks below it: no grad, run once
+    eng = NativeEngine(model, first_trained=k)
+    eng_bp = NativeEngine(model, first_trained=k, varlen=False)  # the attention path `zoft train --optimizer adamw` uses
     exs = batch(a.batch_size, model.args.vocab_size, lo=lo, hi=hi)
     b, b_bp = eng.batch(exs), eng_bp.batch(exs)
     seeds = direction_seeds(0, 0, 1)
@@ -109,11 +117,11 @@ def offloaded_lora_peak(a, dev, lo, hi):
     from zoft.offload import LayerStreamer
     from zoft.session import _to_device_except
 
-    model, loras, tr = build(a.preset, getattr(torch, a.dtype), torch.device("cpu"), "lora")
+    model, loras, tr = build(a.preset, getattr(torch, a.dtype), torch.device("cpu"), "lora", a.layers)
     _to_device_except(model, model.blocks, dev)
     for m in loras.values():
         m.lora_A.data, m.lora_B.data = m.lora_A.data.to(dev), m.lora_B.data.to(dev)
-    eng = NativeEngine(model, streamer=LayerStreamer(model.blocks, dev))
+    eng = NativeEngine(model, first_trained=first_block(model, a.layers), streamer=LayerStreamer(model.blocks, dev))
     b = eng.batch(batch(a.batch_size, model.args.vocab_size, lo=lo, hi=hi))
     seeds = direction_seeds(0, 0, 1)
 
@@ -132,6 +140,8 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--prompt", default="10-60", help="prompt length range, e.g. 10-60 (sst2) or 350-450 (multirc)")
+    ap.add_argument("--layers", default="", help="LoRA mode: adapt only these blocks, e.g. top8 (zoft train's "
+                    "--layers); both MeZO and backprop then run the blocks below once, without grad")
     a = ap.parse_args()
     dev = torch.device(a.device)
     lo, hi = map(int, a.prompt.split("-"))
@@ -145,7 +155,7 @@ def main():
             print(f"| {r['mode']}, blocks streamed (--offload cpu) | | {r['mezo_offload_peak_mb']} | | "
                   f"{r['backprop_adamw_peak_mb'] / r['mezo_offload_peak_mb']:.2f} |")
     print(json.dumps({"preset": a.preset, "device": str(dev), "dtype": a.dtype, "batch_size": a.batch_size,
-                      "prompt": a.prompt, "rows": rows}))
+                      "prompt": a.prompt, "layers": a.layers, "rows": rows}))
 
 
 if __name__ == "__main__":
