@@ -379,3 +379,35 @@ def test_diverging_last_update_is_not_a_success(zoft_here, models, tmp_path):
         assert all(math.isfinite(x) for row in rows for x in row["candidate_logprobs"])
     else:
         assert_user_error(p, "non-finite", line_start=False)
+
+
+# ---- --attention ---------------------------------------------------------------------------------
+
+
+def test_attention_varlen_on_cpu_trains_like_the_mask(models, zoft_here, tmp_path):
+    """--attention varlen runs the variable-length plan (on a CPU through the reference loop): the same
+    losses and projected gradients as the block-diagonal mask, and `zoft train` says which it used."""
+    logs = {}
+    for how in ("mask", "varlen"):
+        out = tmp_path / how
+        p = zoft_here("train", "--model", models["llama"], *DATA, *MODES["lora"], "--steps", "3", "--attention", how,
+                      "--no-zero-shot", "--output-dir", out)
+        assert p.returncode == 0, p.stderr
+        assert ("attention: varlen sequences" in p.stderr) == (how == "varlen"), p.stderr
+        assert ("block-diagonal SDPA mask" in p.stderr) == (how == "mask"), p.stderr
+        logs[how] = [r for r in read_jsonl(out / "steps.jsonl") if "grads" in r]
+    assert len(logs["mask"]) == 3
+    for a, b in zip(logs["mask"], logs["varlen"], strict=True):
+        assert a["grads"][0] != 0.0
+        assert math.isclose(a["grads"][0], b["grads"][0], rel_tol=1e-3, abs_tol=1e-5), (a, b)
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a, b)
+
+
+def test_attention_varlen_errors(models, zoft_here, tmp_path):
+    p = zoft_here("train", "--model", models["neox"], *DATA, "--attention", "varlen", "--steps", "1",
+                  "--output-dir", tmp_path / "a")
+    assert_user_error(p, "--attention varlen", "native")
+    p = zoft_here("train", "--model", models["opt"], *DATA, "--attention", "varlen", "--optimizer", "adamw",
+                  "--steps", "1", "--output-dir", tmp_path / "b")
+    assert_user_error(p, "--attention varlen", "adamw")
+    assert not (tmp_path / "b").exists()  # refused before anything was written

@@ -30,13 +30,17 @@ def train_backprop(cfg: TrainConfig) -> dict:
     rc, zc = cfg.run, cfg.zo
     if rc.resume:
         raise ZoftError("--resume supports zo-sgd runs (their step log replays exactly); rerun the adamw baseline")
+    if cfg.model.attention == "varlen":
+        raise ZoftError("--optimizer adamw runs attention through the mask path (its backward is the tested one); "
+                        "drop --attention varlen")
     out = rc.output_dir
     t_start = time.time()
     s = load_session(cfg.model)
     attach(s, zc, rc.seed)
     os.makedirs(out, exist_ok=True)
-    # no frozen-prefix cache: its stored activations carry no graph, and the baseline should be plain
-    engine = make_engine(s, 0.0, rc.pack_tokens, varlen=False)  # the mask path: its backward is the tested one
+    # no frozen-prefix cache: its stored activations carry no graph, and the baseline should be plain;
+    # attention through the mask path, whose backward is the tested one
+    engine = make_engine(s, 0.0, rc.pack_tokens, varlen=False)
     lr = zc.lr_value
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg.to_dict() | {"resolved": {"lr": lr, "path": s.path, "device": s.device,

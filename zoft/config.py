@@ -33,6 +33,10 @@ class ModelConfig:
                       choices=["auto", "native", "hf"])
     offload: str = arg("none", "cpu: keep frozen block weights in CPU memory and stream each block to the "
                        "GPU once per forward (models larger than the GPU)", choices=["none", "cpu"])
+    attention: str = arg("auto", "packed attention (native models): varlen (flash's variable-length kernel; "
+                         "on a CPU a slow reference, for checking), mask (block-diagonal SDPA mask), or auto "
+                         "(varlen on a GPU of compute capability >= 8 with half-precision blocks, else mask)",
+                         choices=["auto", "varlen", "mask"])
     max_length: int = arg(0, "token limit per example (prompt + candidate); 0: the model's limit")
     truncation: str = arg("left", "over-long prompts: drop tokens from the left (keeping BOS), or error",
                           choices=["left", "error"])

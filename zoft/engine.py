@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from zoft.errors import ZoftError
 from zoft.graphs import GraphCache
 from zoft.lora import LoRALinear, set_bank_views
 from zoft.models.common import Varlen, flash_varlen_available
@@ -345,8 +346,8 @@ class NativeEngine:
         # whose backward is the one tested)
         half = all(d in (torch.float16, torch.bfloat16) for d in self.block_dtypes)
         if varlen and self.device.type == "cuda" and not (half and flash_varlen_available(self.device)):
-            raise ValueError("varlen attention on CUDA needs flash attention (compute capability >= 8.0, torch "
-                             ">= 2.10) and half-precision blocks; pass varlen=None to choose automatically")
+            raise ZoftError("--attention varlen on CUDA needs flash attention (compute capability >= 8.0, torch "
+                            ">= 2.10) and half-precision blocks (--dtype bfloat16, LoRA); use --attention auto or mask")
         self.varlen = (flash_varlen_available(self.device) and half) if varlen is None else varlen
 
     @property

@@ -60,6 +60,7 @@ class Session:
     layers: list[int] | None = None
     lora_args: LoraArgs | None = None
     offload: str = "none"
+    attention: str = "auto"  # --attention: auto | varlen | mask
     full_step: str = "inplace"  # full mode: "inplace" passes or "rows" of one forward (zo.full_rows)
 
     @property
@@ -96,7 +97,7 @@ def load_session(mc: ModelConfig, random_weights: bool = False) -> Session:
     tok = load_tokenizer(folder)
     max_len = min(mc.max_length, max_len) if mc.max_length else max_len
     return Session(model, tok, folder, mc.model, path, device, max_len, n_layers, prefix, short,
-                   offload=mc.offload)
+                   offload=mc.offload, attention=mc.attention)
 
 
 def _to_device_except(module: nn.Module, keep: nn.Module, device: str) -> None:
@@ -160,7 +161,10 @@ def first_trained_block(s: Session) -> int:
 
 def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda_graphs: bool = True,
                 varlen: bool | None = None):
-    """varlen=None: flash's variable-length attention where it runs (CUDA, half precision), else masks."""
+    """varlen=None: as --attention says (auto: flash's variable-length attention where it runs, CUDA with
+    half-precision blocks, else masks)."""
+    if varlen is None and s.attention != "auto":
+        varlen = s.attention == "varlen"
     if s.native:
         streamer = None
         if s.offload == "cpu":
@@ -168,6 +172,8 @@ def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda
 
             streamer = LayerStreamer(s.model.blocks, s.device)
         return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, streamer, cuda_graphs, varlen)
+    if varlen:
+        raise ZoftError(f"--attention varlen needs a native model (OPT, Llama family); {s.path} packs nothing")
     return hf.HFEngine(s.model)
 
 
@@ -182,8 +188,10 @@ def describe(s: Session, engine, zo: bool = True) -> str:
             feats.append(f"frozen blocks 0-{engine.first_trained - 1} run once per batch")
             if engine.cache is not None:
                 feats.append(f"prefix cache {engine.cache.budget / 2**20:.0f} MB")
-        if engine.varlen:
+        if engine.varlen and engine.device.type == "cuda":
             feats.append("attention: flash variable-length kernel (no mask, no work across examples)")
+        elif engine.varlen:
+            feats.append("attention: varlen sequences through zoft's plain-torch reference (slow; for checking)")
         elif str(s.device).startswith("cuda"):
             feats.append("attention: SDPA memory-efficient/flash kernels with the bool mask (cuDNN off)")
         else:
