@@ -54,6 +54,15 @@ def first_block(model, layers: str) -> int:
     return 0 if chosen is None else min(chosen)
 
 
+def mezo_step(eng, b, loras, tr, seeds) -> None:
+    """One MeZO step: LoRA as ±ε rows of one forward, full parameters in place."""
+    if loras is not None:
+        _, _, g = rows_step(lambda r: row_losses(eng.scores(b, r, True), b, "candidate"), loras, seeds, 1e-2)
+    else:
+        _, _, g = inplace_step(lambda: row_losses(eng.scores(b, 1, True), b, "candidate")[0], tr, seeds, 1e-3)
+    sgd_update_(tr, seeds, g, 1e-6, 0.0)
+
+
 def peak(device, fn):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -81,13 +90,6 @@ def measure_mode(mode, a, dev, lo, hi) -> dict:
         with torch.no_grad():
             row_losses(eng.scores(b, 1, True), b, "candidate")
 
-    def zo():
-        if loras is not None:
-            _, _, g = rows_step(lambda r: row_losses(eng.scores(b, r, True), b, "candidate"), loras, seeds, 1e-2)
-        else:
-            _, _, g = inplace_step(lambda: row_losses(eng.scores(b, 1, True), b, "candidate")[0], tr, seeds, 1e-3)
-        sgd_update_(tr, seeds, g, 1e-6, 0.0)
-
     opt_holder = {}
 
     def backprop():
@@ -103,7 +105,7 @@ def measure_mode(mode, a, dev, lo, hi) -> dict:
 
     backprop()  # AdamW's state exists from the first step on: measure a steady-state step
     res = {"mode": mode}
-    for name, fn in (("inference", infer), ("mezo", zo), ("backprop_adamw", backprop)):
+    for name, fn in (("inference", infer), ("mezo", lambda: mezo_step(eng, b, loras, tr, seeds)), ("backprop_adamw", backprop)):
         res[name + "_peak_mb"], res[name + "_resident_mb"] = peak(dev, fn)
     if mode == "lora" and dev.type == "cuda":
         del model, loras, tr, eng, eng_bp, opt_holder
@@ -125,12 +127,8 @@ def offloaded_lora_peak(a, dev, lo, hi):
     b = eng.batch(batch(a.batch_size, model.args.vocab_size, lo=lo, hi=hi))
     seeds = direction_seeds(0, 0, 1)
 
-    def zo():
-        _, _, g = rows_step(lambda r: row_losses(eng.scores(b, r, True), b, "candidate"), loras, seeds, 1e-2)
-        sgd_update_(tr, seeds, g, 1e-6, 0.0)
-
-    zo()
-    return peak(dev, zo)
+    mezo_step(eng, b, loras, tr, seeds)
+    return peak(dev, lambda: mezo_step(eng, b, loras, tr, seeds))
 
 
 def main():

@@ -21,7 +21,7 @@ around every timed region:
    LoRA steps are timed twice: synchronously (median of per-step times, each step waits for its own
    losses) and pipelined as ``zoft train`` runs them (the update queued with g on the device, step i's
    losses read once step i+1 is queued; the --steps timed batches in a cycle of at least 50 steps,
-   after one untimed cycle that records every shape's CUDA graph; window time / steps). The
+   after every timed batch has met its CUDA graph twice; window time / steps). The
    pipelined figure is ``zoft_step_ms``, what a training run sees per step; the reference cannot
    pipeline (MeZO reads g with ``.item()`` before its update), so its per-step time is its throughput.
 
@@ -422,8 +422,7 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
             _sync(device)
             return (time.perf_counter() - t0) * 1e3 / len(order)
 
-        window()  # untimed: every batch shape now met twice, so its CUDA graph is recorded (zoft.graphs)
-        recorded = engine.graphs.captures if engine.graphs is not None else 0
+        recorded = engine.graphs.captures if engine.graphs is not None else 0  # every timed shape's, above
         piped = window()
         if engine.graphs is not None and engine.graphs.captures != recorded:
             log(f"  note: {engine.graphs.captures - recorded} graph recordings fell in the timed window")

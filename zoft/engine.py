@@ -27,6 +27,7 @@ MeZO that encodes each (example, candidate) as its own unpadded sequence: only w
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -109,22 +110,22 @@ def pack(segments: list[Segment], pack_tokens: int, device, one_per_row: bool = 
     rows: list[list[int]] = []
     fill: list[int] = []
     where = []
-    for i, s in enumerate(segments):
-        n = len(s.ids)
-        if varlen:
-            where.append((0, fill[0] if fill else 0))
-            rows, fill = [[]], [(fill[0] if fill else 0) + n]
-            continue
-        for r in range(0 if one_per_row else len(rows)):
-            if fill[r] + n <= pack_tokens:
-                where.append((r, fill[r]))
-                rows[r].append(i)
-                fill[r] += n
-                break
-        else:
-            where.append((len(rows), 0))
-            rows.append([i])
-            fill.append(n)
+    if varlen:  # one row, each segment after the one before
+        starts = list(itertools.accumulate((len(s.ids) for s in segments), initial=0))
+        where, rows, fill = [(0, st) for st in starts[:-1]], [list(range(len(segments)))], [starts[-1]]
+    else:
+        for i, s in enumerate(segments):
+            n = len(s.ids)
+            for r in range(0 if one_per_row else len(rows)):
+                if fill[r] + n <= pack_tokens:
+                    where.append((r, fill[r]))
+                    rows[r].append(i)
+                    fill[r] += n
+                    break
+            else:
+                where.append((len(rows), 0))
+                rows.append([i])
+                fill.append(n)
     N, L = len(rows), max(fill)
     if varlen:
         L = _up_to(L, 64 if L <= 2048 else 256)  # few distinct shapes: kernels and CUDA graphs are reused
@@ -153,16 +154,16 @@ def _varlen_lists(segments: list[Segment], where, fill: int, L: int) -> tuple[li
     q_len, k_len, kidx = [], [], []
     for s, (_, st) in zip(segments, where):
         lp = s.branch.count(0)  # the prompt, then each candidate's tokens in order
-        runs = [(st, lp)]  # (start, length) of the prompt and of each candidate
-        for b in s.branch[lp:]:
-            if len(runs) == 1 or b != s.branch[runs[-1][0] - st]:
-                runs.append((runs[-1][0] + runs[-1][1], 0))
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        first = runs[1][1] if len(runs) > 1 else 0
+        runs, o = [], st + lp  # (start, length) of each candidate
+        for _, toks in itertools.groupby(s.branch[lp:]):
+            n = len(list(toks))
+            runs.append((o, n))
+            o += n
+        first = runs[0][1] if runs else 0
         q_len.append(lp + first)
         k_len.append(lp + first)
         kidx += range(st, st + lp + first)
-        for o, n in runs[2:]:
+        for o, n in runs[1:]:
             q_len.append(n)
             k_len.append(lp + n)
             kidx += range(st, st + lp)
@@ -421,7 +422,7 @@ class NativeEngine:
 
         def stack(h, *rest):  # eager on a shape's first meeting; then recorded over static buffers
             a, rest = rest[: len(attn_t)], rest[len(attn_t) :]
-            attn = Varlen(*a, *extra) if plan is not None else a[0]
+            attn = plan.with_tensors(*a) if plan is not None else a[0]
             attn, c = _for_rows(attn, tuple(rest[: len(ctx_t)]) if ctx is not None else None, rows)
             if bank is not None:
                 saved = [(m.rows, m.rows_half, m.bank) for m in loras]

@@ -18,7 +18,7 @@ perturbation row, and compute logits only where the loss reads them.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,10 @@ class Varlen:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.cu_q, self.cu_k, self.kidx]
+
+    def with_tensors(self, cu_q: torch.Tensor, cu_k: torch.Tensor, kidx: torch.Tensor) -> Varlen:
+        """This plan over other tensors of the same shapes (a CUDA graph's static copies of tensors())."""
+        return replace(self, cu_q=cu_q, cu_k=cu_k, kidx=kidx)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         N, H, L, hd = q.shape
