@@ -81,6 +81,28 @@ if [ "$1" = final5 ]; then  # session 4, one H100: what closes the gap to backpr
   wait
   for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
 fi
+if [ "$1" = final6 ]; then  # session 5: seeds 1 and 2 of the top-8 arm (final5's 0.834 was one seed), top 12,
+  # and backprop-LoRA matched on this GPU (three seeds at top 8, one at top 12)
+  export OMP_NUM_THREADS=3 RUN_LIMIT=470
+  z="--mode lora --eps 1e-2 --schedule cosine --eval-every 2000 --no-zero-shot --clip-grad 1 --lr 3e-3 --steps 20000"
+  bp="--optimizer adamw --mode lora --lr 1e-3 --steps 300 --eval-every 100 --no-zero-shot"
+  run c3_clip1_top8_seed1 $z --layers top8 --seed 1 &
+  run c3_clip1_top8_seed2 $z --layers top8 --seed 2 &
+  run c3_clip1_top12 $z --layers top12 &
+  (run bp_lora_top8 $bp --layers top8; run bp_lora_top8_seed2 $bp --layers top8 --seed 2; run bp_lora_top12 $bp --layers top12) &
+  wait
+  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+fi
+if [ "$1" = final7 ]; then  # right after final6 (top 12: MeZO 0.854 vs backprop 0.864, one seed each): seeds 1, 2
+  export OMP_NUM_THREADS=3 RUN_LIMIT=470
+  z="--mode lora --eps 1e-2 --schedule cosine --eval-every 2000 --no-zero-shot --clip-grad 1 --lr 3e-3 --steps 20000"
+  bp="--optimizer adamw --mode lora --lr 1e-3 --steps 300 --eval-every 100 --no-zero-shot"
+  run c3_clip1_top12_seed1 $z --layers top12 --seed 1 &
+  run c3_clip1_top12_seed2 $z --layers top12 --seed 2 &
+  (run bp_lora_top12_seed1 $bp --layers top12 --seed 1; run bp_lora_top12_seed2 $bp --layers top12 --seed 2) &
+  wait
+  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
   mkdir -p $ZOFT_CACHE/bigbench && cp -r .xfer/bigbench/squad_shifts $ZOFT_CACHE/bigbench/

