@@ -114,16 +114,16 @@ def measure_mode(mode, a, dev, lo, hi) -> dict:
 
 
 def offloaded_lora_peak(a, dev, lo, hi):
-    """A MeZO-LoRA step with the blocks' frozen weights streamed from CPU memory (zoft --offload cpu):
-    on the GPU, the embeddings and head, the LoRA factors, the batch and one or two blocks at a time."""
-    from zoft.offload import LayerStreamer
-    from zoft.session import _to_device_except
+    """A MeZO-LoRA step with the blocks' frozen weights streamed from CPU memory and the vocabulary
+    tables kept there (zoft --offload cpu): on the GPU, the LoRA factors, the final norm, the batch's
+    activations, the head rows the loss reads and one or two blocks at a time."""
+    from zoft.offload import offload_to_host
 
     model, loras, tr = build(a.preset, getattr(torch, a.dtype), torch.device("cpu"), "lora", a.layers)
-    _to_device_except(model, model.blocks, dev)
-    for m in loras.values():
+    for m in loras.values():  # trained: on the device before the streamer takes the rest of the blocks
         m.lora_A.data, m.lora_B.data = m.lora_A.data.to(dev), m.lora_B.data.to(dev)
-    eng = NativeEngine(model, first_trained=first_block(model, a.layers), streamer=LayerStreamer(model.blocks, dev))
+    streamer = offload_to_host(model, dev)
+    eng = NativeEngine(model, first_trained=first_block(model, a.layers), streamer=streamer)
     b = eng.batch(batch(a.batch_size, model.args.vocab_size, lo=lo, hi=hi))
     seeds = direction_seeds(0, 0, 1)
 

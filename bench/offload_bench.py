@@ -23,7 +23,7 @@ import torch
 from zoft.engine import NativeEngine, row_losses
 from zoft.lora import LoraArgs, inject_lora
 from zoft.models.opt import OPT, PRESETS, OPTArgs
-from zoft.offload import LayerStreamer
+from zoft.offload import offload_to_host
 from zoft.tasks.encode import Encoded
 from zoft.zo import direction_seeds, lora_trainable, rows_step, sgd_update_
 
@@ -57,13 +57,10 @@ def main():
     model = model.to(dtype).to_empty(device="cpu")
     for p in model.parameters():  # random weights of the real shapes
         p.data.uniform_(-0.02, 0.02) if p.dim() > 1 else p.data.fill_(1.0)
-    from zoft.session import _to_device_except
-
-    _to_device_except(model, model.blocks, str(dev))
     loras = inject_lora(model, model.block_prefix, ["q_proj", "v_proj"], None, LoraArgs())
-    for m in loras.values():
+    for m in loras.values():  # trained: on the device before the streamer takes the rest of the blocks
         m.lora_A.data, m.lora_B.data = m.lora_A.data.to(dev), m.lora_B.data.to(dev)
-    streamer = LayerStreamer(model.blocks, dev)
+    streamer = offload_to_host(model, dev)  # as zoft --offload cpu: blocks and vocabulary stay on the host
     build_s = time.time() - t0
 
     # (1) the floor: every frozen block weight across the bus once, pinned, back to back

@@ -38,6 +38,7 @@ from zoft.errors import ZoftError
 from zoft.graphs import GraphCache
 from zoft.lora import LoRALinear, set_bank_views
 from zoft.models.common import Varlen, flash_varlen_available
+from zoft.offload import head_logits, head_rows
 from zoft.tasks.encode import Encoded
 
 
@@ -353,7 +354,7 @@ class NativeEngine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head_weight.device
+        return self.streamer.device if self.streamer is not None else self.model.lm_head_weight.device
 
     def batch(self, encoded: list[Encoded], gold_only: bool = False) -> Batch:
         return build_batch(encoded, self.device, self.pack_tokens, share_prompt=True, gold_only=gold_only,
@@ -451,13 +452,15 @@ class NativeEngine:
         h = self._run_trained(h, p, rows, graph)
         N, L = p.ids.shape
         hs = h.view(rows, N * L, -1)[:, b.src]  # (P, M, D): only where the loss reads
-        w = m.lm_head_weight
+        w = m.lm_head_weight  # in CPU memory under --offload cpu: only the rows read cross the bus
+        host = self.streamer is not None
         hs = m.norm_out(hs.to(w.dtype))  # a float32 (fully trained) top block may feed a bf16 head
         if logits_only:
             assert b.single_token
-            token_lp = (_up(hs) * _up(w[b.tgt])).sum(-1)  # (P, M): one vocab row per target
+            wt = head_rows(w, b.tgt, self.device) if host else w[b.tgt]
+            token_lp = (_up(hs) * _up(wt)).sum(-1)  # (P, M): one vocab row per target
         else:
-            logits = _up(F.linear(hs.to(w.dtype), w))  # (P, M, V)
+            logits = _up(head_logits(hs.to(w.dtype), w) if host else F.linear(hs.to(w.dtype), w))  # (P, M, V)
             token_lp = logits.log_softmax(-1).gather(-1, b.tgt.expand(rows, -1)[..., None])[..., 0]
         return score_table(b, token_lp, logits_only)
 

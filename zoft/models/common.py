@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from zoft.offload import head_logits
+
 GPU_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 try:  # flash attention's variable-length kernel (torch >= 2.10); its causal flag changed name in 2.11
@@ -162,6 +164,8 @@ class NativeModel(nn.Module):
 
     family: str
     lora_targets: dict[str, str]  # short name -> module name, e.g. {"q": "q_proj"}
+    embed_path: str  # the token embedding's module path, e.g. "model.embed_tokens"
+    streamer = None  # zoft.offload.LayerStreamer when --offload cpu keeps the frozen weights in CPU memory
 
     @property
     def blocks(self) -> nn.ModuleList:  # pragma: no cover - interface
@@ -202,7 +206,8 @@ class NativeModel(nn.Module):
     def generate_batch(self, prompts: list[list[int]], max_new: int, stop: set[int]) -> list[list[int]]:
         """Greedy decoding with a KV cache for several prompts at once: left-padded, each row's positions
         starting at 0 and its padding masked out of every key set, so each row decodes as if alone."""
-        dev = self.lm_head_weight.device
+        st = self.streamer
+        dev = self.lm_head_weight.device if st is None else st.device
         n, P = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros(n, P, dtype=torch.long)
         real = torch.zeros(n, P, dtype=torch.bool)
@@ -221,10 +226,16 @@ class NativeModel(nn.Module):
         for _ in range(max_new):
             h = self.embed(ids, pos)
             ctx = self.position_context(pos)
-            for layer, cache in zip(self.blocks, caches, strict=True):
+            for i, (layer, cache) in enumerate(zip(self.blocks, caches, strict=True)):
+                if st is not None:  # blocks streamed from CPU memory: every decoding step sends them all
+                    st.enter(i)
+                    st.prefetch(i + 1)
                 h = layer(h, mask, ctx, cache)
+                if st is not None:
+                    st.exit(i)
             w = self.lm_head_weight
-            nxt = F.linear(self.norm_out(h[:, -1:]).to(w.dtype), w)[:, 0].argmax(-1)  # (n,)
+            hl = self.norm_out(h[:, -1:]).to(w.dtype)
+            nxt = (F.linear(hl, w) if st is None else head_logits(hl, w))[:, 0].argmax(-1)  # (n,)
             for r, t in enumerate(nxt.tolist()):
                 if not done[r]:
                     if t in stop:

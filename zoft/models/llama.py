@@ -181,6 +181,7 @@ class Llama(NativeModel):
     lora_targets = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                     "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
     block_prefix = "model.layers"
+    embed_path = "model.embed_tokens"
 
     def __init__(self, args: LlamaArgs):
         super().__init__()

@@ -130,6 +130,7 @@ class OPT(NativeModel):
     family = "opt"
     lora_targets = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj", "fc1": "fc1", "fc2": "fc2"}
     block_prefix = "model.decoder.layers"
+    embed_path = "model.decoder.embed_tokens"
 
     def __init__(self, args: OPTArgs):
         super().__init__()
