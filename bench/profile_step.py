@@ -20,6 +20,7 @@ import torch
 
 from zoft.bench import WORKLOADS, load_reference, make_batch
 from zoft.config import ModelConfig, ZOConfig
+from zoft.models import common
 from zoft.session import attach, load_session, make_engine
 from zoft.train import HostCopy, snapshot, step_losses
 from zoft.zo import direction_seeds, sgd_update_
@@ -32,6 +33,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--graphs", type=int, default=1)
     ap.add_argument("--varlen", type=int, default=-1, help="1: flash varlen attention, 0: the mask path, -1: auto")
+    ap.add_argument("--fuse", type=int, default=1, help="0: q/k/v (gate/up) as separate GEMMs and OPT's ReLU "
+                    "as its own pass, to measure what fusing them saves")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp()
     ref, folder = load_reference(a.model, getattr(torch, a.dtype), "cuda", tmp)
@@ -39,7 +42,9 @@ def main():
     s = load_session(ModelConfig(model=folder, device="cuda", dtype=a.dtype))
     zc = ZOConfig(mode="lora")
     attach(s, zc)
-    eng = make_engine(s, cuda_graphs=bool(a.graphs), varlen=None if a.varlen < 0 else bool(a.varlen))
+    common.RELU_EPILOGUE = bool(a.fuse)
+    eng = make_engine(s, cuda_graphs=bool(a.graphs), varlen=None if a.varlen < 0 else bool(a.varlen),
+                      fuse=bool(a.fuse))
     n = 40
     batches = [make_batch(WORKLOADS[a.workload], 16, 50000, 2, i) for i in range(n + 1)]
     ahead: dict = {}
@@ -79,7 +84,7 @@ def main():
     run(3 * n, 4 * n, True)
     torch.cuda.synchronize()
     piped = (time.perf_counter() - t0) * 1e3 / n
-    print(f"{a.model} {a.workload} {a.dtype} graphs={bool(a.graphs)} varlen={eng.varlen} on {torch.cuda.get_device_name()}: "
+    print(f"{a.model} {a.workload} {a.dtype} graphs={bool(a.graphs)} varlen={eng.varlen} fused={eng.fused} relu_epilogue={common.RELU_EPILOGUE} on {torch.cuda.get_device_name()}: "
           f"synchronous step median {statistics.median(sync_ms):.2f} ms, pipelined {piped:.2f} ms/step")
     if s.device.startswith("cuda") and eng.graphs is not None:
         g = eng.graphs

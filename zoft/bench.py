@@ -439,6 +439,7 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
         "zoft_batch_build_ms": round(statistics.median(build_ms), 3),
         "zoft_trainable": s.trainable.numel(),
         "zoft_path": s.path,
+        "zoft_fused_groups": engine.fused,
         "zoft_weights_dtype": str(base.dtype).removeprefix("torch."),  # full mode: float32 master weights
         "zoft_tokens": packed.packs.ids.numel(),  # of the last batch
         **engine.stats.summary(),

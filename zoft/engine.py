@@ -329,7 +329,7 @@ class NativeEngine:
     """Runs a native model (OPT, Llama family) over a Batch for P perturbation rows at once."""
 
     def __init__(self, model, first_trained: int = 0, cache_mb: float = 0.0, pack_tokens: int = 1024,
-                 streamer=None, cuda_graphs: bool = False, varlen: bool | None = None):
+                 streamer=None, cuda_graphs: bool = False, varlen: bool | None = None, fuse: bool = False):
         self.model = model
         self.streamer = streamer  # zoft.offload.LayerStreamer: blocks' frozen weights live on the CPU
         self.first_trained = first_trained  # blocks below it are frozen: run once, maybe cached
@@ -351,6 +351,8 @@ class NativeEngine:
             raise ZoftError("--attention varlen on CUDA needs flash attention (compute capability >= 8.0, torch "
                             ">= 2.10) and half-precision blocks (--dtype bfloat16, LoRA); use --attention auto or mask")
         self.varlen = (flash_varlen_available(self.device) and half) if varlen is None else varlen
+        # frozen layers sharing an input as one GEMM; only where no block is trained in full (make_engine)
+        self.fused = model.fuse_frozen() if fuse else 0
 
     @property
     def device(self) -> torch.device:

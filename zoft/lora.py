@@ -55,7 +55,10 @@ class LoRALinear(nn.Module):
         self.rows_half: tuple[torch.Tensor, ...] | None = None  # (α/r)·A as half hi + lo, and B, in the base's dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        return self.add_update(x, self.base(x))
+
+    def add_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (the base layer's output for x, maybe a slice of a fused GEMM's) plus the low-rank update."""
         if self.rows is None:
             d = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
         elif self.rows_half is not None and x.dtype == self.rows_half[0].dtype and not torch.is_grad_enabled():

@@ -150,13 +150,17 @@ def first_trained_block(s: Session) -> int:
 
 
 def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda_graphs: bool = True,
-                varlen: bool | None = None):
+                varlen: bool | None = None, fuse: bool | None = None):
     """varlen=None: as --attention says (auto: flash's variable-length attention where it runs, CUDA with
-    half-precision blocks, else masks)."""
+    half-precision blocks, else masks). fuse=None: frozen layers that share an input run as one GEMM
+    (q/k/v, gate/up; NativeModel.fuse_frozen) on CUDA, unless blocks are trained in full or streamed."""
     if varlen is None and s.attention != "auto":
         varlen = s.attention == "varlen"
+    if fuse is None:
+        fuse = str(s.device).startswith("cuda") and s.offload != "cpu" and (s.loras is not None or s.trainable is None)
     if s.native:
-        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, s.model.streamer, cuda_graphs, varlen)
+        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, s.model.streamer, cuda_graphs,
+                            varlen, fuse)
     if varlen:
         raise ZoftError(f"--attention varlen needs a native model (OPT, Llama family); {s.path} packs nothing")
     return hf.HFEngine(s.model)
@@ -182,6 +186,8 @@ def describe(s: Session, engine, zo: bool = True) -> str:
             feats.append("attention: SDPA memory-efficient/flash kernels with the bool mask (cuDNN off)")
         else:
             feats.append("attention: SDPA on the CPU with the bool mask")
+        if engine.fused:
+            feats.append(f"{engine.fused} groups of frozen layers fused into one GEMM each (q/k/v, gate/up)")
         if engine.graphs is not None:
             feats.append("CUDA graph per training batch shape")
     if s.loras and zo:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from zoft.lora import LoRALinear
 from zoft.offload import head_logits
 
 GPU_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
@@ -153,10 +154,84 @@ def extend_cache(cache: dict | None, k: torch.Tensor, v: torch.Tensor) -> tuple[
     return k, v
 
 
+class Fused:
+    """Frozen linear layers that read the same input (q/k/v; Llama's gate/up), run as one GEMM.
+
+    Their weights (and biases) are concatenated once and each layer's parameter becomes a view of its
+    slice, so nothing is stored twice and anything written into a weight in place (merging an adapter)
+    reaches the fused copy. A LoRA wrapper adds its update to its slice of the output. ``fuse``
+    refuses layers that are trained in full (their parameters may be re-pointed at a flat buffer), of
+    other types or mixed dtypes; if a weight is re-pointed later (offloading, ``.float()``),
+    ``__call__`` notices and runs the layers one by one."""
+
+    def __init__(self, mods: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]):
+        self.mods, self.weight, self.bias, self.sizes = mods, weight, bias, sizes
+        self.ptrs = [m.weight.data_ptr() for m in mods]  # mods: the plain nn.Linear layers
+
+    @staticmethod
+    def fuse(mods: list[nn.Module]) -> "Fused | None":
+        bases = [_base(m) for m in mods]
+        ws = [b.weight for b in bases]
+        if (any(type(b) is not nn.Linear for b in bases) or any(w.requires_grad for w in ws)
+                or len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1):
+            return None
+        with_bias = [b.bias is not None for b in bases]
+        if any(with_bias) and not all(with_bias):
+            return None
+        weight = torch.cat([w.data for w in ws])
+        bias = torch.cat([b.bias.data for b in bases]) if all(with_bias) else None
+        sizes, off = [], 0
+        for b in bases:
+            n = b.weight.shape[0]
+            b.weight.data = weight[off : off + n]
+            if bias is not None:
+                b.bias.data = bias[off : off + n]
+            sizes.append(n)
+            off += n
+        return Fused([_base(m) for m in mods], weight, bias, sizes)
+
+    def valid_for(self, mods: list[nn.Module]) -> bool:
+        """Still the same layers (not replaced, e.g. by a LoRA wrapper) over the same weight storage."""
+        return (len(mods) == len(self.mods) and all(a is b or (isinstance(a, LoRALinear) and a.base is b)
+                                                    for a, b in zip(mods, self.mods, strict=True))
+                and [_base(m).weight.data_ptr() for m in mods] == self.ptrs)
+
+    def __call__(self, mods: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+        ys = F.linear(x, self.weight, self.bias).split(self.sizes, -1)
+        return [m.add_update(x, y) if isinstance(m, LoRALinear) else y for m, y in zip(mods, ys, strict=True)]
+
+
+def _base(m: nn.Module) -> nn.Module:
+    return m.base if isinstance(m, LoRALinear) else m
+
+
+def run_linears(fused: "Fused | None", mods: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer of `mods` applied to x: as one GEMM where `fused` (Fused.fuse) still describes them."""
+    if fused is not None and fused.valid_for(mods):
+        return fused(mods, x)
+    return [m(x) for m in mods]
+
+
+RELU_EPILOGUE = True  # bench/profile_step.py --fuse 0 turns it off to measure what it saves
+
+
+def linear_relu(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """relu(lin(x)). For a plain nn.Linear on CUDA without autograd, the bias and the ReLU run in the
+    GEMM's epilogue (cuBLASLt RELU_BIAS) instead of a separate pass over the (tokens × ffn) output."""
+    if (RELU_EPILOGUE and type(lin) is nn.Linear and x.is_cuda and lin.bias is not None and x.dtype == lin.weight.dtype
+            and not torch.is_grad_enabled()):
+        y = torch._addmm_activation(lin.bias, x.reshape(-1, x.shape[-1]), lin.weight.t())
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return F.relu(lin(x))
+
+
 def causal_mask(n: int, length: int, device: torch.device | str) -> torch.Tensor:
     """(n, 1, L, L) lower-triangular bool mask."""
     m = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     return m.expand(n, 1, length, length)
+
+
+_FUSABLE = [("self_attn", "qkv", ("q_proj", "k_proj", "v_proj")), ("mlp", "gate_up", ("gate_proj", "up_proj"))]
 
 
 class NativeModel(nn.Module):
@@ -187,6 +262,20 @@ class NativeModel(nn.Module):
     @property
     def lm_head_weight(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def fuse_frozen(self, blocks=None) -> int:
+        """Run each group of frozen layers that read the same input (q/k/v; Llama's gate/up) as one GEMM
+        (Fused). Call it once the trained parameters are attached; layers trained in full are left
+        alone. Returns the number of groups fused."""
+        n = 0
+        for block in self.blocks if blocks is None else blocks:
+            for owner, attr, names in _FUSABLE:
+                mod = getattr(block, owner, None)
+                if mod is not None and hasattr(mod, attr) and getattr(mod, attr) is None:
+                    f = Fused.fuse([getattr(mod, x) for x in names])
+                    setattr(mod, attr, f)
+                    n += f is not None
+        return n
 
     def forward(
         self, ids: torch.Tensor, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None

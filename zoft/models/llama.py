@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoft.models.common import NativeModel, attention, extend_cache
+from zoft.models.common import Fused, NativeModel, attention, extend_cache, run_linears
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -128,12 +128,14 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(a.hidden_size, self.n_kv * self.hd, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.hidden_size, self.n_kv * self.hd, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, a.hidden_size, bias=a.o_bias)
+        self.qkv: Fused | None = None  # q/k/v as one GEMM (NativeModel.fuse_frozen)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple, cache: dict | None = None) -> torch.Tensor:
         N, L, _ = x.shape
-        q = self.q_proj(x).view(N, L, self.n_head, self.hd).transpose(1, 2)  # (N, H, L, hd)
-        k = self.k_proj(x).view(N, L, self.n_kv, self.hd).transpose(1, 2)  # (N, Hkv, L, hd)
-        v = self.v_proj(x).view(N, L, self.n_kv, self.hd).transpose(1, 2)
+        q, k, v = run_linears(self.qkv, [self.q_proj, self.k_proj, self.v_proj], x)
+        q = q.view(N, L, self.n_head, self.hd).transpose(1, 2)  # (N, H, L, hd)
+        k = k.view(N, L, self.n_kv, self.hd).transpose(1, 2)  # (N, Hkv, L, hd)
+        v = v.view(N, L, self.n_kv, self.hd).transpose(1, 2)
         cos, sin = rope  # (N|1, 1, L, hd), repeated over perturbation rows below if needed
         if cos.shape[0] != N:
             cos, sin = cos.repeat(N // cos.shape[0], 1, 1, 1), sin.repeat(N // sin.shape[0], 1, 1, 1)
@@ -150,9 +152,11 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        self.gate_up: Fused | None = None  # gate/up as one GEMM (NativeModel.fuse_frozen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = run_linears(self.gate_up, [self.gate_proj, self.up_proj], x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

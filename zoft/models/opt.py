@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoft.models.common import NativeModel, attention, extend_cache
+from zoft.models.common import Fused, NativeModel, attention, extend_cache, linear_relu, run_linears
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -71,13 +71,13 @@ class OPTAttention(nn.Module):
         self.k_proj = nn.Linear(d, d, bias=a.enable_bias)
         self.v_proj = nn.Linear(d, d, bias=a.enable_bias)
         self.out_proj = nn.Linear(d, d, bias=a.enable_bias)
+        self.qkv: Fused | None = None  # q/k/v as one GEMM (NativeModel.fuse_frozen)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
         N, L, D = x.shape
         hd = D // self.n_head
-        q = self.q_proj(x).view(N, L, self.n_head, hd).transpose(1, 2)  # (N, H, L, hd)
-        k = self.k_proj(x).view(N, L, self.n_head, hd).transpose(1, 2)
-        v = self.v_proj(x).view(N, L, self.n_head, hd).transpose(1, 2)
+        q, k, v = (t.view(N, L, self.n_head, hd).transpose(1, 2)  # (N, H, L, hd)
+                   for t in run_linears(self.qkv, [self.q_proj, self.k_proj, self.v_proj], x))
         k, v = extend_cache(cache, k, v)
         y = attention(q, k, v, mask).transpose(1, 2).reshape(N, L, D)
         return self.out_proj(y)
@@ -98,9 +98,13 @@ class OPTDecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, ctx=None, cache: dict | None = None) -> torch.Tensor:
         if self.pre_ln:
             h = h + self.self_attn(self.self_attn_layer_norm(h), mask, cache)
-            return h + self.fc2(self.act(self.fc1(self.final_layer_norm(h))))
+            return h + self.fc2(self.mlp_in(self.final_layer_norm(h)))
         h = self.self_attn_layer_norm(h + self.self_attn(h, mask, cache))
-        return self.final_layer_norm(h + self.fc2(self.act(self.fc1(h))))
+        return self.final_layer_norm(h + self.fc2(self.mlp_in(h)))
+
+    def mlp_in(self, x: torch.Tensor) -> torch.Tensor:
+        """act(fc1(x)); a ReLU runs in the GEMM's epilogue where it can (linear_relu)."""
+        return linear_relu(self.fc1, x) if self.act is F.relu else self.act(self.fc1(x))
 
 
 class OPTDecoder(nn.Module):
