@@ -15,6 +15,10 @@ b --model smollm2-135m --workload sst2 --mode lora
 b --model opt-125m --workload multirc --mode lora
 b --model smollm2-135m --workload multirc --mode lora
 b --model opt-1.3b --workload multirc --mode lora --steps 10 --warmup 3
+if [ "${1:-all}" = bench ]; then
+  timeout 100 python bench/profile_step.py --model opt-125m --workload sst2 > $OUT/profile_opt-125m_sst2.txt 2>&1; grep -E "pipelined|per step" $OUT/profile_opt-125m_sst2.txt
+  exit 0
+fi
 for L in top8 top12 ""; do
   timeout 90 python bench/memory_bench.py --preset smollm2-135m --device cuda --dtype float32 --prompt 10-60 --layers "$L" > $OUT/memory_$L.txt 2>&1; echo "layers=${L:-all}"; grep "^| lora" $OUT/memory_$L.txt
 done

@@ -15,7 +15,7 @@ from zoft.config import ModelConfig, ZOConfig, parse_layers
 from zoft.engine import NativeEngine
 from zoft.errors import ZoftError
 from zoft.loading import DTYPES, build_native, load_tokenizer, native_class, read_config, resolve
-from zoft.lora import LoraArgs, LoRALinear, inject_lora, resolve_targets
+from zoft.lora import LoraArgs, LoRALinear, flatten_lora_, inject_lora, resolve_targets
 from zoft.models import hf
 from zoft.offload import offload_to_host
 from zoft.zo import Trainable, full_trainable, lora_trainable
@@ -110,6 +110,7 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
         s.loras = inject_lora(s.model, s.block_prefix, s.target_names, s.layers, s.lora_args, seed)
         for m in s.loras.values():  # trained parameters live on the device, even when blocks are streamed
             m.lora_A.data, m.lora_B.data = m.lora_A.data.to(s.device), m.lora_B.data.to(s.device)
+        flatten_lora_(s.loras)  # one flat tensor: θ, snapshots and updates in one op each
         s.trainable = lora_trainable(s.loras)
     else:
         prefixes = None if s.layers is None else [f"{s.block_prefix}.{i}" for i in s.layers]

@@ -200,7 +200,8 @@ def snapshot(s: Session) -> torch.Tensor | None:
     """LoRA parameters are small: keep a flat copy before each update so the guard can undo it exactly."""
     if s.loras is None:
         return None
-    return torch.cat([t.detach().reshape(-1) for t in s.trainable.tensors])
+    flat = s.trainable.flat_buffer()
+    return flat.clone() if flat is not None else torch.cat([t.detach().reshape(-1) for t in s.trainable.tensors])
 
 
 class HostCopy:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoft.lora import LoRALinear, set_bank_views
+from zoft.lora import LoRALinear, RowBank, set_bank_views
 from zoft.perturb import add_noise_, noise, param_seed
 
 
@@ -35,9 +35,24 @@ class Trainable:
     decay: list[bool]
     flat: bool = False  # small (LoRA): one z draw for all tensors per direction, instead of one per tensor
     z_backend: str = "torch"  # per-tensor z (full mode): "torch" (zoft.perturb) or "triton" (zoft.kernels)
+    store: torch.Tensor | None = None  # LoRA: the flat buffer the tensors were laid out in (zoft.lora.flatten_lora_)
 
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors)
+
+    def flat_buffer(self) -> torch.Tensor | None:
+        """`store` while every tensor still is its consecutive slice (nothing re-pointed one), else None:
+        then θ, its snapshot and its update are one tensor each, not one op per LoRA factor (a step's host
+        time on a fast GPU)."""
+        st = self.store
+        if st is None:
+            return None
+        ptr, size, off = st.data_ptr(), st.element_size(), 0
+        for t in self.tensors:
+            if t.data_ptr() != ptr + off * size or t.dtype != st.dtype or not t.is_contiguous():
+                return None
+            off += t.numel()
+        return st if off == st.numel() else None
 
 
 def directions(tr: Trainable, seed: int) -> list[torch.Tensor]:
@@ -76,7 +91,8 @@ def lora_trainable(loras: dict[str, LoRALinear]) -> Trainable:
     for path, m in loras.items():
         names += [f"{path}.lora_A", f"{path}.lora_B"]
         tensors += [m.lora_A, m.lora_B]
-    return Trainable(names, tensors, [True] * len(tensors), flat=True)
+    store = getattr(next(iter(loras.values())), "store", None) if loras else None
+    return Trainable(names, tensors, [True] * len(tensors), flat=True, store=store)
 
 
 def full_trainable(model: nn.Module, prefixes: list[str] | None) -> Trainable:
@@ -106,13 +122,18 @@ def lora_rows(loras: dict[str, LoRALinear], seeds: list[int], eps: float):
     Every module's banks are views of one flat (2n, D) tensor built in three kernels (concatenate θ,
     draw z, add); a CUDA graph of the blocks then refreshes all of them with one copy (zoft.graphs)."""
     tr = lora_trainable(loras)
-    theta = torch.cat([t.detach().reshape(-1) for t in tr.tensors])
+    theta = tr.flat_buffer()
+    if theta is None:
+        theta = torch.cat([t.detach().reshape(-1) for t in tr.tensors])
     z = torch.stack([_flat_z(tr, s) for s in seeds]).repeat_interleave(2, dim=0)  # (2n, D)
     signs = torch.full((2 * len(seeds), 1), eps, device=theta.device, dtype=z.dtype)  # built there: no host copy
     signs[1::2] = -eps
-    bank = theta[None] + signs * z  # float32 z; float64 θ (the exactness tests) stays float64
+    # float32 z; float64 θ (the exactness tests) stays float64. The bank and the modules' views of it
+    # persist across steps (RowBank): written in place, no per-module views made per step
+    rb = RowBank.of(loras, 2 * len(seeds), theta.numel(), torch.promote_types(theta.dtype, z.dtype), theta.device)
+    torch.add(theta[None], signs * z, out=rb.bank)
     try:
-        set_bank_views(loras.values(), bank)
+        rb.use()
         yield
     finally:
         for m in loras.values():
@@ -297,6 +318,10 @@ def _flat_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Te
     if weight_decay and decayed:
         factor = torch.full((), 1 - lr * weight_decay, dtype=torch.float64, device=t0.device)
         torch._foreach_mul_(decayed, torch.where(ok, factor, 1.0).to(t0.dtype))
+    flat = tr.flat_buffer()
+    if flat is not None:  # one add, the same arithmetic as the per-tensor one below
+        flat.add_(delta.to(flat.dtype))
+        return
     parts = delta.split([t.numel() for t in tr.tensors])
     torch._foreach_add_([t.data for t in tr.tensors], [d.view_as(t).to(t.dtype) for d, t in zip(parts, tr.tensors)])
 

@@ -1,0 +1,72 @@
+"""LoRA factors laid out in one flat tensor, and the persistent row bank: the same numbers as the
+per-tensor code, with θ, the snapshot and the update one op each and no per-step views."""
+
+import pytest
+import torch
+
+from tests.tiny import make_tiny
+from zoft.config import ModelConfig, ZOConfig
+from zoft.lora import set_bank_views
+from zoft.session import attach, load_session
+from zoft.zo import Trainable, direction_seeds, lora_rows, sgd_update_
+
+
+def session(tmp_path, device="cpu", dtype="float32"):
+    s = load_session(ModelConfig(model=make_tiny("llama", str(tmp_path)), device=device, dtype=dtype))
+    attach(s, ZOConfig(mode="lora"), seed=0)
+    return s
+
+
+def test_flat_update_equals_per_tensor(tmp_path):
+    s = session(tmp_path)
+    tr = s.trainable
+    assert tr.flat_buffer() is not None
+    with torch.no_grad():
+        for t in tr.tensors:
+            t.normal_()
+    copies = [t.detach().clone() for t in tr.tensors]
+    plain = Trainable(tr.names, copies, tr.decay, flat=True)  # no store: the per-tensor path
+    assert plain.flat_buffer() is None
+    for step in range(3):
+        seeds = direction_seeds(0, step, 2)
+        g = torch.tensor([0.3, -1.7], dtype=torch.float64)
+        sgd_update_(tr, seeds, g, 1e-2, 0.0)
+        sgd_update_(plain, seeds, g, 1e-2, 0.0)
+    for a, b in zip(tr.tensors, plain.tensors, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_repointed_factor_falls_back(tmp_path):
+    s = session(tmp_path)
+    s.trainable.tensors[3].data = s.trainable.tensors[3].data.clone()
+    assert s.trainable.flat_buffer() is None
+
+
+def test_row_bank_persists_and_matches(tmp_path):
+    s = session(tmp_path)
+    seeds = direction_seeds(0, 0, 1)
+    first = None
+    for step in range(2):
+        seeds = direction_seeds(0, step, 1)
+        with lora_rows(s.loras, seeds, 1e-2):
+            got = [(m.rows[0].clone(), m.rows[1].clone()) for m in s.loras.values()]
+            ids = [id(m.rows[0]) for m in s.loras.values()]
+            bank = next(iter(s.loras.values())).bank.clone()
+        first = first or ids
+        assert ids == first  # the same views every step: nothing made per step
+        set_bank_views(s.loras.values(), bank)  # the one-off path, from the same bank
+        for m, (a, b) in zip(s.loras.values(), got, strict=True):
+            assert torch.equal(m.rows[0], a) and torch.equal(m.rows[1], b)
+
+
+@pytest.mark.gpu
+def test_row_bank_half_split_on_cuda(tmp_path):
+    """On a bf16 base the bank's half split (hi + lo of (α/r)·A, B in half) is set_bank_views's, bitwise."""
+    s = session(tmp_path, "cuda", "bfloat16")
+    with lora_rows(s.loras, direction_seeds(0, 0, 2), 1e-2):
+        got = [tuple(t.clone() for t in m.rows_half) for m in s.loras.values()]
+        bank = next(iter(s.loras.values())).bank.clone()
+    set_bank_views(s.loras.values(), bank)
+    for m, want in zip(s.loras.values(), got, strict=True):
+        for a, b in zip(m.rows_half, want, strict=True):
+            assert torch.equal(a, b)
