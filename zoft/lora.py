@@ -97,7 +97,7 @@ def set_bank_views(modules, bank: torch.Tensor) -> None:
     On CUDA with a half-precision base, the bank is also converted once for LoRALinear._rows_half: α/r
     times A as half hi + lo parts, and B in half (a few kernels for every module together)."""
     modules = list(modules)
-    plan = _half_plan(modules, bank)
+    plan = _half_plan(modules, bank.device, bank.dtype)
     split = None
     if plan is not None:
         scaled = bank * plan[0]  # A's part carries α/r; B's part is B itself
@@ -107,11 +107,11 @@ def set_bank_views(modules, bank: torch.Tensor) -> None:
         m.rows, m.rows_half, m.bank = rows, rows_half, bank
 
 
-def _half_plan(modules, bank: torch.Tensor) -> tuple[float, torch.dtype] | None:
+def _half_plan(modules, device: torch.device, dtype: torch.dtype) -> tuple[float, torch.dtype] | None:
     """(α/r, half dtype) when the half rows path applies: CUDA, float32 bank, one half base dtype and scaling."""
     half = {m.base.weight.dtype for m in modules}
     scaling = {m.scaling for m in modules}
-    if (bank.is_cuda and bank.dtype == torch.float32 and len(half) == 1 and half <= {torch.float16, torch.bfloat16}
+    if (torch.device(device).type == "cuda" and dtype == torch.float32 and len(half) == 1 and half <= {torch.float16, torch.bfloat16}
             and len(scaling) == 1 and _bmm_out_dtype()):
         return scaling.pop(), half.pop()
     return None
@@ -137,10 +137,10 @@ class RowBank:
     and no views, where set_bank_views makes ~10 view ops per module (milliseconds of host time a step
     with 48-60 modules, more than an OPT-125m step's GPU time)."""
 
-    def __init__(self, modules: list[LoRALinear], P: int, D: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, modules: list[LoRALinear], P: int, D: int, dtype: torch.dtype, device: torch.device, plan):
         self.modules = modules
         self.bank = torch.empty(P, D, dtype=dtype, device=device)
-        self.plan = _half_plan(modules, self.bank)
+        self.plan = plan  # _half_plan's answer when the bank was made
         self.split = None
         if self.plan is not None:
             self.scratch = torch.empty_like(self.bank)
@@ -151,11 +151,13 @@ class RowBank:
     def of(loras: dict[str, LoRALinear], P: int, D: int, dtype: torch.dtype, device: torch.device) -> "RowBank":
         """The bank for these modules and P, kept on the first module (made again if anything changed)."""
         modules = list(loras.values())
+        plan = _half_plan(modules, device, dtype)
         cache = modules[0].__dict__.setdefault("row_banks", {})
         rb = cache.get(P)
-        if (rb is None or rb.bank.shape[1] != D or rb.bank.dtype != dtype or rb.bank.device != torch.device(device)
-                or len(rb.modules) != len(modules) or any(a is not b for a, b in zip(rb.modules, modules))):
-            rb = cache[P] = RowBank(modules, P, D, dtype, device)
+        if (rb is None or rb.plan != plan or rb.bank.shape[1] != D or rb.bank.dtype != dtype
+                or rb.bank.device != torch.device(device) or len(rb.modules) != len(modules)
+                or any(a is not b for a, b in zip(rb.modules, modules))):
+            rb = cache[P] = RowBank(modules, P, D, dtype, device, plan)
         return rb
 
     def use(self) -> None:
