@@ -117,12 +117,13 @@ def offloaded_lora_peak(a, dev, lo, hi):
     """A MeZO-LoRA step with the blocks' frozen weights streamed from CPU memory and the vocabulary
     tables kept there (zoft --offload cpu): on the GPU, the LoRA factors, the final norm, the batch's
     activations, the head rows the loss reads and one or two blocks at a time."""
-    from zoft.offload import offload_to_host
+    from zoft.offload import offload_to_host, stream_blocks
 
     model, loras, tr = build(a.preset, getattr(torch, a.dtype), torch.device("cpu"), "lora", a.layers)
     for m in loras.values():  # trained: on the device before the streamer takes the rest of the blocks
         m.lora_A.data, m.lora_B.data = m.lora_A.data.to(dev), m.lora_B.data.to(dev)
-    streamer = offload_to_host(model, dev)
+    offload_to_host(model, dev)
+    streamer = stream_blocks(model, dev)
     eng = NativeEngine(model, first_trained=first_block(model, a.layers), streamer=streamer)
     b = eng.batch(batch(a.batch_size, model.args.vocab_size, lo=lo, hi=hi))
     seeds = direction_seeds(0, 0, 1)

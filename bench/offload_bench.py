@@ -23,7 +23,7 @@ import torch
 from zoft.engine import NativeEngine, row_losses
 from zoft.lora import LoraArgs, inject_lora
 from zoft.models.opt import OPT, PRESETS, OPTArgs
-from zoft.offload import offload_to_host
+from zoft.offload import offload_to_host, stream_blocks
 from zoft.tasks.encode import Encoded
 from zoft.zo import direction_seeds, lora_trainable, rows_step, sgd_update_
 
@@ -60,7 +60,8 @@ def main():
     loras = inject_lora(model, model.block_prefix, ["q_proj", "v_proj"], None, LoraArgs())
     for m in loras.values():  # trained: on the device before the streamer takes the rest of the blocks
         m.lora_A.data, m.lora_B.data = m.lora_A.data.to(dev), m.lora_B.data.to(dev)
-    streamer = offload_to_host(model, dev)  # as zoft --offload cpu: blocks and vocabulary stay on the host
+    offload_to_host(model, dev)
+    streamer = stream_blocks(model, dev)  # as zoft --offload cpu: blocks and vocabulary stay on the host
     build_s = time.time() - t0
 
     # (1) the floor: every frozen block weight across the bus once, pinned, back to back

@@ -34,11 +34,10 @@ class HostEmbedding(nn.Module):
         return F.embedding(ids.cpu(), self.weight).to(self.device, non_blocking=True)
 
 
-def offload_to_host(model: nn.Module, device: torch.device | str) -> "LayerStreamer":
-    """--offload cpu for a native model built on the CPU: the blocks' frozen weights and the vocabulary
-    tables stay in (pinned) CPU memory, everything else moves to `device`. Sets and returns
-    model.streamer. Parameters of the blocks already on the device (trained ones) stay there; any
-    still on the CPU are streamed as frozen, so move trained ones first or attach them after."""
+def offload_to_host(model: nn.Module, device: torch.device | str) -> None:
+    """--offload cpu for a native model built on the CPU: the blocks and the vocabulary tables stay in
+    (pinned) CPU memory, everything else moves to `device`. The blocks' streamer is made later, by
+    `stream_blocks`, once the trained parameters are attached and on the device."""
     device = torch.device(device)
     parent_name, _, attr = model.embed_path.rpartition(".")
     parent = model.get_submodule(parent_name)
@@ -49,7 +48,15 @@ def offload_to_host(model: nn.Module, device: torch.device | str) -> "LayerStrea
         for m in keep[1:]:
             m.weight.data = m.weight.data.pin_memory()
     setattr(parent, attr, HostEmbedding(emb.weight, device))
-    model.streamer = LayerStreamer(model.blocks, device)
+    model.offload_device = device
+
+
+def stream_blocks(model: nn.Module, device: torch.device | str) -> "LayerStreamer":
+    """The streamer for a model prepared by offload_to_host (model.streamer; made once). Call it after
+    attaching the trained parameters and moving them to the device: every block parameter still on the
+    CPU is streamed as frozen, and a streamed parameter's GPU copy is always made from its host copy."""
+    if model.streamer is None:
+        model.streamer = LayerStreamer(model.blocks, torch.device(device))
     return model.streamer
 
 

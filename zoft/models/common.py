@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from zoft.lora import LoRALinear
-from zoft.offload import head_logits
+from zoft.offload import head_logits, stream_blocks
 
 GPU_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
@@ -166,7 +166,7 @@ class Fused:
 
     def __init__(self, mods: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]):
         self.mods, self.weight, self.bias, self.sizes = mods, weight, bias, sizes
-        self.ptrs = [m.weight.data_ptr() for m in mods]  # mods: the plain nn.Linear layers
+        self.ptrs = _ptrs(mods)  # mods: the plain nn.Linear layers
 
     @staticmethod
     def fuse(mods: list[nn.Module]) -> "Fused | None":
@@ -191,14 +191,20 @@ class Fused:
         return Fused([_base(m) for m in mods], weight, bias, sizes)
 
     def valid_for(self, mods: list[nn.Module]) -> bool:
-        """Still the same layers (not replaced, e.g. by a LoRA wrapper) over the same weight storage."""
+        """Still the same layers (not replaced, e.g. by a LoRA wrapper; no forward replaced on the instance,
+        as zoft.zo.full_rows does) over the same weight and bias storage."""
         return (len(mods) == len(self.mods) and all(a is b or (isinstance(a, LoRALinear) and a.base is b)
                                                     for a, b in zip(mods, self.mods, strict=True))
-                and [_base(m).weight.data_ptr() for m in mods] == self.ptrs)
+                and not any("forward" in m.__dict__ or "forward" in _base(m).__dict__ for m in mods)
+                and _ptrs([_base(m) for m in mods]) == self.ptrs)
 
     def __call__(self, mods: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
         ys = F.linear(x, self.weight, self.bias).split(self.sizes, -1)
         return [m.add_update(x, y) if isinstance(m, LoRALinear) else y for m, y in zip(mods, ys, strict=True)]
+
+
+def _ptrs(linears: list[nn.Module]) -> list[int]:
+    return [p.data_ptr() for m in linears for p in (m.weight, m.bias) if p is not None]
 
 
 def _base(m: nn.Module) -> nn.Module:
@@ -217,8 +223,9 @@ RELU_EPILOGUE = True  # bench/profile_step.py --fuse 0 turns it off to measure w
 
 def linear_relu(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """relu(lin(x)). For a plain nn.Linear on CUDA without autograd, the bias and the ReLU run in the
-    GEMM's epilogue (cuBLASLt RELU_BIAS) instead of a separate pass over the (tokens × ffn) output."""
-    if (RELU_EPILOGUE and type(lin) is nn.Linear and x.is_cuda and lin.bias is not None and x.dtype == lin.weight.dtype
+    GEMM's epilogue (cuBLASLt RELU_BIAS) instead of a separate pass over the (tokens × ffn) output.
+    Not when the instance's forward is replaced (zoft.zo.full_rows adds each row's ±εz there)."""
+    if (RELU_EPILOGUE and type(lin) is nn.Linear and "forward" not in lin.__dict__ and x.is_cuda and lin.bias is not None and x.dtype == lin.weight.dtype
             and not torch.is_grad_enabled()):
         y = torch._addmm_activation(lin.bias, x.reshape(-1, x.shape[-1]), lin.weight.t())
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -241,6 +248,7 @@ class NativeModel(nn.Module):
     lora_targets: dict[str, str]  # short name -> module name, e.g. {"q": "q_proj"}
     embed_path: str  # the token embedding's module path, e.g. "model.embed_tokens"
     streamer = None  # zoft.offload.LayerStreamer when --offload cpu keeps the frozen weights in CPU memory
+    offload_device = None  # the compute device when --offload cpu keeps blocks and vocabulary on the host
 
     @property
     def blocks(self) -> nn.ModuleList:  # pragma: no cover - interface
@@ -295,7 +303,7 @@ class NativeModel(nn.Module):
     def generate_batch(self, prompts: list[list[int]], max_new: int, stop: set[int]) -> list[list[int]]:
         """Greedy decoding with a KV cache for several prompts at once: left-padded, each row's positions
         starting at 0 and its padding masked out of every key set, so each row decodes as if alone."""
-        st = self.streamer
+        st = self.streamer if self.offload_device is None else stream_blocks(self, self.offload_device)
         dev = self.lm_head_weight.device if st is None else st.device
         n, P = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros(n, P, dtype=torch.long)
