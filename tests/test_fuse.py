@@ -138,5 +138,6 @@ def test_fused_full_rows_runs_the_patched_layers(tmp_path):
 def test_full_rows_on_cuda(tmp_path, fuse):
     """On CUDA, OPT's fc1 would take the ReLU epilogue; full_rows replaces its forward, which must run."""
     _, (lp, lm, _), (lp2, lm2, _) = _full_rows_vs_inplace("cuda", torch.float32, fuse)(str(tmp_path))
-    torch.testing.assert_close(lp, lp2, rtol=0, atol=1e-5)
-    torch.testing.assert_close(lm, lm2, rtol=0, atol=1e-5)
+    cpu = lambda t: torch.as_tensor(t).double().cpu()
+    torch.testing.assert_close(cpu(lp), cpu(lp2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(cpu(lm), cpu(lm2), rtol=0, atol=1e-5)
