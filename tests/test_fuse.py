@@ -45,6 +45,7 @@ def test_fused_weights_are_views(tmp_path):
     ids = torch.tensor([[5, 9, 13, 2, 7]])
     before = s.model(ids)
     assert s.model.fuse_frozen() == 2 * len(s.model.blocks)
+    assert s.model.fuse_frozen() == 2 * len(s.model.blocks)  # a second engine reports the same groups
     attn = s.model.blocks[0].self_attn
     assert attn.q_proj.weight.data_ptr() == attn.qkv.weight.data_ptr()
     torch.testing.assert_close(s.model(ids), before, rtol=1e-5, atol=1e-5)

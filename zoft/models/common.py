@@ -274,15 +274,17 @@ class NativeModel(nn.Module):
     def fuse_frozen(self, blocks=None) -> int:
         """Run each group of frozen layers that read the same input (q/k/v; Llama's gate/up) as one GEMM
         (Fused). Call it once the trained parameters are attached; layers trained in full are left
-        alone. Returns the number of groups fused."""
+        alone. Returns the number of groups that run fused (those fused by an earlier call included)."""
         n = 0
         for block in self.blocks if blocks is None else blocks:
             for owner, attr, names in _FUSABLE:
                 mod = getattr(block, owner, None)
-                if mod is not None and hasattr(mod, attr) and getattr(mod, attr) is None:
-                    f = Fused.fuse([getattr(mod, x) for x in names])
-                    setattr(mod, attr, f)
-                    n += f is not None
+                if mod is None or not hasattr(mod, attr):
+                    continue
+                if getattr(mod, attr) is None:
+                    setattr(mod, attr, Fused.fuse([getattr(mod, x) for x in names]))
+                f = getattr(mod, attr)
+                n += f is not None and f.valid_for([getattr(mod, x) for x in names])
         return n
 
     def forward(
