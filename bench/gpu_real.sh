@@ -103,6 +103,17 @@ if [ "$1" = final7 ]; then  # right after final6 (top 12: MeZO 0.854 vs backprop
   wait
   for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
 fi
+if [ "$1" = final8 ]; then  # prepared, not run (next session): 16 blocks, three seeds a side (top 8: gap 3.3, top 12: 3.0)
+  export OMP_NUM_THREADS=3 RUN_LIMIT=520
+  z="--mode lora --eps 1e-2 --schedule cosine --eval-every 2000 --no-zero-shot --clip-grad 1 --lr 3e-3 --steps 20000"
+  bp="--optimizer adamw --mode lora --lr 1e-3 --steps 300 --eval-every 100 --no-zero-shot"
+  run c3_clip1_top16 $z --layers top16 &
+  run c3_clip1_top16_seed1 $z --layers top16 --seed 1 &
+  run c3_clip1_top16_seed2 $z --layers top16 --seed 2 &
+  (for sd in 0 1 2; do run bp_lora_top16_seed$sd $bp --layers top16 --seed $sd; done) &
+  wait
+  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
   mkdir -p $ZOFT_CACHE/bigbench && cp -r .xfer/bigbench/squad_shifts $ZOFT_CACHE/bigbench/
