@@ -70,3 +70,20 @@ def test_row_bank_half_split_on_cuda(tmp_path):
     for m, want in zip(s.loras.values(), got, strict=True):
         for a, b in zip(m.rows_half, want, strict=True):
             assert torch.equal(a, b)
+
+
+def test_half_split_arithmetic():
+    """The one split both the persistent bank and set_bank_views use: hi + lo carry (α/r)·bank beyond
+    half precision, and the third part is the bank in half."""
+    from zoft.lora import _fill_split
+
+    torch.manual_seed(0)
+    bank = torch.randn(2, 50)
+    split = tuple(torch.empty(2, 50, dtype=torch.bfloat16) for _ in range(3))
+    _fill_split(bank, (2.0, torch.bfloat16), split, torch.empty_like(bank))
+    hi, lo, b = split
+    assert torch.equal(hi, (bank * 2.0).to(torch.bfloat16))
+    assert torch.equal(b, bank.to(torch.bfloat16))
+    err_split = (hi.float() + lo.float() - bank * 2.0).abs().max()
+    err_hi = (hi.float() - bank * 2.0).abs().max()
+    assert err_split < err_hi / 100

@@ -100,9 +100,8 @@ def set_bank_views(modules, bank: torch.Tensor) -> None:
     plan = _half_plan(modules, bank.device, bank.dtype)
     split = None
     if plan is not None:
-        scaled = bank * plan[0]  # A's part carries α/r; B's part is B itself
-        hi = scaled.to(plan[1])
-        split = (hi, (scaled - hi.float()).to(plan[1]), bank.to(plan[1]))
+        split = tuple(torch.empty(bank.shape, dtype=plan[1], device=bank.device) for _ in range(3))
+        _fill_split(bank, plan, split, torch.empty_like(bank))
     for m, (rows, rows_half) in zip(modules, _views(modules, bank, split), strict=True):
         m.rows, m.rows_half, m.bank = rows, rows_half, bank
 
@@ -115,6 +114,17 @@ def _half_plan(modules, device: torch.device, dtype: torch.dtype) -> tuple[float
             and len(scaling) == 1 and _bmm_out_dtype()):
         return scaling.pop(), half.pop()
     return None
+
+
+def _fill_split(bank: torch.Tensor, plan: tuple[float, torch.dtype], split: tuple, scratch: torch.Tensor) -> None:
+    """Write the half split of `bank` into `split` (hi, lo, B): (α/r)·bank as hi + lo half parts (the A
+    slices' values; α/r carried by A) and the bank itself in half (the B slices')."""
+    hi, lo, b = split
+    torch.mul(bank, plan[0], out=scratch)
+    hi.copy_(scratch)
+    torch.sub(scratch, hi.float(), out=scratch)
+    lo.copy_(scratch)
+    b.copy_(bank)
 
 
 def _views(modules, bank: torch.Tensor, split) -> list[tuple]:
@@ -163,12 +173,7 @@ class RowBank:
     def use(self) -> None:
         """Refresh the half split from `bank` (as set_bank_views computes it) and point every module at its views."""
         if self.split is not None:
-            hi, lo, b = self.split
-            torch.mul(self.bank, self.plan[0], out=self.scratch)
-            hi.copy_(self.scratch)
-            torch.sub(self.scratch, hi.float(), out=self.scratch)
-            lo.copy_(self.scratch)
-            b.copy_(self.bank)
+            _fill_split(self.bank, self.plan, self.split, self.scratch)
         for m, (rows, rows_half) in zip(self.modules, self.views):
             m.rows, m.rows_half, m.bank = rows, rows_half, self.bank
 

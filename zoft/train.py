@@ -200,8 +200,7 @@ def snapshot(s: Session) -> torch.Tensor | None:
     """LoRA parameters are small: keep a flat copy before each update so the guard can undo it exactly."""
     if s.loras is None:
         return None
-    flat = s.trainable.flat_buffer()
-    return flat.clone() if flat is not None else torch.cat([t.detach().reshape(-1) for t in s.trainable.tensors])
+    return s.trainable.flat_values(copy=True)
 
 
 class HostCopy:

@@ -54,6 +54,14 @@ class Trainable:
             off += t.numel()
         return st if off == st.numel() else None
 
+    def flat_values(self, copy: bool = False) -> torch.Tensor:
+        """Every tensor's values as one flat tensor: the intact store itself (cloned if `copy`), else a
+        concatenation (always a copy)."""
+        st = self.flat_buffer()
+        if st is not None:
+            return st.clone() if copy else st
+        return torch.cat([t.detach().reshape(-1) for t in self.tensors])
+
 
 def directions(tr: Trainable, seed: int) -> list[torch.Tensor]:
     """z for each tensor of `tr` at direction seed `seed`. For flat (LoRA) sets, one generator call covers
@@ -119,12 +127,10 @@ def direction_seeds(run_seed: int, step: int, n: int) -> list[int]:
 def lora_rows(loras: dict[str, LoRALinear], seeds: list[int], eps: float):
     """Set each LoRALinear's per-row adapters: row 2j = θ + εz_j, row 2j+1 = θ − εz_j.
 
-    Every module's banks are views of one flat (2n, D) tensor built in three kernels (concatenate θ,
-    draw z, add); a CUDA graph of the blocks then refreshes all of them with one copy (zoft.graphs)."""
+    Every module's banks are views of one flat (2n, D) tensor (RowBank), written in place from θ and z
+    in a few kernels; a CUDA graph of the blocks then refreshes all of them with one copy (zoft.graphs)."""
     tr = lora_trainable(loras)
-    theta = tr.flat_buffer()
-    if theta is None:
-        theta = torch.cat([t.detach().reshape(-1) for t in tr.tensors])
+    theta = tr.flat_values()
     z = torch.stack([_flat_z(tr, s) for s in seeds]).repeat_interleave(2, dim=0)  # (2n, D)
     signs = torch.full((2 * len(seeds), 1), eps, device=theta.device, dtype=z.dtype)  # built there: no host copy
     signs[1::2] = -eps
