@@ -171,8 +171,16 @@ def test_train(runs, kind, mode):
     if mode == "lora":
         assert (out / "adapter" / "adapter_config.json").is_file()
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
+        saved = load_file(out / "checkpoint" / "adapter_model.safetensors")  # step 6 (adapter/ is the best dev's)
+        groups = {k: [t for n, t in saved.items() if f".{k}." in n] for k in ("lora_A", "lora_B")}
     else:
         assert (out / "checkpoint" / "trained.safetensors").is_file() and not (out / "adapter").exists()
+        groups = {"theta": list(load_file(out / "checkpoint" / "trained.safetensors").values())}
+    # each dev line carries ‖θ‖ by kind, here checked against what the last step saved
+    for k, ts in groups.items():
+        assert ts and dev[-1][f"norm_{k}"] == pytest.approx(math.sqrt(sum(float(t.float().pow(2).sum()) for t in ts)), rel=1e-5)
+    if mode == "lora":
+        assert dev[-1]["norm_lora_B"] > 0  # B starts at zero: six ZO steps moved it
     preds = read_jsonl(out / "test_predictions.jsonl")
     assert len(preds) == 16 and all(len(row["candidate_logprobs"]) == 2 for row in preds)
     assert sum(row["prediction"] == row["answer"] for row in preds) / 16 == r["final_accuracy"]

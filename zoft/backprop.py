@@ -82,7 +82,7 @@ def train_backprop(cfg: TrainConfig) -> dict:
         if rc.eval_every and done % rc.eval_every == 0 and enc["dev"]:
             ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
             dev = ev["score"]
-            metrics.write(json.dumps({"step": done, f"dev_{ev['metric']}": dev}) + "\n")
+            metrics.write(json.dumps({"step": done, f"dev_{ev['metric']}": dev, **s.trainable.norms()}) + "\n")
             if dev > best_dev:
                 best_dev = dev
                 save_checkpoint(s, os.path.join(out, "best"), {"step": done, "dev_score": dev})

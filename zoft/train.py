@@ -435,7 +435,7 @@ def train(cfg: TrainConfig) -> dict:
             if main and rc.eval_every and step % rc.eval_every == 0 and enc["dev"]:
                 ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
                 dev, metric = ev["score"], ev["metric"]
-                metrics.write(json.dumps({"step": step, f"dev_{metric}": dev}) + "\n")
+                metrics.write(json.dumps({"step": step, f"dev_{metric}": dev, **s.trainable.norms()}) + "\n")
                 bar.write(file=sys.stderr, s=f"step {step}: dev {metric} {dev:.4f}" + (" (best)" if dev > best_dev else ""))
                 if dev > best_dev:
                     best_dev = dev

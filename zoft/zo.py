@@ -62,6 +62,15 @@ class Trainable:
             return st.clone() if copy else st
         return torch.cat([t.detach().reshape(-1) for t in self.tensors])
 
+    def norms(self) -> dict[str, float]:
+        """‖θ‖ by kind: LoRA's A and B factors apart, else all together. Logged with each dev evaluation,
+        where ZO's random walk shows first: z's component in directions the loss ignores is never pulled
+        back, so without weight decay the factors grow like √steps (docs/results.md, sixth session)."""
+        kinds = [n.rsplit(".", 1)[-1] if n.endswith(("lora_A", "lora_B")) else "theta" for n in self.names]
+        keys = sorted(set(kinds))
+        sq = [sum(t.detach().float().pow(2).sum() for k2, t in zip(kinds, self.tensors) if k2 == k) for k in keys]
+        return {f"norm_{k}": v ** 0.5 for k, v in zip(keys, torch.stack(sq).tolist())}
+
 
 def directions(tr: Trainable, seed: int) -> list[torch.Tensor]:
     """z for each tensor of `tr` at direction seed `seed`. For flat (LoRA) sets, one generator call covers
