@@ -126,6 +126,17 @@ if [ "$1" = final9 ]; then  # session 6: MeZO-LoRA's train loss stalls at 0.35-0
   wait
   for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
 fi
+if [ "$1" = final10 ]; then  # session 6: weight decay hurt (final9). LoRA-FA instead: A frozen at init, so z has no
+  # A part (top 12: 60% fewer coordinates) and ‖A‖ cannot grow; B's step in W is then ~‖A_init‖, so lr goes up
+  export OMP_NUM_THREADS=3 RUN_LIMIT=530
+  z="--mode lora --eps 1e-2 --schedule cosine --eval-every 2000 --no-zero-shot --clip-grad 1 --steps 20000 --lora-freeze-a"
+  run fa_top12_lr1e-2 $z --layers top12 --lr 1e-2 &
+  run fa_top12_lr3e-2 $z --layers top12 --lr 3e-2 &
+  run fa_top12_lr1e-1 $z --layers top12 --lr 1e-1 &
+  run fa_top16_lr3e-2 $z --layers top16 --lr 3e-2 &
+  wait
+  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
   mkdir -p $ZOFT_CACHE/bigbench && cp -r .xfer/bigbench/squad_shifts $ZOFT_CACHE/bigbench/

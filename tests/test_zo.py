@@ -253,3 +253,62 @@ def test_full_rows_needs_layers(root):
     with pytest.raises(ZoftError, match="--full-step rows needs --layers"):
         attach(s, ZOConfig(mode="full", full_step="rows"))
 
+
+
+# ---- LoRA-FA (--lora-freeze-a): A held at its initialisation, z and the update on B only -------------------
+
+
+def test_lora_fa_estimate_matches_autograd_over_b_only(root):
+    """With every A frozen, z is zero on the A factors, and the rows estimate is the directional derivative
+    along z_B alone, to O(ε²)."""
+    model, loras = lora_model(root, "llama", torch.float64)
+    for m in loras.values():
+        m.train_a = False
+    tr = lora_trainable(loras)
+    assert tr.fixed == [True, False] * len(loras) and tr.decay == [False, True] * len(loras)
+    exs, seed = examples(), 99
+    for i, z in enumerate(directions(tr, seed)):
+        assert (z == 0).all() if i % 2 == 0 else (z != 0).all()
+    engine = NativeEngine(model)
+    b = engine.batch(exs)
+    want = directional_derivative(model, exs, tr, seed).item()
+    errs = []
+    for eps in (1e-3, 1e-4):
+        _, _, g = rows_step(lambda rows: row_losses(engine.scores(b, rows), b, "candidate"), loras, [seed], eps)
+        errs.append(abs(g[0] - want))
+    assert_second_order(errs, want)
+
+
+@pytest.mark.parametrize("optimizer", ["zo-sgd", "adamw"])
+def test_lora_fa_trains_b_and_keeps_a_bitwise(root, tmp_path, optimizer):
+    """End to end through `zoft train --lora-freeze-a` (with weight decay, which must spare A too): the
+    saved adapter's A factors are exactly a fresh session's, its B factors moved."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    folder = make_tiny("opt", root)
+    out = tmp_path / "run"
+    argv = ["train", "--model", folder, "--task", "rotten_tomatoes", "--n-train", "16", "--n-dev", "0",
+            "--n-test", "4", "--batch-size", "4", "--device", "cpu", "--steps", "3", "--lr", "0.05",
+            "--weight-decay", "0.5", "--lora-freeze-a", "--optimizer", optimizer, "--no-zero-shot",
+            "--output-dir", str(out)]
+    p = subprocess.run([sys.executable, "-m", "zoft", *argv], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    fresh = load_session(ModelConfig(model=folder, device="cpu"))
+    attach(fresh, ZOConfig(lora_freeze_a=True))
+    n_a = n_b = 0
+    for path, m in fresh.loras.items():
+        a = [t for k, t in saved.items() if k.endswith(f"{path}.lora_A.weight")]
+        bb = [t for k, t in saved.items() if k.endswith(f"{path}.lora_B.weight")]
+        assert len(a) == len(bb) == 1, path
+        assert torch.equal(a[0], m.lora_A.detach()), f"{path}: A moved"
+        n_a += 1
+        n_b += int(bb[0].abs().sum() > 0)
+    assert n_a == len(fresh.loras) and n_b == n_a  # every B left zero
+    cfg = __import__("json").loads((out / "config.json").read_text())
+    assert cfg["zo"]["lora_freeze_a"] is True
+    assert cfg["resolved"]["trainable_parameters"] == sum(m.lora_B.numel() for m in fresh.loras.values())

@@ -44,17 +44,18 @@ def train_backprop(cfg: TrainConfig) -> dict:
     lr = zc.lr_value
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg.to_dict() | {"resolved": {"lr": lr, "path": s.path, "device": s.device,
-                                                "trainable_parameters": s.trainable.numel()}}, f, indent=2)
+                                                "trainable_parameters": s.trainable.n_trained()}}, f, indent=2)
     log(describe(s, engine, zo=False) + "; first-order baseline: backprop + AdamW")
     enc, splits, loss = load_data(cfg, s)
     if loss == "f1":
         raise ZoftError("--loss f1 is not differentiable: use it with the zo-sgd optimizer, or --loss lm with adamw")
     zero_shot = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="zero-shot eval")["score"] if (
         rc.zero_shot and enc["test"]) else None
-    for t in s.trainable.tensors:
+    trained = {id(t) for t in s.trainable.trained()}  # LoRA-FA's A factors stay frozen here too
+    for t in s.trainable.trained():
         t.requires_grad_(True)
-    decay = [t for t, d in zip(s.trainable.tensors, s.trainable.decay) if d]
-    no_decay = [t for t, d in zip(s.trainable.tensors, s.trainable.decay) if not d]
+    decay = [t for t, d in zip(s.trainable.tensors, s.trainable.decay) if d and id(t) in trained]
+    no_decay = [t for t, d in zip(s.trainable.tensors, s.trainable.decay) if not d and id(t) in trained]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": zc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     from zoft.zo import lr_at

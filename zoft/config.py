@@ -66,6 +66,9 @@ class ZOConfig:
     lora_r: int = arg(8, "LoRA rank")
     lora_alpha: float = arg(16.0, "LoRA alpha (update scaled by alpha / r)")
     lora_targets: list = arg(["q", "v"], "LoRA target modules: q k v o fc1 fc2 gate up down, or module names")
+    lora_freeze_a: bool = arg(False, "LoRA-FA: keep every A at its random initialisation and train B only "
+                              "(ZO perturbs and updates B alone; with q/v targets that is ~40%% of the LoRA "
+                              "coordinates); the saved adapter is an ordinary PEFT LoRA")
     eps: float = arg(0.0, "perturbation scale ε; 0: MeZO's 1e-2 for LoRA, 1e-3 for full")
     directions: int = arg(1, "random directions per step (each costs two forward rows)")
     spread_directions: bool = arg(False, "under torchrun: every rank evaluates the whole batch on its own "

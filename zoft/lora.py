@@ -29,6 +29,8 @@ class LoraArgs:
     """LoRA scaling numerator: the update is (alpha / r)·B·A."""
     targets: list[str] = field(default_factory=lambda: ["q", "v"])
     """Modules to adapt: short names (q, k, v, o, fc1, gate, up, down…) or exact module names."""
+    freeze_a: bool = False
+    """LoRA-FA: A stays at its initialisation, only B is trained."""
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -50,6 +52,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=torch.Generator().manual_seed(init_seed))
         self.lora_A = nn.Parameter(a.to(dev))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dtype))
+        self.train_a = True  # False: LoRA-FA, A is held at its initialisation (zoft.zo.lora_trainable)
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self.bank: torch.Tensor | None = None  # the flat (P, D) tensor `rows` are views of (zo.lora_rows)
         self.rows_half: tuple[torch.Tensor, ...] | None = None  # (α/r)·A as half hi + lo, and B, in the base's dtype
@@ -187,9 +190,20 @@ def flatten_lora_(loras: dict[str, LoRALinear]) -> torch.Tensor:
     for t in tensors:
         t.data = store[off : off + t.numel()].view(t.shape)
         off += t.numel()
+    mask = z_mask(loras, store.device)
     for m in loras.values():
-        m.store = store
+        m.store, m.z_mask = store, mask
     return store
+
+
+def z_mask(loras: dict[str, LoRALinear], device: torch.device) -> torch.Tensor | None:
+    """Over the flat (A, B, A, B, …) vector: 1 where ZO perturbs and updates, 0 on frozen A factors
+    (LoRA-FA); None when every factor trains."""
+    if all(m.train_a for m in loras.values()):
+        return None
+    parts = [torch.full((t.numel(),), float(train), dtype=torch.float32)
+             for m in loras.values() for t, train in ((m.lora_A, m.train_a), (m.lora_B, True))]
+    return torch.cat(parts).to(device)
 
 
 _BMM_OUT_DTYPE: list[bool] = []
@@ -240,6 +254,7 @@ def inject_lora(
             continue
         parent = model.get_submodule(name.rsplit(".", 1)[0])
         lora = LoRALinear(module, args.r, args.alpha, init_seed=(seed * 1_000_003 + len(found)) % 2**62)
+        lora.train_a = not args.freeze_a
         setattr(parent, name.rsplit(".", 1)[1], lora)
         found[name] = lora
     if not found:

@@ -105,7 +105,7 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
     """Make the chosen parameters trainable: LoRA modules, or (a float32 copy of) the full blocks."""
     s.layers = parse_layers(zc.layers, s.n_layers)
     if zc.mode == "lora":
-        s.lora_args = LoraArgs(zc.lora_r, zc.lora_alpha, list(zc.lora_targets))
+        s.lora_args = LoraArgs(zc.lora_r, zc.lora_alpha, list(zc.lora_targets), zc.lora_freeze_a)
         s.target_names = resolve_targets(s.model, s.lora_args.targets, s.short_targets)
         s.loras = inject_lora(s.model, s.block_prefix, s.target_names, s.layers, s.lora_args, seed)
         for m in s.loras.values():  # trained parameters live on the device, even when blocks are streamed

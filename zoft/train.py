@@ -251,13 +251,14 @@ def train(cfg: TrainConfig) -> dict:
     engine = make_engine(s, rc.cache_mb, rc.pack_tokens, rc.cuda_graphs)
     eps, base_lr = zc.eps_value, zc.lr_value
     resolved = cfg.to_dict() | {"resolved": {"eps": eps, "lr": base_lr, "path": s.path, "device": s.device,
-                                             "trainable_parameters": s.trainable.numel(), "layers": s.layers,
+                                             "trainable_parameters": s.trainable.n_trained(), "layers": s.layers,
                                              "world_size": world, "z_backend": s.trainable.z_backend}}
     if main:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(resolved, f, indent=2)
     say(describe(s, engine) + (f"; data parallel over {world} ranks" if world > 1 else ""))
-    say(f"zoft: training {s.trainable.numel():,} parameters ({zc.mode}), ε={eps:g}, lr={base_lr:g}")
+    say(f"zoft: training {s.trainable.n_trained():,} parameters ({zc.mode}{', A frozen' if s.trainable.fixed else ''}), "
+        f"ε={eps:g}, lr={base_lr:g}")
 
     enc, splits, loss = load_data(cfg, s)
     say(f"zoft: task {cfg.task.task}: {len(enc['train'])} train / {len(enc['dev'])} dev / {len(enc['test'])} test, loss={loss}")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoft.lora import LoRALinear, RowBank, set_bank_views
+from zoft.lora import LoRALinear, RowBank, set_bank_views, z_mask
 from zoft.perturb import add_noise_, noise, param_seed
 
 
@@ -36,9 +36,18 @@ class Trainable:
     flat: bool = False  # small (LoRA): one z draw for all tensors per direction, instead of one per tensor
     z_backend: str = "torch"  # per-tensor z (full mode): "torch" (zoft.perturb) or "triton" (zoft.kernels)
     store: torch.Tensor | None = None  # LoRA: the flat buffer the tensors were laid out in (zoft.lora.flatten_lora_)
+    fixed: list[bool] | None = None  # per tensor: held at its initial value (LoRA-FA's A factors)
+    z_mask: torch.Tensor | None = None  # flat sets with fixed tensors: z is multiplied by this (0 on them)
 
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors)
+
+    def trained(self) -> list[torch.Tensor]:
+        """The tensors that change (all but the fixed ones)."""
+        return [t for i, t in enumerate(self.tensors) if not (self.fixed and self.fixed[i])]
+
+    def n_trained(self) -> int:
+        return sum(t.numel() for t in self.trained())
 
     def flat_buffer(self) -> torch.Tensor | None:
         """`store` while every tensor still is its consecutive slice (nothing re-pointed one), else None:
@@ -96,7 +105,8 @@ def _flat_z(tr: Trainable, seed: int) -> torch.Tensor:
     dev = tr.tensors[0].device
     gen = torch.Generator(device=dev)
     gen.manual_seed(param_seed(seed, 0))
-    return torch.randn(tr.numel(), generator=gen, device=dev, dtype=torch.float32)
+    z = torch.randn(tr.numel(), generator=gen, device=dev, dtype=torch.float32)
+    return z if tr.z_mask is None else z.mul_(tr.z_mask)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -104,12 +114,17 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def lora_trainable(loras: dict[str, LoRALinear]) -> Trainable:
-    names, tensors = [], []
+    names, tensors, fixed = [], [], []
     for path, m in loras.items():
         names += [f"{path}.lora_A", f"{path}.lora_B"]
         tensors += [m.lora_A, m.lora_B]
-    store = getattr(next(iter(loras.values())), "store", None) if loras else None
-    return Trainable(names, tensors, [True] * len(tensors), flat=True, store=store)
+        fixed += [not m.train_a, False]
+    first = next(iter(loras.values()), None)
+    store = getattr(first, "store", None)
+    # the mask is made once with the flat store; unflattened modules (tests) get a fresh one
+    mask = first.z_mask if store is not None else (z_mask(loras, tensors[0].device) if loras else None)
+    return Trainable(names, tensors, [not f for f in fixed], flat=True, store=store,
+                     fixed=fixed if any(fixed) else None, z_mask=mask)
 
 
 def full_trainable(model: nn.Module, prefixes: list[str] | None) -> Trainable:
