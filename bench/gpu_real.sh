@@ -145,6 +145,17 @@ if [ "$1" = final11 ]; then  # after final10: LoRA-FA is stable (|g| ~0.15-0.3, 
   wait
   for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
 fi
+if [ "$1" = final12 ] || [ "$1" = final12b ]; then  # prepared, not run (next session): at equal progress T·lr the
+  # walk's variance T·lr²·E[g²] falls with lr, so lr 1e-3 for 60k steps (3× final7's progress budget at 1/3 the lr).
+  # One call cannot hold 60k steps for three arms: final12 stops them with SIGTERM at RUN_LIMIT (each saves a
+  # checkpoint), final12b, on the same warm machine, continues them with --resume; the backprop arms are final7's.
+  export OMP_NUM_THREADS=3 RUN_LIMIT=540
+  z="--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 5000 --no-zero-shot --clip-grad 1 --lr 1e-3 --steps 60000"
+  [ "$1" = final12b ] && z="$z --resume"
+  run c1_clip1_top12_60k $z & run c1_clip1_top12_60k_seed1 $z --seed 1 & run c1_clip1_top12_60k_seed2 $z --seed 2 &
+  wait
+  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
   mkdir -p $ZOFT_CACHE/bigbench && cp -r .xfer/bigbench/squad_shifts $ZOFT_CACHE/bigbench/

@@ -77,7 +77,9 @@ class Trainable:
         back, so without weight decay the factors grow like √steps (docs/results.md, sixth session)."""
         kinds = [n.rsplit(".", 1)[-1] if n.endswith(("lora_A", "lora_B")) else "theta" for n in self.names]
         keys = sorted(set(kinds))
-        sq = [sum(t.detach().float().pow(2).sum() for k2, t in zip(kinds, self.tensors) if k2 == k) for k in keys]
+        # vector_norm reduces in place (no squared copy of a large full-mode tensor at evaluation time)
+        sq = [sum(torch.linalg.vector_norm(t.detach()).double() ** 2 for k2, t in zip(kinds, self.tensors) if k2 == k)
+              for k in keys]
         return {f"norm_{k}": v ** 0.5 for k, v in zip(keys, torch.stack(sq).tolist())}
 
 
