@@ -156,6 +156,14 @@ if [ "$1" = final12 ] || [ "$1" = final12b ]; then  # prepared, not run (next se
   wait
   for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
 fi
+if [ "$1" = final13 ]; then  # prepared, not run: ZO's noise grows with the dimension d; rank 2 (α 4, the same α/r
+  # as r 8 α 16) has a quarter of rank 8's coordinates. Top 12, 20k steps; compare with final6/final7's r 8 (0.828)
+  export OMP_NUM_THREADS=3 RUN_LIMIT=540
+  z="--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 2000 --no-zero-shot --clip-grad 1 --steps 20000 --lora-r 2 --lora-alpha 4"
+  run r2_top12_lr3e-3 $z --lr 3e-3 & run r2_top12_lr1e-2 $z --lr 1e-2 & run r2_top12_lr1e-2_seed1 $z --lr 1e-2 --seed 1 &
+  wait
+  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
   mkdir -p $ZOFT_CACHE/bigbench && cp -r .xfer/bigbench/squad_shifts $ZOFT_CACHE/bigbench/
