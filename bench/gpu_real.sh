@@ -17,6 +17,7 @@ run(){ name=$1; shift; mkdir -p $OUT/logs; timeout ${RUN_LIMIT:-9999} /usr/bin/t
   --batch-size 16 --output-dir /tmp/zx/runs/$name --log-every 1000 "$@" > /tmp/zx/$name.json 2> $OUT/logs/$name.txt;
   summary $name; }
 summary(){ python -c "import json,sys;r=json.load(open('/tmp/zx/runs/$1/results.json'));d=[json.loads(l) for l in open('/tmp/zx/runs/$1/metrics.jsonl') if 'dev_' in l];print('$1', {k:r.get(k) for k in ('zero_shot_accuracy','best_dev_accuracy','final_accuracy','seconds_per_step','peak_memory_mb')}, [(x['step'],x.get('dev_accuracy',x.get('dev_f1'))) for x in d])"; }
+collect(){ for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done; }
 if [ "$1" = rt ]; then
   run mezo_lora_900 --mode lora --layers top4 --lr 5e-3 --eps 1e-2 --steps 900 --eval-every 300
   run bp_lora --optimizer adamw --mode lora --layers top4 --lr 1e-3 --steps 300 --eval-every 100 --no-zero-shot
@@ -79,7 +80,7 @@ if [ "$1" = final5 ]; then  # session 4, one H100: what closes the gap to backpr
   run c3_clip1_top8 $z --layers top8 &
   run c3_clip1_b32 $z --layers top4 --batch-size 32 &
   wait
-  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+  collect
 fi
 if [ "$1" = final6 ]; then  # session 5: seeds 1 and 2 of the top-8 arm (final5's 0.834 was one seed), top 12,
   # and backprop-LoRA matched on this GPU (three seeds at top 8, one at top 12)
@@ -91,7 +92,7 @@ if [ "$1" = final6 ]; then  # session 5: seeds 1 and 2 of the top-8 arm (final5'
   run c3_clip1_top12 $z --layers top12 &
   (run bp_lora_top8 $bp --layers top8; run bp_lora_top8_seed2 $bp --layers top8 --seed 2; run bp_lora_top12 $bp --layers top12) &
   wait
-  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+  collect
 fi
 if [ "$1" = final7 ]; then  # right after final6 (top 12: MeZO 0.854 vs backprop 0.864, one seed each): seeds 1, 2
   export OMP_NUM_THREADS=3 RUN_LIMIT=470
@@ -101,7 +102,7 @@ if [ "$1" = final7 ]; then  # right after final6 (top 12: MeZO 0.854 vs backprop
   run c3_clip1_top12_seed2 $z --layers top12 --seed 2 &
   (run bp_lora_top12_seed1 $bp --layers top12 --seed 1; run bp_lora_top12_seed2 $bp --layers top12 --seed 2) &
   wait
-  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+  collect
 fi
 if [ "$1" = final8 ]; then  # prepared, not run (next session): 16 blocks, three seeds a side (top 8: gap 3.3, top 12: 3.0)
   export OMP_NUM_THREADS=3 RUN_LIMIT=520
@@ -112,7 +113,7 @@ if [ "$1" = final8 ]; then  # prepared, not run (next session): 16 blocks, three
   run c3_clip1_top16_seed2 $z --layers top16 --seed 2 &
   (for sd in 0 1 2; do run bp_lora_top16_seed$sd $bp --layers top16 --seed $sd; done) &
   wait
-  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+  collect
 fi
 if [ "$1" = final9 ]; then  # session 6: MeZO-LoRA's train loss stalls at 0.35-0.45 (backprop's: 0.08) while |g| grows to
   # the clip: z's part in directions the loss ignores is a random walk that grows ‖A‖, and ∇_B = G·Aᵀ grows with it.
@@ -124,7 +125,7 @@ if [ "$1" = final9 ]; then  # session 6: MeZO-LoRA's train loss stalls at 0.35-0
   run c3_clip1_top12_wd2 $z --weight-decay 2 &
   run c3_clip1_top12_wd0.5_seed1 $z --weight-decay 0.5 --seed 1 &
   wait
-  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+  collect
 fi
 if [ "$1" = final10 ]; then  # session 6: weight decay hurt (final9). LoRA-FA instead: A frozen at init, so z has no
   # A part (top 12: 60% fewer coordinates) and ‖A‖ cannot grow; B's step in W is then ~‖A_init‖, so lr goes up
@@ -135,7 +136,7 @@ if [ "$1" = final10 ]; then  # session 6: weight decay hurt (final9). LoRA-FA in
   run fa_top12_lr1e-1 $z --layers top12 --lr 1e-1 &
   run fa_top16_lr3e-2 $z --layers top16 --lr 3e-2 &
   wait
-  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+  collect
 fi
 if [ "$1" = final11 ]; then  # after final10: LoRA-FA is stable (|g| ~0.15-0.3, no clip saturation, train loss 0.30-0.32
   # where both factors stall at 0.35-0.45); top 16 at lr 3e-2 peaked on dev (0.85) at step 2000, so a short schedule
@@ -143,7 +144,7 @@ if [ "$1" = final11 ]; then  # after final10: LoRA-FA is stable (|g| ~0.15-0.3, 
   z="--mode lora --eps 1e-2 --schedule cosine --eval-every 1000 --no-zero-shot --clip-grad 1 --steps 8000 --lora-freeze-a --layers top16 --lr 3e-2"
   run fa_top16_8k $z & run fa_top16_8k_seed1 $z --seed 1 & run fa_top16_8k_seed2 $z --seed 2 &
   wait
-  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+  collect
 fi
 if [ "$1" = final12 ] || [ "$1" = final12b ]; then  # prepared, not run (next session): at equal progress T·lr the
   # walk's variance T·lr²·E[g²] falls with lr, so lr 1e-3 for 60k steps (3× final7's progress budget at 1/3 the lr).
@@ -154,7 +155,7 @@ if [ "$1" = final12 ] || [ "$1" = final12b ]; then  # prepared, not run (next se
   [ "$1" = final12b ] && z="$z --resume"
   run c1_clip1_top12_60k $z & run c1_clip1_top12_60k_seed1 $z --seed 1 & run c1_clip1_top12_60k_seed2 $z --seed 2 &
   wait
-  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+  collect
 fi
 if [ "$1" = final13 ]; then  # prepared, not run: ZO's noise grows with the dimension d; rank 2 (α 4, the same α/r
   # as r 8 α 16) has a quarter of rank 8's coordinates. Top 12, 20k steps; compare with final6/final7's r 8 (0.828)
@@ -162,7 +163,7 @@ if [ "$1" = final13 ]; then  # prepared, not run: ZO's noise grows with the dime
   z="--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 2000 --no-zero-shot --clip-grad 1 --steps 20000 --lora-r 2 --lora-alpha 4"
   run r2_top12_lr3e-3 $z --lr 3e-3 & run r2_top12_lr1e-2 $z --lr 1e-2 & run r2_top12_lr1e-2_seed1 $z --lr 1e-2 --seed 1 &
   wait
-  for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done
+  collect
 fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM

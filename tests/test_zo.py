@@ -1,8 +1,14 @@
 """The estimator against autograd, batched rows against separate passes, and z's bookkeeping."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from tests.tiny import make_tiny
 from zoft.config import ModelConfig, ZOConfig
@@ -283,11 +289,6 @@ def test_lora_fa_estimate_matches_autograd_over_b_only(root):
 def test_lora_fa_trains_b_and_keeps_a_bitwise(root, tmp_path, optimizer):
     """End to end through `zoft train --lora-freeze-a` (with weight decay, which must spare A too): the
     saved adapter's A factors are exactly a fresh session's, its B factors moved."""
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
-
     folder = make_tiny("opt", root)
     out = tmp_path / "run"
     argv = ["train", "--model", folder, "--task", "rotten_tomatoes", "--n-train", "16", "--n-dev", "0",
@@ -295,7 +296,7 @@ def test_lora_fa_trains_b_and_keeps_a_bitwise(root, tmp_path, optimizer):
             "--weight-decay", "0.5", "--lora-freeze-a", "--optimizer", optimizer, "--no-zero-shot",
             "--output-dir", str(out)]
     p = subprocess.run([sys.executable, "-m", "zoft", *argv], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     fresh = load_session(ModelConfig(model=folder, device="cpu"))
@@ -309,7 +310,7 @@ def test_lora_fa_trains_b_and_keeps_a_bitwise(root, tmp_path, optimizer):
         n_a += 1
         n_b += int(bb[0].abs().sum() > 0)
     assert n_a == len(fresh.loras) and n_b == n_a  # every B left zero
-    cfg = __import__("json").loads((out / "config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
     assert cfg["zo"]["lora_freeze_a"] is True
     if optimizer == "zo-sgd":  # the step log alone rebuilds it: replay re-makes the same masked z
         r = tmp_path / "replay"

@@ -51,13 +51,12 @@ def train_backprop(cfg: TrainConfig) -> dict:
         raise ZoftError("--loss f1 is not differentiable: use it with the zo-sgd optimizer, or --loss lm with adamw")
     zero_shot = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="zero-shot eval")["score"] if (
         rc.zero_shot and enc["test"]) else None
-    trained = {id(t) for t in s.trainable.trained()}  # LoRA-FA's A factors stay frozen here too
-    for t in s.trainable.trained():
+    tr = s.trainable  # (tensor, decayed) for every tensor that trains: LoRA-FA's A factors stay frozen here too
+    trained = [(t, d) for t, d, f in zip(tr.tensors, tr.decay, tr.fixed or [False] * len(tr.tensors)) if not f]
+    for t, _ in trained:
         t.requires_grad_(True)
-    decay = [t for t, d in zip(s.trainable.tensors, s.trainable.decay) if d and id(t) in trained]
-    no_decay = [t for t, d in zip(s.trainable.tensors, s.trainable.decay) if not d and id(t) in trained]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": zc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW([{"params": [t for t, d in trained if d], "weight_decay": zc.weight_decay},
+                             {"params": [t for t, d in trained if not d], "weight_decay": 0.0}], lr=lr)
     from zoft.zo import lr_at
 
     if str(s.device).startswith("cuda"):
