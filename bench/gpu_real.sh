@@ -11,10 +11,10 @@ if [ ! -f $G ]; then
   cat /tmp/zx/smol.gguf.part00 .xfer/smol.gguf.part01 > $G
 fi
 echo "$(cut -d' ' -f1 .xfer/sha)  $G" | sha256sum -c - || exit 3
-mkdir -p $OUT/logs; nvidia-smi --query-gpu=name --format=csv,noheader
-run(){ name=$1; shift; mkdir -p $OUT/logs; timeout ${RUN_LIMIT:-9999} /usr/bin/time -f "%e s wall, %M KB max RSS" \
+mkdir -p /tmp/zx/logs; nvidia-smi --query-gpu=name --format=csv,noheader
+run(){ name=$1; shift; mkdir -p /tmp/zx/logs; timeout ${RUN_LIMIT:-9999} /usr/bin/time -f "%e s wall, %M KB max RSS" \
   python -m zoft train --model $G --device cuda --task rotten_tomatoes --n-train 1000 --n-dev 200 --n-test 500 \
-  --batch-size 16 --output-dir /tmp/zx/runs/$name --log-every 1000 "$@" > /tmp/zx/$name.json 2> $OUT/logs/$name.txt;
+  --batch-size 16 --output-dir /tmp/zx/runs/$name --log-every 1000 "$@" > /tmp/zx/$name.json 2> /tmp/zx/logs/$name.txt;
   summary $name; }
 summary(){ python -c "import json,sys;r=json.load(open('/tmp/zx/runs/$1/results.json'));d=[json.loads(l) for l in open('/tmp/zx/runs/$1/metrics.jsonl') if 'dev_' in l];print('$1', {k:r.get(k) for k in ('zero_shot_accuracy','best_dev_accuracy','final_accuracy','seconds_per_step','peak_memory_mb')}, [(x['step'],x.get('dev_accuracy',x.get('dev_f1'))) for x in d])"; }
 collect(){ for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done; }
@@ -41,7 +41,7 @@ fi
 if [ "$1" = final2 ]; then  # 20k-step arms in parallel on one GPU (each process is launch-bound, the GPU mostly idle)
   export OMP_NUM_THREADS=2
   export RUN_LIMIT=540; python -m zoft eval --model $G --device cuda --task rotten_tomatoes --n-dev 200 --n-test 500 \
-    > /tmp/zx/zs.json 2>$OUT/logs/zero_shot.txt; echo "zero-shot: $(tail -1 /tmp/zx/zs.json)"  # also fills the cache
+    > /tmp/zx/zs.json 2>/tmp/zx/logs/zero_shot.txt; echo "zero-shot: $(tail -1 /tmp/zx/zs.json)"  # also fills the cache
   z="--mode lora --eps 1e-2 --schedule cosine --steps 20000 --eval-every 2000 --no-zero-shot"
   run c3_top4_20k $z --layers top4 --lr 3e-3 &
   run c3_top4_20k_seed1 $z --layers top4 --lr 3e-3 --seed 1 &
@@ -165,16 +165,35 @@ if [ "$1" = final13 ]; then  # prepared, not run: ZO's noise grows with the dime
   wait
   collect
 fi
+if [ "$1" = final14 ] || [ "$1" = final14b ]; then  # session 7, two GPUs: the walk's size grows as lr·√T while the
+  # progress grows as lr·T, and top 12 at lr 3e-3 peaked on dev by step 2-4k. Two lower rates for 50k steps (cosine),
+  # three seeds each, one rate per GPU. 150k steps a GPU do not fit one call: final14 stops the arms with SIGTERM at
+  # RUN_LIMIT (each saves a checkpoint), final14b continues them with --resume on the same warm machine; the backprop
+  # and lr 3e-3 arms are final6/final7's (same seeds, so the same train/dev draw and the same test set).
+  export OMP_NUM_THREADS=3 RUN_LIMIT=${RUN_LIMIT:-550}
+  z="--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 5000 --no-zero-shot --clip-grad 1 --steps 50000"
+  [ "$1" = final14b ] && z="$z --resume"
+  G1=$(( $(nvidia-smi -L | wc -l) > 1 ? 1 : 0 ))
+  for sd in 0 1 2; do
+    CUDA_VISIBLE_DEVICES=0 run c1_top12_50k_seed$sd $z --lr 1e-3 --seed $sd &
+    CUDA_VISIBLE_DEVICES=$G1 run c05_top12_50k_seed$sd $z --lr 5e-4 --seed $sd &
+  done
+  wait
+  for f in /tmp/zx/logs/*.txt; do echo "$(basename $f): $(tr '\r' '\n' < $f | grep -E 'step|train' | tail -1)"; done
+  # checkpoints and step logs too (a fresh machine can --resume from these), one tarball a rate: each must stay < 16 MiB
+  (cd /tmp/zx && tar czf $OUT/state_c1.tgz runs/c1_* && tar czf $OUT/state_c05.tgz runs/c05_*)
+fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
   mkdir -p $ZOFT_CACHE/bigbench && cp -r .xfer/bigbench/squad_shifts $ZOFT_CACHE/bigbench/
   q="--task squad --n-train 1000 --n-dev 200 --n-test 500 --eval-batch-size 32"
-  python -m zoft eval --model $G --device cuda $q --icl-k 2 > /tmp/zx/squad_icl2.json 2>$OUT/logs/squad_icl2.txt; echo "squad icl2: $(tail -1 /tmp/zx/squad_icl2.json)"
+  python -m zoft eval --model $G --device cuda $q --icl-k 2 > /tmp/zx/squad_icl2.json 2>/tmp/zx/logs/squad_icl2.txt; echo "squad icl2: $(tail -1 /tmp/zx/squad_icl2.json)"
   runq(){ name=$1; shift; /usr/bin/time -f "%e s wall" python -m zoft train --model $G --device cuda $q --batch-size 16 \
-    --output-dir /tmp/zx/runs/$name --log-every 1000 "$@" > /tmp/zx/$name.json 2> $OUT/logs/$name.txt; summary $name; }
+    --output-dir /tmp/zx/runs/$name --log-every 1000 "$@" > /tmp/zx/$name.json 2> /tmp/zx/logs/$name.txt; summary $name; }
   runq squad_mezo_lora --mode lora --layers top4 --lr 3e-3 --eps 1e-2 --schedule cosine --steps 4000 --eval-every 1000
   runq squad_bp_lora --optimizer adamw --mode lora --layers top4 --lr 1e-3 --steps 300 --eval-every 100 --no-zero-shot
   runq squad_mezo_full --mode full --layers top4 --lr 1e-5 --eps 1e-3 --steps 4000 --eval-every 1000 --no-zero-shot
   runq squad_bp_full --optimizer adamw --mode full --layers top4 --lr 1e-5 --steps 300 --eval-every 100 --no-zero-shot
 fi
 tar czf $OUT/runs.tgz -C /tmp/zx/runs --exclude=checkpoint --exclude=best --exclude=adapter . 2>/dev/null
+tar czf $OUT/logs.tgz -C /tmp/zx logs 2>/dev/null
