@@ -183,6 +183,25 @@ if [ "$1" = final14 ] || [ "$1" = final14b ]; then  # session 7, two GPUs: the w
   # checkpoints and step logs too (a fresh machine can --resume from these), one tarball a rate: each must stay < 16 MiB
   (cd /tmp/zx && tar czf $OUT/state_c1.tgz runs/c1_* && tar czf $OUT/state_c05.tgz runs/c05_*)
 fi
+if [ "$1" = final15 ]; then  # after final14 (lr 1e-3, 50k: gap 0.9): the same recipe on MeZO's own sampling, 500 dev /
+  # 1000 test (a different train/dev/test draw), one MeZO arm a GPU, backprop beside the second
+  export OMP_NUM_THREADS=4 RUN_LIMIT=${RUN_LIMIT:-540}
+  n="--n-dev 500 --n-test 1000"
+  z="--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 5000 --no-zero-shot --clip-grad 1 --steps 50000 --lr 1e-3"
+  bp="--optimizer adamw --mode lora --layers top12 --lr 1e-3 --steps 300 --eval-every 100"
+  G1=$(( $(nvidia-smi -L | wc -l) > 1 ? 1 : 0 ))
+  if [ "${SEED2:-}" = 1 ]; then  # the third seed, in a second call (one arm a GPU runs at 180 steps/s, three at 55)
+    CUDA_VISIBLE_DEVICES=0 run m500_c1_top12_50k_seed2 $z $n --seed 2 &
+    CUDA_VISIBLE_DEVICES=$G1 run m500_bp_top12_seed2 $bp $n --seed 2 --no-zero-shot &
+  else
+  CUDA_VISIBLE_DEVICES=0 run m500_c1_top12_50k_seed0 $z $n --seed 0 &
+  CUDA_VISIBLE_DEVICES=$G1 run m500_c1_top12_50k_seed1 $z $n --seed 1 &
+  (export CUDA_VISIBLE_DEVICES=$G1; run m500_bp_top12_seed0 $bp $n --seed 0; run m500_bp_top12_seed1 $bp $n --seed 1 --no-zero-shot) &
+  fi
+  wait
+  for f in /tmp/zx/logs/m500*.txt; do echo "$(basename $f): $(tr '\r' '\n' < $f | grep -E 'step|train' | tail -1)"; done
+  (cd /tmp/zx/runs && tar czf $OUT/m500${SEED2:+_seed2}.tgz m500*/results.json m500*/metrics.jsonl m500*/config.json)
+fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
   mkdir -p $ZOFT_CACHE/bigbench && cp -r .xfer/bigbench/squad_shifts $ZOFT_CACHE/bigbench/
