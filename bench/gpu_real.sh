@@ -17,6 +17,7 @@ run(){ name=$1; shift; mkdir -p /tmp/zx/logs; timeout ${RUN_LIMIT:-9999} /usr/bi
   --batch-size 16 --output-dir /tmp/zx/runs/$name --log-every 1000 "$@" > /tmp/zx/$name.json 2> /tmp/zx/logs/$name.txt;
   summary $name; }
 summary(){ python -c "import json,sys;r=json.load(open('/tmp/zx/runs/$1/results.json'));d=[json.loads(l) for l in open('/tmp/zx/runs/$1/metrics.jsonl') if 'dev_' in l];print('$1', {k:r.get(k) for k in ('zero_shot_accuracy','best_dev_accuracy','final_accuracy','seconds_per_step','peak_memory_mb')}, [(x['step'],x.get('dev_accuracy',x.get('dev_f1'))) for x in d])"; }
+tails(){ for f in /tmp/zx/logs/$1*.txt; do echo "$(basename $f): $(tr '\r' '\n' < $f | grep -E 'step|train' | tail -1)"; done; }
 collect(){ for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done; }
 if [ "$1" = rt ]; then
   run mezo_lora_900 --mode lora --layers top4 --lr 5e-3 --eps 1e-2 --steps 900 --eval-every 300
@@ -179,7 +180,7 @@ if [ "$1" = final14 ] || [ "$1" = final14b ]; then  # session 7, two GPUs: the w
     CUDA_VISIBLE_DEVICES=$G1 run c05_top12_50k_seed$sd $z --lr 5e-4 --seed $sd &
   done
   wait
-  for f in /tmp/zx/logs/*.txt; do echo "$(basename $f): $(tr '\r' '\n' < $f | grep -E 'step|train' | tail -1)"; done
+  tails
   # checkpoints and step logs too (a fresh machine can --resume from these), one tarball a rate: each must stay < 16 MiB
   (cd /tmp/zx && tar czf $OUT/state_c1.tgz runs/c1_* && tar czf $OUT/state_c05.tgz runs/c05_*)
 fi
@@ -194,13 +195,12 @@ if [ "$1" = final15 ]; then  # after final14 (lr 1e-3, 50k: gap 0.9): the same r
     CUDA_VISIBLE_DEVICES=0 run m500_c1_top12_50k_seed2 $z $n --seed 2 &
     CUDA_VISIBLE_DEVICES=$G1 run m500_bp_top12_seed2 $bp $n --seed 2 --no-zero-shot &
   else
-  CUDA_VISIBLE_DEVICES=0 run m500_c1_top12_50k_seed0 $z $n --seed 0 &
-  CUDA_VISIBLE_DEVICES=$G1 run m500_c1_top12_50k_seed1 $z $n --seed 1 &
-  (export CUDA_VISIBLE_DEVICES=$G1; run m500_bp_top12_seed0 $bp $n --seed 0; run m500_bp_top12_seed1 $bp $n --seed 1 --no-zero-shot) &
+    CUDA_VISIBLE_DEVICES=0 run m500_c1_top12_50k_seed0 $z $n --seed 0 &
+    CUDA_VISIBLE_DEVICES=$G1 run m500_c1_top12_50k_seed1 $z $n --seed 1 &
+    (export CUDA_VISIBLE_DEVICES=$G1; run m500_bp_top12_seed0 $bp $n --seed 0; run m500_bp_top12_seed1 $bp $n --seed 1 --no-zero-shot) &
   fi
   wait
-  for f in /tmp/zx/logs/m500*.txt; do echo "$(basename $f): $(tr '\r' '\n' < $f | grep -E 'step|train' | tail -1)"; done
-  (cd /tmp/zx/runs && tar czf $OUT/m500${SEED2:+_seed2}.tgz m500*/results.json m500*/metrics.jsonl m500*/config.json)
+  tails m500
 fi
 if [ "$1" = squad ]; then
   # SQuAD v1.1 (BIG-bench copy, carried in .xfer/bigbench): generation, F1/EM
@@ -214,5 +214,6 @@ if [ "$1" = squad ]; then
   runq squad_mezo_full --mode full --layers top4 --lr 1e-5 --eps 1e-3 --steps 4000 --eval-every 1000 --no-zero-shot
   runq squad_bp_full --optimizer adamw --mode full --layers top4 --lr 1e-5 --steps 300 --eval-every 100 --no-zero-shot
 fi
-tar czf $OUT/runs.tgz -C /tmp/zx/runs --exclude=checkpoint --exclude=best --exclude=adapter . 2>/dev/null
+# no step logs (50k lines a run put runs.tgz over the 16 MiB a returned file may hold; state_*.tgz carries them)
+tar czf $OUT/runs.tgz -C /tmp/zx/runs --exclude=checkpoint --exclude=best --exclude=adapter --exclude=steps.jsonl . 2>/dev/null
 tar czf $OUT/logs.tgz -C /tmp/zx logs 2>/dev/null
