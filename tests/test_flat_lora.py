@@ -6,9 +6,9 @@ import torch
 
 from tests.tiny import make_tiny
 from zoft.config import ModelConfig, ZOConfig
-from zoft.lora import set_bank_views
+from zoft.lora import bank_views
 from zoft.session import attach, load_session
-from zoft.zo import Trainable, direction_seeds, lora_rows, sgd_update_
+from zoft.zo import Trainable, direction_seeds, sgd_update_
 
 
 def session(tmp_path, device="cpu", dtype="float32"):
@@ -48,32 +48,31 @@ def test_row_bank_persists_and_matches(tmp_path):
     first = None
     for step in range(2):
         seeds = direction_seeds(0, step, 1)
-        with lora_rows(s.loras, seeds, 1e-2):
-            got = [(m.rows[0].clone(), m.rows[1].clone()) for m in s.loras.values()]
-            ids = [id(m.rows[0]) for m in s.loras.values()]
-            bank = next(iter(s.loras.values())).bank.clone()
+        rows = s.perturber.rows(seeds, 1e-2)
+        got = [(rows.views[m][0][0].clone(), rows.views[m][0][1].clone()) for m in s.loras.values()]
+        ids = [id(rows.views[m][0][0]) for m in s.loras.values()]
         first = first or ids
         assert ids == first  # the same views every step: nothing made per step
-        set_bank_views(s.loras.values(), bank)  # the one-off path, from the same bank
+        views = bank_views(s.loras.values(), rows.bank.clone())  # the one-off path, from the same bank
         for m, (a, b) in zip(s.loras.values(), got, strict=True):
-            assert torch.equal(m.rows[0], a) and torch.equal(m.rows[1], b)
+            assert torch.equal(views[m][0][0], a) and torch.equal(views[m][0][1], b)
+    assert not any(hasattr(m, "rows") for m in s.loras.values())  # nothing written onto the modules
 
 
 @pytest.mark.gpu
 def test_row_bank_half_split_on_cuda(tmp_path):
-    """On a bf16 base the bank's half split (hi + lo of (α/r)·A, B in half) is set_bank_views's, bitwise."""
+    """On a bf16 base the bank's half split (hi + lo of (α/r)·A, B in half) is bank_views's, bitwise."""
     s = session(tmp_path, "cuda", "bfloat16")
-    with lora_rows(s.loras, direction_seeds(0, 0, 2), 1e-2):
-        got = [tuple(t.clone() for t in m.rows_half) for m in s.loras.values()]
-        bank = next(iter(s.loras.values())).bank.clone()
-    set_bank_views(s.loras.values(), bank)
+    rows = s.perturber.rows(direction_seeds(0, 0, 2), 1e-2)
+    got = [tuple(t.clone() for t in rows.views[m][1]) for m in s.loras.values()]
+    views = bank_views(s.loras.values(), rows.bank.clone())
     for m, want in zip(s.loras.values(), got, strict=True):
-        for a, b in zip(m.rows_half, want, strict=True):
+        for a, b in zip(views[m][1], want, strict=True):
             assert torch.equal(a, b)
 
 
 def test_half_split_arithmetic():
-    """The one split both the persistent bank and set_bank_views use: hi + lo carry (α/r)·bank beyond
+    """The one split both the persistent bank and bank_views use: hi + lo carry (α/r)·bank beyond
     half precision, and the third part is the bank in half."""
     from zoft.lora import _fill_split
 

@@ -109,7 +109,8 @@ def _full_rows_vs_inplace(device, dtype, fuse):
     from tests.test_zo import examples
     from zoft.engine import NativeEngine, row_losses
     from zoft.loading import build_native, read_config
-    from zoft.zo import full_rows_step, full_trainable, inplace_step
+    from zoft.perturbers import FullRowsPerturber, InPlacePerturber, estimate
+    from zoft.zo import full_trainable
 
     def go(root):
         folder = make_tiny("opt", root)
@@ -118,16 +119,16 @@ def _full_rows_vs_inplace(device, dtype, fuse):
         engine = NativeEngine(model, first_trained=1, fuse=fuse)
         b = engine.batch(examples(1))
         row_fn = lambda rows: row_losses(engine.scores(b, rows), b, "candidate")
-        rows = full_rows_step(row_fn, model, tr, [99, 123], 1e-3)
-        inplace = inplace_step(lambda: row_fn(1)[0], tr, [99, 123], 1e-3)
+        rows = estimate(row_fn, FullRowsPerturber(model, tr), [99, 123], 1e-3)
+        inplace = estimate(row_fn, InPlacePerturber(tr), [99, 123], 1e-3)
         return engine, rows, inplace
 
     return go
 
 
 def test_fused_full_rows_runs_the_patched_layers(tmp_path):
-    """Even where frozen-looking layers of a trained block were fused, full_rows' per-row forwards run
-    (Fused.valid_for sees the replaced forward): rows equal the in-place passes."""
+    """Even where frozen-looking layers of a trained block were fused, the rows' per-row weights are used
+    (FullRows.fusable refuses the fused GEMM for them): rows equal the in-place passes."""
     engine, (lp, lm, _), (lp2, lm2, _) = _full_rows_vs_inplace("cpu", torch.float64, True)(str(tmp_path))
     assert engine.fused > 0
     torch.testing.assert_close(lp, lp2, rtol=0, atol=1e-12)
@@ -137,7 +138,7 @@ def test_fused_full_rows_runs_the_patched_layers(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fuse", [False, True])
 def test_full_rows_on_cuda(tmp_path, fuse):
-    """On CUDA, OPT's fc1 would take the ReLU epilogue; full_rows replaces its forward, which must run."""
+    """On CUDA, OPT's fc1 would take the ReLU epilogue; with full rows it must run per row block."""
     _, (lp, lm, _), (lp2, lm2, _) = _full_rows_vs_inplace("cuda", torch.float32, fuse)(str(tmp_path))
     cpu = lambda t: torch.as_tensor(t).double().cpu()
     torch.testing.assert_close(cpu(lp), cpu(lp2), rtol=0, atol=1e-5)

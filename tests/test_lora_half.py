@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from zoft.lora import LoRALinear, set_bank_views
+from zoft.lora import LoRALinear, bank_views
 
 
 @pytest.mark.gpu
@@ -16,17 +16,15 @@ def test_half_rows_match_float32_rows(dtype):
     P, T = 4, 96
     bank = torch.randn(P, m.lora_A.numel() + m.lora_B.numel(), device="cuda") * 0.02
     x = torch.randn(P * T, 256, device="cuda").to(dtype)
-    set_bank_views([m], bank)
-    assert m.rows_half is not None and m.rows_half[0].dtype == dtype
-    A, B = m.rows
+    (A, B), half = bank_views([m], bank)[m]
+    assert half is not None and half[0].dtype == dtype
     with torch.no_grad():
         y = base(x).double()
         exact = y + m.scaling * (x.double().view(P, T, -1) @ A.double().transpose(1, 2)
                                  @ B.double().transpose(1, 2)).view(P * T, -1)
-        fast = m(x).double()
-        hi, lo, _ = m.rows_half
-        m.rows_half = None  # the float32 path on the same rows
-        slow = m(x).double()
+        fast = m.add_update(x, base(x), ((A, B), half)).double()
+        hi, lo, _ = half
+        slow = m.add_update(x, base(x), ((A, B), None)).double()  # the float32 path on the same rows
     upd = (exact - y).abs().max().item()
     assert upd > 0.05 * y.abs().max().item()  # an update that matters against y, so this compares something
     err_fast, err_slow = (fast - exact).abs().max().item(), (slow - exact).abs().max().item()
@@ -48,7 +46,6 @@ def test_half_rows_score_like_float32_rows(tmp_path, monkeypatch):
     from zoft.session import attach, load_session, make_engine
     from zoft.tasks import get_task, sample_splits
     from zoft.tasks.encode import encode
-    from zoft.zo import lora_rows
 
     folder = make_tiny("opt", str(tmp_path))
     s = load_session(ModelConfig(model=folder, device="cuda", dtype="bfloat16"))
@@ -62,9 +59,10 @@ def test_half_rows_score_like_float32_rows(tmp_path, monkeypatch):
 
     def losses(half: bool, seeds=(5,)):
         monkeypatch.setattr(lora, "_BMM_OUT_DTYPE", [] if half else [False])
-        with lora_rows(s.loras, list(seeds), 1e-2):
-            assert (next(iter(s.loras.values())).rows_half is not None) == half
-            return eng.scores(b, 2 * len(seeds)).cand_sum.float().cpu()  # what the losses are made of
+        s.perturber.banks.clear()  # the bank's half plan is decided when it is made
+        rows = s.perturber.rows(list(seeds), 1e-2)
+        assert (next(iter(rows.views.values()))[1] is not None) == half
+        return eng.scores(b, rows).cand_sum.float().cpu()  # what the losses are made of
 
     fast, slow = losses(True), losses(False)
     with torch.no_grad():

@@ -8,7 +8,8 @@ from zoft.lora import LoraArgs, inject_lora
 from zoft.models.llama import Llama, LlamaArgs
 from zoft.perturb import CHUNK
 from zoft.tasks.encode import Encoded
-from zoft.zo import direction_seeds, full_trainable, inplace_step, lora_trainable, rows_step, sgd_update_
+from zoft.perturbers import InPlacePerturber, LoRAPerturber, estimate
+from zoft.zo import direction_seeds, full_trainable, lora_trainable, sgd_update_
 
 
 def model_on_cuda(mode):
@@ -48,9 +49,11 @@ def test_step_peak_memory_close_to_one_forward(mode):
 
     def step():
         if loras is not None:
-            _, _, gr = rows_step(lambda r: row_losses(eng.scores(b, r, True), b, "candidate"), loras, seeds, 1e-2)
+            pert = LoRAPerturber(loras, tr)
+            _, _, gr = estimate(lambda r: row_losses(eng.scores(b, r, True), b, "candidate"), pert, seeds, 1e-2)
         else:
-            _, _, gr = inplace_step(lambda: row_losses(eng.scores(b, 1, True), b, "candidate")[0], tr, seeds, 1e-3)
+            pert = InPlacePerturber(tr)
+            _, _, gr = estimate(lambda r: row_losses(eng.scores(b, r, True), b, "candidate"), pert, seeds, 1e-3)
         sgd_update_(tr, seeds, gr, 1e-4, 0.0)
 
     zo = peak_above_resident(step)

@@ -18,7 +18,8 @@ from zoft.lora import LoraArgs, inject_lora
 from zoft.perturb import add_noise_, noise
 from zoft.session import attach, load_session
 from zoft.tasks.encode import Encoded
-from zoft.zo import directions, full_trainable, inplace_step, lora_trainable, perturb_, rows_step, sgd_update_
+from zoft.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber, estimate
+from zoft.zo import directions, full_trainable, lora_trainable, perturb_, sgd_update_
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,10 @@ def lora_model(root, kind, dtype):
     return model, loras
 
 
+def lora_perturber(loras):
+    return LoRAPerturber(loras, lora_trainable(loras))
+
+
 def directional_derivative(model, exs, tr, seed):
     for t in tr.tensors:
         t.requires_grad_(True)
@@ -78,7 +83,7 @@ def test_lora_rows_estimate_matches_autograd(root, kind, varlen):
     want = directional_derivative(model, exs, lora_trainable(loras), seed).item()
     errs = []
     for eps in (1e-3, 1e-4):
-        _, _, g = rows_step(lambda rows: row_losses(engine.scores(b, rows), b, "candidate"), loras, [seed], eps)
+        _, _, g = estimate(lambda rows: row_losses(engine.scores(b, rows), b, "candidate"), lora_perturber(loras), [seed], eps)
         errs.append(abs(g[0] - want))
     assert_second_order(errs, want)
 
@@ -104,7 +109,7 @@ def test_full_inplace_estimate_matches_autograd(root, kind, varlen):
     errs = []
     # |z| ~ sqrt(#params) is large here and OPT's ReLU has kinks, so ε must be smaller than for LoRA
     for eps in (1e-5, 1e-6):
-        _, _, g = inplace_step(lambda: row_losses(engine.scores(b, 1), b, "candidate")[0], tr, [seed], eps)
+        _, _, g = estimate(lambda rows: row_losses(engine.scores(b, rows), b, "candidate"), InPlacePerturber(tr), [seed], eps)
         errs.append(abs(g[0] - want))
     assert_second_order(errs, want)
     for a, t in zip(before, tr.tensors):  # restored (float64: to ~1e-16)
@@ -120,7 +125,7 @@ def test_batched_rows_equal_two_separate_unpacked_passes(root, kind, varlen):
     exs, seed, eps = examples(2), 7, 1e-2
     engine = NativeEngine(model, varlen=varlen)
     b = engine.batch(exs)
-    lp, lm, _ = rows_step(lambda rows: row_losses(engine.scores(b, rows), b, "candidate"), loras, [seed], eps)
+    lp, lm, _ = estimate(lambda rows: row_losses(engine.scores(b, rows), b, "candidate"), lora_perturber(loras), [seed], eps)
     tr = lora_trainable(loras)
     with torch.no_grad():
         perturb_(tr, seed, eps)
@@ -178,15 +183,19 @@ def test_update_applies_weight_decay_by_module_type_only(root):
                        before["model.decoder.layers.1.final_layer_norm.weight"])
 
 
-@pytest.mark.parametrize("mode,layers", [("lora", ""), ("full", "2")])
-def test_bfloat16_base_with_float32_trained_parameters(root, mode, layers):
-    """A bf16 base runs (the CPU path too), and what is trained stays float32."""
+@pytest.mark.parametrize("mode,layers,master,trained", [("lora", "", "auto", torch.float32),
+                                                         ("full", "2", "float32", torch.float32),
+                                                         ("full", "2", "auto", torch.bfloat16),
+                                                         ("full", "", "auto", torch.bfloat16)])
+def test_bfloat16_base_trained_dtype(root, mode, layers, master, trained):
+    """A bf16 base runs (the CPU path too). LoRA factors are float32; full mode trains the bf16 weights
+    themselves (the only copy), or a float32 master with --master-dtype float32."""
     from zoft.train import step_losses
     from zoft.zo import direction_seeds
 
     s = load_session(ModelConfig(model=make_tiny("opt", root), dtype="bfloat16"))
-    attach(s, ZOConfig(mode=mode, layers=layers))
-    assert all(t.dtype == torch.float32 for t in s.trainable.tensors)
+    attach(s, ZOConfig(mode=mode, layers=layers, master_dtype=master))
+    assert all(t.dtype == trained for t in s.trainable.tensors)
     assert s.model.model.decoder.layers[0].fc1.weight.dtype == torch.bfloat16
     from zoft.session import make_engine
 
@@ -225,40 +234,69 @@ def test_next_batch_packed_during_the_step_changes_nothing(root):
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
 
 
+@pytest.mark.parametrize("layers", ["blocks", "all"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["mask", "varlen"])
 @pytest.mark.parametrize("kind", ["opt", "llama"])
-def test_full_rows_equal_inplace_passes_and_autograd(root, kind, varlen):
-    """Full mode as rows of one forward (x·Wᵀ + ε·x·Zᵀ per Linear, per-row norms) gives the in-place
-    passes' L₊, L₋ for two directions, matches autograd to O(ε²), and never modifies θ."""
-    from zoft.zo import full_rows_step
-
+def test_full_rows_equal_inplace_passes_and_autograd(root, kind, varlen, layers):
+    """Full mode as rows of one forward (each Linear's row blocks with W ± εZ, per-row norms, perturbed
+    embedding and head rows) gives the in-place passes' L₊, L₋ for two directions, matches autograd to
+    O(ε²), and never modifies θ: for two trained blocks, and for every parameter (embeddings and the
+    tied LM head included)."""
     folder = make_tiny(kind, root)
     model = build_native(folder, read_config(folder), torch.float64, "cpu").eval()
-    tr = full_trainable(model, [f"{model.block_prefix}.1", f"{model.block_prefix}.2"])
+    blocks = [f"{model.block_prefix}.1", f"{model.block_prefix}.2"]
+    tr = full_trainable(model, blocks if layers == "blocks" else None)
     assert any(t.dim() == 1 for t in tr.tensors)  # norms and biases are perturbed too
     exs, seeds = examples(1), [99, 123]
-    engine = NativeEngine(model, first_trained=1, varlen=varlen)
+    engine = NativeEngine(model, first_trained=1 if layers == "blocks" else 0, varlen=varlen)
     b = engine.batch(exs)
     before = [t.clone() for t in tr.tensors]
     row_fn = lambda rows: row_losses(engine.scores(b, rows), b, "candidate")
-    lp, lm, g = full_rows_step(row_fn, model, tr, seeds, 1e-3)
+    rows = FullRowsPerturber(model, tr)
+    assert rows.perturbs_embeddings == (layers == "all")
+    lp, lm, g = estimate(row_fn, rows, seeds, 1e-3)
     assert all(torch.equal(a, t) for a, t in zip(before, tr.tensors))  # θ untouched, bitwise
-    lp2, lm2, g2 = inplace_step(lambda: row_fn(1)[0], tr, seeds, 1e-3)
+    lp2, lm2, g2 = estimate(row_fn, InPlacePerturber(tr), seeds, 1e-3)
     torch.testing.assert_close(lp, lp2, rtol=0, atol=1e-12)
     torch.testing.assert_close(lm, lm2, rtol=0, atol=1e-12)
-    assert not any(isinstance(m.__dict__.get("forward"), type(lambda: 0)) for m in model.modules())  # unpatched
     want = directional_derivative(model, exs, tr, seeds[0]).item()
-    errs = [abs(full_rows_step(row_fn, model, tr, seeds[:1], eps)[2][0] - want) for eps in (1e-5, 1e-6)]
+    errs = [abs(estimate(row_fn, rows, seeds[:1], eps)[2][0].item() - want) for eps in (1e-5, 1e-6)]
     assert_second_order(errs, want)
 
 
-def test_full_rows_needs_layers(root):
+def test_full_rows_lm_loss_and_generation_rows(root):
+    """Rows that perturb the LM head in full (the LM loss reads every vocabulary row) equal the in-place
+    passes; greedy decoding under FullRows gives each row block the tokens of its own perturbed model."""
+    folder = make_tiny("llama", root)
+    model = build_native(folder, read_config(folder), torch.float64, "cpu").eval()
+    tr = full_trainable(model, None)
+    engine = NativeEngine(model)
+    b = engine.batch(examples(3), gold_only=True)
+    row_fn = lambda rows: row_losses(engine.scores(b, rows), b, "lm")
+    lp, lm, _ = estimate(row_fn, FullRowsPerturber(model, tr), [5], 1e-3)
+    lp2, lm2, _ = estimate(row_fn, InPlacePerturber(tr), [5], 1e-3)
+    torch.testing.assert_close(torch.stack([lp, lm]), torch.stack([lp2, lm2]), rtol=0, atol=1e-12)
+    prompt = examples(3)[0].prompt_ids
+    big = 0.3  # large enough that the two perturbed models disagree somewhere
+    rows = FullRowsPerturber(model, tr).rows([5], big)
+    got = model.generate(prompt, 6, set(), rows)
+    want = []
+    for scale in (big, -big):
+        perturb_(tr, 5, scale)
+        want.append(model.generate(prompt, 6, set())[0])
+        perturb_(tr, 5, -scale)
+    assert got == want and want[0] != want[1]
+
+
+def test_full_rows_on_the_fallback_is_refused(root, tmp_path):
     from zoft.errors import ZoftError
 
-    s = load_session(ModelConfig(model=make_tiny("opt", root)))
-    with pytest.raises(ZoftError, match="--full-step rows needs --layers"):
+    s = load_session(ModelConfig(model=make_tiny("opt", root), engine="hf"))
+    with pytest.raises(ZoftError, match="--full-step rows needs a native model"):
         attach(s, ZOConfig(mode="full", full_step="rows"))
-
+    s = load_session(ModelConfig(model=make_tiny("opt", root), engine="hf"))
+    attach(s, ZOConfig(mode="full"))
+    assert s.full_step == "inplace" and isinstance(s.perturber, InPlacePerturber)
 
 
 # ---- LoRA-FA (--lora-freeze-a): A held at its initialisation, z and the update on B only -------------------
@@ -280,7 +318,7 @@ def test_lora_fa_estimate_matches_autograd_over_b_only(root):
     want = directional_derivative(model, exs, tr, seed).item()
     errs = []
     for eps in (1e-3, 1e-4):
-        _, _, g = rows_step(lambda rows: row_losses(engine.scores(b, rows), b, "candidate"), loras, [seed], eps)
+        _, _, g = estimate(lambda rows: row_losses(engine.scores(b, rows), b, "candidate"), lora_perturber(loras), [seed], eps)
         errs.append(abs(g[0] - want))
     assert_second_order(errs, want)
 

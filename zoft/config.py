@@ -80,10 +80,16 @@ class ZOConfig:
     schedule: str = arg("constant", "learning-rate schedule", choices=["constant", "linear", "cosine"])
     warmup: int = arg(0, "warm-up steps")
     batch_size: int = arg(16, "examples per step")
-    full_step: str = arg("inplace", "full mode: inplace (MeZO's +εz, −2εz, +εz passes over the weights, "
-                         "two forwards) or rows (both signs as rows of one forward, x·Wᵀ once plus the seeded "
-                         "±ε·x·Zᵀ term per layer, weights never modified; needs --layers)",
-                         choices=["inplace", "rows"])
+    full_step: str = arg("auto", "full mode: rows (both signs as rows of one forward: each trained layer "
+                         "computes its row blocks with W ± εZ made for that layer from one read of W; θ never "
+                         "modified), inplace (MeZO's +εz, −2εz, +εz passes over θ, two forwards; float32 "
+                         "weights only), auto: rows on native models, inplace on the transformers fallback",
+                         choices=["auto", "rows", "inplace"])
+    master_dtype: str = arg("auto", "full mode: dtype of the trained weights. auto: --dtype, the only copy on "
+                            "the device, updated with seeded stochastic rounding in bf16/fp16 (float32 on the "
+                            "transformers fallback); float32: a float32 master of every trained tensor (twice a "
+                            "bf16 model's memory; the trained blocks then compute in float32)",
+                            choices=["auto", "float32"])
     z_backend: str = arg("auto", "full mode's z generator: torch (chunked torch.randn, any device), triton "
                          "(fused Philox kernel, one pass per tensor, CUDA), auto: triton on CUDA when installed. "
                          "z differs between them: resume and replay a run with the one it used (config.json)",

@@ -3,8 +3,8 @@
 One call runs every perturbation row of a ZO step (the +ε and −ε copies, times n directions) in a
 single batch. What it shares, and why each is exact (DESIGN.md):
 
-* **weights**: the rows are stacked along dim 0, so every frozen GEMM reads its weight once;
-  ``LoRALinear`` adds each row block's own perturbed adapter.
+* **weights**: the rows are stacked along dim 0, so every frozen GEMM reads its weight once; the step's
+  ``Rows`` (zoft.perturbers) give each row block its own perturbed adapter or weights.
 * **the prompt across candidates**: an example is one packed segment ``prompt | cand_1 | … | cand_K``;
   candidate k attends to the prompt and to itself, never to another candidate, and its positions
   continue from the prompt's end, exactly as if it were encoded alone after the prompt.
@@ -36,8 +36,7 @@ import torch.nn.functional as F
 
 from zoft.errors import ZoftError
 from zoft.graphs import GraphCache
-from zoft.lora import LoRALinear, set_bank_views
-from zoft.models.common import Varlen, flash_varlen_available
+from zoft.models.common import PLAIN, Rows, Varlen, flash_varlen_available
 from zoft.offload import head_logits, head_rows
 from zoft.tasks.encode import Encoded
 
@@ -341,7 +340,6 @@ class NativeEngine:
         self.block_dtypes = [next(p.dtype for n, p in b.named_parameters() if "lora_" not in n) for b in model.blocks]
         on_gpu = self.device.type == "cuda" and streamer is None
         self.graphs = GraphCache() if cuda_graphs and on_gpu else None  # training calls only (see _run_trained)
-        self.loras = [m for b in model.blocks[first_trained:] for m in b.modules() if isinstance(m, LoRALinear)]
         # attention over packed sequences by flash's variable-length kernel where it runs (CUDA, every block
         # in half precision); else the block-diagonal mask. varlen=None: choose; True on a CPU: the kernel's
         # semantics in plain torch (tests); the backprop baseline passes False (it keeps the mask path,
@@ -362,8 +360,8 @@ class NativeEngine:
         return build_batch(encoded, self.device, self.pack_tokens, share_prompt=True, gold_only=gold_only,
                            varlen=self.varlen)
 
-    def _run_blocks(self, h: torch.Tensor, packs: Packs, lo: int, hi: int, rows: int) -> torch.Tensor:
-        attn, ctx = _for_rows(packs.attn, self.model.position_context(packs.pos), rows)
+    def _run_blocks(self, h: torch.Tensor, packs: Packs, lo: int, hi: int, rows: Rows = PLAIN) -> torch.Tensor:
+        attn, ctx = _for_rows(packs.attn, self.model.position_context(packs.pos), rows.P)
         st = self.streamer
         for i in range(lo, hi):
             block = self.model.blocks[i]
@@ -371,17 +369,17 @@ class NativeEngine:
                 st.enter(i)
                 if i + 1 < hi:
                     st.prefetch(i + 1)  # the next block's copy overlaps this block's compute
-            h = block(h.to(self.block_dtypes[i]), attn, ctx)
+            h = block(h.to(self.block_dtypes[i]), attn, ctx, rows=rows)
             if st is not None:
                 st.exit(i)
-        self.stats.computed += rows * packs.ids.numel() * (hi - lo)
+        self.stats.computed += rows.P * packs.ids.numel() * (hi - lo)
         return h
 
     def _lower(self, b: Batch) -> torch.Tensor:
         """Block-`first_trained` input for one copy of the batch, from the cache where possible."""
         k, p = self.first_trained, b.packs
         if self.cache is None:
-            return self._run_blocks(self.model.embed(p.ids, p.pos), p, 0, k, 1)
+            return self._run_blocks(self.model.embed(p.ids, p.pos), p, 0, k)
         missing = [i for i, s in enumerate(b.segments) if self.cache.get(s.key) is None]
         self.stats.cache_hits += len(b.segments) - len(missing)
         self.stats.cache_misses += len(missing)
@@ -389,7 +387,7 @@ class NativeEngine:
         if missing:
             segs = [b.segments[i] for i in missing]
             sub = pack(segs, max(self.pack_tokens, max(len(s.ids) for s in segs)), self.device, varlen=self.varlen)
-            hs = self._run_blocks(self.model.embed(sub.ids, sub.pos), sub, 0, k, 1)
+            hs = self._run_blocks(self.model.embed(sub.ids, sub.pos), sub, 0, k)
             for i, s, (r, st) in zip(missing, segs, sub.where):
                 fresh[i] = hs[r, st : st + len(s.ids)].clone()
                 self.cache.put(s.key, fresh[i])
@@ -401,69 +399,68 @@ class NativeEngine:
             h[r, st : st + len(s.ids)] = t if t is not None else self.cache.get(s.key)
         return h
 
-    def scores(self, b: Batch, rows: int = 1, logits_only: bool = False, grad: bool = False,
+    def scores(self, b: Batch, rows: Rows | int = 1, logits_only: bool = False, grad: bool = False,
                graph: bool = False) -> Scores:
-        """grad=True keeps the autograd graph (the first-order baseline); ZO never needs it.
-        graph=True replays the trained blocks from a CUDA graph per shape when the engine has them
+        """Scores of every row block: `rows` is the step's Rows (zoft.perturbers), or a count of
+        unperturbed copies. grad=True keeps the autograd graph (the first-order baseline); ZO never needs
+        it. graph=True replays the trained blocks from a CUDA graph per shape when the engine has them
         (training steps: few shapes, many repeats; evaluation batches vary too much to pay)."""
+        rows = Rows(rows) if isinstance(rows, int) else rows
         with torch.set_grad_enabled(grad):
             return self._scores(b, rows, logits_only, graph and not grad)
 
-    def _run_trained(self, h: torch.Tensor, p: Packs, rows: int, graph: bool) -> torch.Tensor:
+    def _run_trained(self, h: torch.Tensor, p: Packs, rows: Rows, graph: bool) -> torch.Tensor:
         """Blocks first_trained.. for all rows: eagerly, or by replaying this shape's CUDA graph."""
         k, n = self.first_trained, self.n_layers
-        if not graph or self.graphs is None:
+        if not graph or self.graphs is None or not rows.graphable:
             return self._run_blocks(h, p, k, n, rows)
         ctx = self.model.position_context(p.pos)  # outside the graph: it may copy from the host
         ctx_t = [] if ctx is None else list(ctx)
         plan = p.varlen
         attn_t = plan.tensors() if plan is not None else [p.mask]
-        bank = self.loras[0].bank if self.loras else None
-        tensors = [h, *attn_t, *ctx_t] + ([bank] if bank is not None else [])
-        blocks, dtypes, loras = self.model.blocks, self.block_dtypes, self.loras
-        extra = (plan.max_q, plan.max_k, plan.tokens, plan.identity) if plan is not None else None  # baked in
+        carrier = rows.graph_tensor()  # the step's perturbation (LoRA bank, full mode's seeds), refilled per replay
+        tensors = [h, *attn_t, *ctx_t] + ([carrier] if carrier is not None else [])
+        blocks, dtypes = self.model.blocks, self.block_dtypes
+        extra = (type(rows).__name__, plan.max_q, plan.max_k, plan.tokens, plan.identity) if plan is not None else (
+            type(rows).__name__,)  # baked in
 
         def stack(h, *rest):  # eager on a shape's first meeting; then recorded over static buffers
             a, rest = rest[: len(attn_t)], rest[len(attn_t) :]
             attn = plan.with_tensors(*a) if plan is not None else a[0]
-            attn, c = _for_rows(attn, tuple(rest[: len(ctx_t)]) if ctx is not None else None, rows)
-            if bank is not None:
-                saved = [(m.rows, m.rows_half, m.bank) for m in loras]
-                set_bank_views(loras, rest[-1])
-            try:
-                for i in range(k, n):
-                    h = blocks[i](h.to(dtypes[i]), attn, c)
-                return h
-            finally:
-                if bank is not None:
-                    for m, (r, rh, bk) in zip(loras, saved):
-                        m.rows, m.rows_half, m.bank = r, rh, bk
+            attn, c = _for_rows(attn, tuple(rest[: len(ctx_t)]) if ctx is not None else None, rows.P)
+            r = rows.over(rest[-1]) if carrier is not None else rows
+            for i in range(k, n):
+                h = blocks[i](h.to(dtypes[i]), attn, c, rows=r)
+            return h
 
         out = self.graphs(stack, tensors, extra)
-        self.stats.computed += rows * p.ids.numel() * (n - k)
+        self.stats.computed += rows.P * p.ids.numel() * (n - k)
         return out
 
-    def _scores(self, b: Batch, rows: int, logits_only: bool, graph: bool = False) -> Scores:
-        """Run all `rows` perturbation copies; logits_only: raw candidate logits (exact for the CE loss)."""
-        m, p = self.model, b.packs
-        self.stats.naive += rows * b.naive_tokens * self.n_layers  # naive: one pass per row, one seq per candidate
+    def _scores(self, b: Batch, rows: Rows, logits_only: bool, graph: bool = False) -> Scores:
+        """Run all rows.P perturbation copies; logits_only: raw candidate logits (exact for the CE loss)."""
+        m, p, P = self.model, b.packs, rows.P
+        self.stats.naive += P * b.naive_tokens * self.n_layers  # naive: one pass per row, one seq per candidate
         k = self.first_trained
-        h = self._lower(b) if k > 0 else m.embed(p.ids, p.pos)
-        if rows > 1:
-            h = h.repeat(rows, 1, 1)  # (P*N, L, D), row block r = perturbation r
+        if rows.perturbs_embeddings:  # each row block looks up its own perturbed tables
+            h = m.embed(p.ids.repeat(P, 1), p.pos.repeat(P, 1), rows)
+        else:
+            h = self._lower(b) if k > 0 else m.embed(p.ids, p.pos)
+            if P > 1:
+                h = h.repeat(P, 1, 1)  # (P*N, L, D), row block r = perturbation r
         h = self._run_trained(h, p, rows, graph)
         N, L = p.ids.shape
-        hs = h.view(rows, N * L, -1)[:, b.src]  # (P, M, D): only where the loss reads
+        hs = h.view(P, N * L, -1)[:, b.src]  # (P, M, D): only where the loss reads
         w = m.lm_head_weight  # in CPU memory under --offload cpu: only the rows read cross the bus
         host = self.streamer is not None
-        hs = m.norm_out(hs.to(w.dtype))  # a float32 (fully trained) top block may feed a bf16 head
+        hs = m.norm_out(hs.to(w.dtype), rows)  # a float32 (fully trained) top block may feed a bf16 head
         if logits_only:
             assert b.single_token
-            wt = head_rows(w, b.tgt, self.device) if host else w[b.tgt]
+            wt = head_rows(w, b.tgt, self.device) if host else rows.head_rows(w, b.tgt)
             token_lp = (_up(hs) * _up(wt)).sum(-1)  # (P, M): one vocab row per target
         else:
-            logits = _up(head_logits(hs.to(w.dtype), w) if host else F.linear(hs.to(w.dtype), w))  # (P, M, V)
-            token_lp = logits.log_softmax(-1).gather(-1, b.tgt.expand(rows, -1)[..., None])[..., 0]
+            logits = _up(head_logits(hs.to(w.dtype), w) if host else rows.logits(hs, w))  # (P, M, V)
+            token_lp = logits.log_softmax(-1).gather(-1, b.tgt.expand(P, -1)[..., None])[..., 0]
         return score_table(b, token_lp, logits_only)
 
 

@@ -1,10 +1,14 @@
 """LoRA with a bank of per-row perturbations, and PEFT-format save/load.
 
 ``LoRALinear`` computes ``y = base(x) + (α/r)·(x Aᵀ) Bᵀ``. During a ZO step the engine stacks the
-perturbed copies of the batch along dim 0 (row block p holds perturbation p), and the estimator sets
-``rows = (A_rows, B_rows)`` of shapes (P, r, in) and (P, out, r): block p then uses its own
-(A + c_p·z_A, B + c_p·z_B), while the frozen base GEMM runs once over all rows and reads its weight
-once (multi-adapter batching, as Punica/S-LoRA do). A and B stay float32 whatever the base dtype.
+perturbed copies of the batch along dim 0 (row block p holds perturbation p), and the step's
+``zoft.perturbers.LoRARows`` hands each module its ``(A_rows, B_rows)`` of shapes (P, r, in) and
+(P, out, r) through ``add_update``'s argument: block p then uses its own (A + c_p·z_A, B + c_p·z_B),
+while the frozen base GEMM runs once over all rows and reads its weight once (multi-adapter batching,
+as Punica/S-LoRA do). A and B stay float32 whatever the base dtype.
+
+A ``RowBank`` holds every module's rows as views of one flat (P, D) tensor, so a step writes them all
+with a few kernels and a CUDA graph refreshes them with one copy.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import math
 import os
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +42,11 @@ class LoraArgs:
             raise ZoftError(f"--lora-r must be a positive integer, got {self.r}")
 
 
+# The transformers fallback's forward cannot take a rows argument: zoft.models.hf.HFEngine sets the step's
+# LoRARows here for the length of its call, and LoRALinear.forward reads it. Native models pass rows.
+FALLBACK_ROWS: ContextVar = ContextVar("zoft_fallback_rows", default=None)
+
+
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable float32 low-rank update; see the module docstring."""
 
@@ -53,27 +63,26 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(a.to(dev))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dtype))
         self.train_a = True  # False: LoRA-FA, A is held at its initialisation (zoft.zo.lora_trainable)
-        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.bank: torch.Tensor | None = None  # the flat (P, D) tensor `rows` are views of (zo.lora_rows)
-        self.rows_half: tuple[torch.Tensor, ...] | None = None  # (α/r)·A as half hi + lo, and B, in the base's dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_update(x, self.base(x))
+        rows = FALLBACK_ROWS.get()
+        return self.add_update(x, self.base(x), None if rows is None else rows.views.get(self))
 
-    def add_update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y (the base layer's output for x, maybe a slice of a fused GEMM's) plus the low-rank update."""
-        if self.rows is None:
+    def add_update(self, x: torch.Tensor, y: torch.Tensor, views: tuple | None = None) -> torch.Tensor:
+        """y (the base layer's output for x, maybe a slice of a fused GEMM's) plus the low-rank update.
+        views: this module's perturbation rows, ((A_rows, B_rows), half split or None); None: θ itself."""
+        if views is None:
             d = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
-        elif self.rows_half is not None and x.dtype == self.rows_half[0].dtype and not torch.is_grad_enabled():
-            return self._rows_half(x, y)  # no float32 copy of x
+        elif views[1] is not None and x.dtype == views[1][0].dtype and not torch.is_grad_enabled():
+            return self._rows_half(x, y, views[1])  # no float32 copy of x
         else:
-            A, B = self.rows  # (P, r, in), (P, out, r)
+            A, B = views[0]  # (P, r, in), (P, out, r)
             P = A.shape[0]
             xr = x.to(A.dtype).reshape(P, -1, x.shape[-1])  # (P, tokens per row block, in)
             d = torch.bmm(torch.bmm(xr, A.transpose(1, 2)), B.transpose(1, 2)).view(*y.shape)
         return y + (self.scaling * d).to(y.dtype)
 
-    def _rows_half(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _rows_half(self, x: torch.Tensor, y: torch.Tensor, rows_half: tuple) -> torch.Tensor:
         """The per-row update on a half-precision base, on CUDA, without casting x to float32.
 
         rows_half holds (α/r)·A split as hi + lo half parts (~16 bits of A's mantissa, against float32's
@@ -83,7 +92,7 @@ class LoRALinear(nn.Module):
         below y's own rounding wherever the update is small against y. On an H100 this replaced a float32
         GEMM with 8 output columns (~50 µs a call on OPT-1.3B shapes) and three passes over float32
         copies of x and of the update (docs/LOG.md)."""
-        a_hi, a_lo, b = self.rows_half
+        a_hi, a_lo, b = rows_half
         xr = x.reshape(a_hi.shape[0], -1, x.shape[-1])
         t = torch.bmm(xr, a_hi.transpose(1, 2), out_dtype=torch.float32)
         t += torch.bmm(xr, a_lo.transpose(1, 2), out_dtype=torch.float32)
@@ -95,18 +104,17 @@ class LoRALinear(nn.Module):
         return w.to(self.base.weight.dtype)
 
 
-def set_bank_views(modules, bank: torch.Tensor) -> None:
-    """Point each LoRALinear's rows at its slice of a flat (P, D) bank laid out in `lora_trainable` order.
-    On CUDA with a half-precision base, the bank is also converted once for LoRALinear._rows_half: α/r
-    times A as half hi + lo parts, and B in half (a few kernels for every module together)."""
+def bank_views(modules, bank: torch.Tensor) -> dict:
+    """Each LoRALinear's (rows, half split) as slices of a flat (P, D) bank laid out in `lora_trainable`
+    order. On CUDA with a half-precision base, the bank is also converted once for
+    LoRALinear._rows_half: α/r times A as half hi + lo parts, and B in half (a few kernels in all)."""
     modules = list(modules)
     plan = _half_plan(modules, bank.device, bank.dtype)
     split = None
     if plan is not None:
         split = tuple(torch.empty(bank.shape, dtype=plan[1], device=bank.device) for _ in range(3))
         _fill_split(bank, plan, split, torch.empty_like(bank))
-    for m, (rows, rows_half) in zip(modules, _views(modules, bank, split), strict=True):
-        m.rows, m.rows_half, m.bank = rows, rows_half, bank
+    return dict(zip(modules, _views(modules, bank, split), strict=True))
 
 
 def _half_plan(modules, device: torch.device, dtype: torch.dtype) -> tuple[float, torch.dtype] | None:
@@ -146,9 +154,9 @@ def _views(modules, bank: torch.Tensor, split) -> list[tuple]:
 
 class RowBank:
     """A persistent (P, D) bank of per-row LoRA factors, its half split, and every module's views of them,
-    made once per row count P. A step writes θ ± εz into `bank` in place and calls use(): a few kernels
-    and no views, where set_bank_views makes ~10 view ops per module (milliseconds of host time a step
-    with 48-60 modules, more than an OPT-125m step's GPU time)."""
+    made once per row count P (zoft.perturbers.LoRAPerturber keeps one per P). A step writes θ ± εz into
+    `bank` in place and calls refresh(): a few kernels and no views, where bank_views makes ~10 view ops
+    per module (milliseconds of host time a step with 48-60 modules, more than an OPT-125m step's GPU time)."""
 
     def __init__(self, modules: list[LoRALinear], P: int, D: int, dtype: torch.dtype, device: torch.device, plan):
         self.modules = modules
@@ -160,25 +168,19 @@ class RowBank:
             self.split = tuple(torch.empty(P, D, dtype=self.plan[1], device=device) for _ in range(3))
         self.views = _views(modules, self.bank, self.split)
 
-    @staticmethod
-    def of(loras: dict[str, LoRALinear], P: int, D: int, dtype: torch.dtype, device: torch.device) -> "RowBank":
-        """The bank for these modules and P, kept on the first module (made again if anything changed)."""
-        modules = list(loras.values())
-        plan = _half_plan(modules, device, dtype)
-        cache = modules[0].__dict__.setdefault("row_banks", {})
-        rb = cache.get(P)
-        if (rb is None or rb.plan != plan or rb.bank.shape[1] != D or rb.bank.dtype != dtype
-                or rb.bank.device != torch.device(device) or len(rb.modules) != len(modules)
-                or any(a is not b for a, b in zip(rb.modules, modules))):
-            rb = cache[P] = RowBank(modules, P, D, dtype, device, plan)
-        return rb
+        self.by_module = dict(zip(modules, self.views, strict=True))
 
-    def use(self) -> None:
-        """Refresh the half split from `bank` (as set_bank_views computes it) and point every module at its views."""
+    def matches(self, modules: list[LoRALinear], D: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Still right for these modules and bank shape (the half plan may change, e.g. a new dtype)."""
+        return (self.plan == _half_plan(modules, device, dtype) and self.bank.shape[1] == D
+                and self.bank.dtype == dtype and self.bank.device == torch.device(device)
+                and len(self.modules) == len(modules) and all(a is b for a, b in zip(self.modules, modules)))
+
+    def refresh(self) -> dict:
+        """Recompute the half split from `bank` (as bank_views computes it); every module's views."""
         if self.split is not None:
             _fill_split(self.bank, self.plan, self.split, self.scratch)
-        for m, (rows, rows_half) in zip(self.modules, self.views):
-            m.rows, m.rows_half, m.bank = rows, rows_half, self.bank
+        return self.by_module
 
 
 def flatten_lora_(loras: dict[str, LoRALinear]) -> torch.Tensor:

@@ -49,3 +49,61 @@ def add_noise_(t: torch.Tensor, seed: int, scale: float) -> None:
     flat = t.view(-1)
     for start, z in noise_chunks(flat.numel(), seed, t.device):
         flat[start : start + z.numel()].add_(z.to(t.dtype), alpha=scale)
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def round_stochastic(acc: torch.Tensor, dtype: torch.dtype, draw: torch.Tensor) -> torch.Tensor:
+    """float32 `acc` rounded to `dtype` (bfloat16 or float16), up or down to a neighbour with the
+    probabilities that make the result exact in expectation. `draw` holds the randomness, one value per
+    element: for bfloat16 integers in [0, 2¹⁶) added below the 16 kept bits before truncating (so a
+    value a fraction f of an ulp above the lower neighbour rounds up with probability f); for float16
+    uniforms in [0, 1) compared with the residual after rounding toward zero, in ulps. The same
+    arithmetic as the Triton kernel (zoft.kernels.perturb_triton._update_sr_kernel)."""
+    if dtype == torch.bfloat16:
+        bits = acc.float().contiguous().view(torch.int32)
+        return ((bits + draw.to(torch.int32)) & -65536).view(torch.float32).to(torch.bfloat16)
+    if dtype != torch.float16:
+        raise ValueError(f"stochastic rounding is for bfloat16 and float16, got {dtype}")
+    acc = acc.float()
+    t = acc.to(torch.float16)  # round to nearest; step back toward zero where that rounded away
+    tb = t.view(torch.int16)
+    tb = torch.where(t.float().abs() > acc.abs(), tb - 1, tb)
+    t = tb.view(torch.float16)
+    up = (tb + 1).view(torch.float16)
+    tf = t.float()
+    p = (acc - tf) / (up.float() - tf)
+    return torch.where(draw < p, up, t)
+
+
+def rounding_draw(n: int, dtype: torch.dtype, gen: torch.Generator, device) -> torch.Tensor:
+    """The randomness round_stochastic needs for n elements of `dtype`, from `gen`."""
+    if dtype == torch.bfloat16:
+        return torch.randint(0, 1 << 16, (n,), generator=gen, device=device, dtype=torch.int32)
+    return torch.rand(n, generator=gen, device=device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def update_half_(t: torch.Tensor, seeds: list[int], coefs: list[float], decay: float, sr_seed: int) -> None:
+    """t ← SR(decay·t + Σ_j coefs[j]·z(seeds[j])) for a bfloat16/float16 t, chunk by chunk: the sum in
+    float32 (one rounding, stochastic, instead of one round-to-nearest per term: an update far below
+    half an ulp would otherwise vanish). z and the rounding are regenerated from their seeds."""
+    flat = t.view(-1)
+    streams = [noise_chunks(flat.numel(), s, t.device) for s in seeds]
+    gen = torch.Generator(device=t.device)
+    gen.manual_seed(sr_seed)
+    for start in range(0, flat.numel(), CHUNK):
+        part = flat[start : start + CHUNK]
+        acc = part.float() * decay
+        for c, stream in zip(coefs, streams, strict=True):
+            acc.add_(next(stream)[1], alpha=c)
+        part.copy_(round_stochastic(acc, t.dtype, rounding_draw(part.numel(), t.dtype, gen, t.device)))
+
+
+def perturbed_pair(w: torch.Tensor, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w + ε·z, w − ε·z), computed in float32 (or w's wider dtype) and rounded once to w's dtype: the
+    arithmetic of perturbed_pair_triton."""
+    wide = w.to(torch.promote_types(w.dtype, torch.float32))
+    d = eps * z.to(wide.dtype)
+    return (wide + d).to(w.dtype), (wide - d).to(w.dtype)

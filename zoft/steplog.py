@@ -87,9 +87,10 @@ def next_step(records: list[dict]) -> int:
     return max((r["step"] for r in records), default=-1) + 1
 
 
-def apply(tr: Trainable, r: dict, mode: str, eps: float, weight_decay: float) -> None:
-    """Repeat one logged step's parameter arithmetic (no forward passes)."""
-    if mode == "full":  # training perturbed in place: +ε, −2ε, +ε leave rounding that replay must repeat
+def apply(tr: Trainable, r: dict, perturbed: str, eps: float, weight_decay: float) -> None:
+    """Repeat one logged step's parameter arithmetic (no forward passes). perturbed: how the step
+    evaluated L(θ ± εz), "rows" (θ untouched) or "inplace" (session.full_step)."""
+    if perturbed == "inplace":  # +ε, −2ε, +ε passes over θ leave rounding that replay must repeat
         for s in r["seeds"]:
             perturb_(tr, s, eps)
             perturb_(tr, s, -2 * eps)

@@ -32,7 +32,8 @@ from zoft.lora import load_peft_weights, save_peft
 from zoft.session import Session, attach, describe, load_session, log, make_engine, progress
 from zoft.tasks import get_task, sample_splits
 from zoft.tasks.encode import Encoded, encode
-from zoft.zo import direction_seeds, full_rows_step, inplace_step, lr_at, rows_step, sgd_update_
+from zoft.perturbers import estimate
+from zoft.zo import direction_seeds, lr_at, sgd_update_
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
@@ -67,13 +68,13 @@ def load_data(cfg: TrainConfig, s: Session) -> tuple[dict[str, list[Encoded]], d
     return enc, splits, loss
 
 
-def f1_row_losses(s: Session, batch: list[Encoded], golds: list[list[str]], rows: int) -> torch.Tensor:
+def f1_row_losses(s: Session, batch: list[Encoded], golds: list[list[str]], rows) -> torch.Tensor:
     """MeZO's non-differentiable objective: −F1 of greedy answers, one decode per perturbation row."""
     from zoft.evaluate import stop_tokens
     from zoft.tasks.metrics import f1
 
     stop = stop_tokens(s.tokenizer)
-    total = torch.zeros(rows, dtype=torch.float64)
+    total = torch.zeros(rows.P, dtype=torch.float64)
     for e, gold in zip(batch, golds, strict=True):
         for r, out in enumerate(s.model.generate(e.prompt_ids, 50, stop, rows=rows)):
             total[r] += f1(s.tokenizer.decode(out).split("\n")[0].strip(), gold)
@@ -91,15 +92,14 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
     """L₊, L₋ per direction and the projected gradients for one batch (this rank's shard of it).
     loss="f1" (generation tasks) needs `golds`, the answers of each example. `packed`: this batch
     already packed (pack_batch). `next_batch`: the next step's examples, packed into ahead["packed"]
-    while this step's forward runs (one-forward steps; on a GPU the packing overlaps the forward).
-    lazy (LoRA): g is returned as a device tensor and nothing waits for the forward."""
+    while this step's forward runs (on a GPU the packing overlaps the forward).
+    lazy: g is returned as a device tensor and nothing waits for the forward; else a list."""
     if loss == "f1":
         row_fn = lambda rows: f1_row_losses(s, batch, golds, rows)
     else:
         b = packed if packed is not None else pack_batch(engine, batch, loss)
         logits_only = loss == "candidate" and b.single_token
-        graph = s.loras is not None or s.full_step == "inplace"  # full rows draw z inside the forward
-        row_fn = lambda rows: row_losses(engine.scores(b, rows, logits_only, graph=graph), b, loss)
+        row_fn = lambda rows: row_losses(engine.scores(b, rows, logits_only, graph=True), b, loss)
 
     def mean_over_ranks(v: torch.Tensor) -> torch.Tensor:  # (P,) local means -> global means
         if not reduce or dist.world()[1] == 1:
@@ -110,12 +110,8 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
     early = None
     if next_batch is not None and ahead is not None and loss != "f1":
         early = lambda: ahead.update(packed=pack_batch(engine, next_batch, loss))
-    rows_fn = lambda rows: mean_over_ranks(row_fn(rows))
-    if s.loras is not None:
-        return rows_step(rows_fn, s.loras, seeds, eps, early, lazy)
-    if s.full_step == "rows":
-        return full_rows_step(rows_fn, s.model, s.trainable, seeds, eps, early)
-    return inplace_step(lambda: rows_fn(1)[0], s.trainable, seeds, eps)
+    lp, lm, g = estimate(lambda rows: mean_over_ranks(row_fn(rows)), s.perturber, seeds, eps, early)
+    return lp, lm, (g if lazy else g.tolist())
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
@@ -252,7 +248,8 @@ def train(cfg: TrainConfig) -> dict:
     eps, base_lr = zc.eps_value, zc.lr_value
     resolved = cfg.to_dict() | {"resolved": {"eps": eps, "lr": base_lr, "path": s.path, "device": s.device,
                                              "trainable_parameters": s.trainable.n_trained(), "layers": s.layers,
-                                             "world_size": world, "z_backend": s.trainable.z_backend}}
+                                             "world_size": world, "z_backend": s.trainable.z_backend,
+                                             "full_step": s.full_step if zc.mode == "full" else None}}
     if main:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(resolved, f, indent=2)
@@ -276,7 +273,7 @@ def train(cfg: TrainConfig) -> dict:
                             f"rebuild the parameters with: zoft replay --model {cfg.model.model} --log {log_path}")
         todo, applied = held[state["applied"] :], len(held)
         for r in todo:  # logged after the checkpoint: redo their arithmetic, no forwards needed
-            steplog.apply(s.trainable, r, zc.mode, eps, zc.weight_decay)
+            steplog.apply(s.trainable, r, s.full_step if zc.mode == "full" else "rows", eps, zc.weight_decay)
         lr_scale = min([lr_scale] + [r.get("lr_scale", 1.0) for r in records if "revert_to" in r])
         step = max(state["next_step"], steplog.next_step(records))
         say(f"zoft: resumed from {ckpt} (step {state['next_step']}), replayed {len(todo)} logged steps; next step {step}")
@@ -517,7 +514,8 @@ def replay(model: str, log_path: str, output_dir: str, device: str = "") -> dict
     attach(s, cfg.zo, cfg.run.seed)
     todo = steplog.effective(records)
     for r in tqdm(todo, desc="replay", unit="step", disable=not sys.stderr.isatty()):
-        steplog.apply(s.trainable, r, cfg.zo.mode, cfg.zo.eps_value, cfg.zo.weight_decay)
+        steplog.apply(s.trainable, r, s.full_step if cfg.zo.mode == "full" else "rows", cfg.zo.eps_value,
+                      cfg.zo.weight_decay)
     save_trained(s, output_dir)
     with open(os.path.join(output_dir, "config.json"), "w") as f:
         json.dump(header | {"resolved": resolved}, f, indent=2)

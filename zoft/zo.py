@@ -4,26 +4,23 @@ SPSA (MeZO): for direction j with seed s_j, z_j ~ N(0, I) regenerated from s_j,
     g_j = (L(θ + εz_j) − L(θ − εz_j)) / 2ε,      θ ← θ − lr·( (1/n) Σ_j g_j z_j + wd·θ )
 where wd applies only to weights of Linear/Embedding modules and LoRA factors, never to norms or biases.
 
-Two ways to evaluate L(θ ± εz):
-* ``rows_step`` (LoRA): all 2n perturbed adapters are applied as rows of one batched forward; θ itself
-  is never modified until the update.
-* ``inplace_step`` (full parameters): θ += εz, forward, θ −= 2εz, forward, θ += εz (restore), each in
-  place chunk by chunk; memory stays that of inference.
+How L(θ ± εz) is evaluated is the perturber's business (zoft.perturbers); this module holds what the
+perturbers and the update share: the trained tensors (``Trainable``), z regenerated from seeds, and
+ZO-SGD's update. Half-precision tensors (full mode's bf16/fp16 weights, kept as the only copy) are
+updated in float32 and stochastically rounded, the rounding drawn from (step seed, tensor index), so
+an update far below half an ulp still moves θ in expectation, and a replay repeats it bitwise.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from zoft.lora import LoRALinear, RowBank, set_bank_views, z_mask
-from zoft.perturb import add_noise_, noise, param_seed
+from zoft.lora import LoRALinear, z_mask
+from zoft.perturb import HALF, add_noise_, noise, param_seed, update_half_
 
 
 @dataclass
@@ -149,132 +146,6 @@ def direction_seeds(run_seed: int, step: int, n: int) -> list[int]:
     return [param_seed(run_seed, step * 1024 + j) for j in range(n)]
 
 
-@contextmanager
-def lora_rows(loras: dict[str, LoRALinear], seeds: list[int], eps: float):
-    """Set each LoRALinear's per-row adapters: row 2j = θ + εz_j, row 2j+1 = θ − εz_j.
-
-    Every module's banks are views of one flat (2n, D) tensor (RowBank), written in place from θ and z
-    in a few kernels; a CUDA graph of the blocks then refreshes all of them with one copy (zoft.graphs)."""
-    tr = lora_trainable(loras)
-    theta = tr.flat_values()
-    z = torch.stack([_flat_z(tr, s) for s in seeds]).repeat_interleave(2, dim=0)  # (2n, D)
-    signs = torch.full((2 * len(seeds), 1), eps, device=theta.device, dtype=z.dtype)  # built there: no host copy
-    signs[1::2] = -eps
-    # float32 z; float64 θ (the exactness tests) stays float64. The bank and the modules' views of it
-    # persist across steps (RowBank): written in place, no per-module views made per step
-    rb = RowBank.of(loras, 2 * len(seeds), theta.numel(), torch.promote_types(theta.dtype, z.dtype), theta.device)
-    torch.add(theta[None], signs * z, out=rb.bank)
-    try:
-        rb.use()
-        yield
-    finally:
-        for m in loras.values():
-            m.rows = m.rows_half = m.bank = None
-
-
-def rows_step(
-    row_loss: Callable[[int], torch.Tensor], loras: dict[str, LoRALinear], seeds: list[int], eps: float,
-    before_sync: Callable[[], None] | None = None, lazy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, list[float] | torch.Tensor]:
-    """row_loss(P) runs the batch for P rows and returns (P,) losses. Returns L₊, L₋ (n,) and g per direction.
-    before_sync runs after the forward is queued and before its result is read (on a GPU, host work
-    there, such as packing the next batch, overlaps the forward). lazy: g stays a float64 tensor on the
-    device and nothing waits for the forward (``sgd_update_`` takes it as it is; see train's pipeline)."""
-    return _estimate(row_loss, lora_rows(loras, seeds, eps), seeds, eps, before_sync, lazy)
-
-
-def full_rows_step(
-    row_loss: Callable[[int], torch.Tensor], model: nn.Module, tr: Trainable, seeds: list[int], eps: float,
-    before_sync: Callable[[], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """rows_step for full parameters (see full_rows): one forward of 2n rows, θ never modified."""
-    return _estimate(row_loss, full_rows(model, tr, seeds, eps), seeds, eps, before_sync)
-
-
-def _estimate(row_loss, rows_ctx, seeds, eps, before_sync, lazy=False):
-    with rows_ctx:
-        losses = row_loss(2 * len(seeds)).double()
-    if before_sync is not None:
-        before_sync()
-    lp, lm = losses[0::2], losses[1::2]
-    g = (lp - lm) / (2 * eps)
-    return lp, lm, (g if lazy else g.tolist())
-
-
-@contextmanager
-def full_rows(model: nn.Module, tr: Trainable, seeds: list[int], eps: float):
-    """Full-parameter perturbations as rows of one batch: row block 2j sees θ + εz_j, row block 2j+1
-    sees θ − εz_j, and θ is never modified (nothing to restore, no rounding drift).
-
-    A Linear computes x·Wᵀ once over every row (W read once), then, per direction, the seeded term
-    ±ε·x·Z_jᵀ on its two row blocks, with Z_j generated for that one weight and dropped: at most one
-    tensor's z is alive. Other modules holding trained tensors (norms) run each row block with its own
-    perturbed copy. Every trained tensor must live in a module that sees the stacked rows, i.e. inside
-    the blocks the engine runs per row: train with --layers."""
-    index = {id(t): i for i, t in enumerate(tr.tensors)}
-    t0 = tr.tensors[0]
-    sign = torch.tensor([eps, -eps], dtype=t0.dtype, device=t0.device).view(2, 1, 1)  # row blocks 2j, 2j+1
-    patched = []
-    try:
-        for mod in model.modules():
-            own = {n: index[id(p)] for n, p in mod.named_parameters(recurse=False) if id(p) in index}
-            if own:
-                if isinstance(mod, nn.Linear):
-                    mod.forward = _rows_linear(mod, own, tr, seeds, sign)  # shadows the class's forward
-                else:
-                    mod.forward = _rows_module(mod, own, tr, seeds, eps)
-                patched.append(mod)
-        yield
-    finally:
-        for mod in patched:
-            del mod.forward
-
-
-def _rows_linear(mod: nn.Linear, own: dict[str, int], tr: Trainable, seeds: list[int], sign: torch.Tensor):
-    P = 2 * len(seeds)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        xr = x.reshape(P, -1, x.shape[-1])  # (P, tokens per row block, in)
-        y = F.linear(xr, mod.weight)
-        sign_y = sign.to(y.dtype)
-        parts = []
-        for j, s in enumerate(seeds):
-            yj = y[2 * j : 2 * j + 2]
-            if "weight" in own:
-                yj = yj + sign_y * F.linear(xr[2 * j : 2 * j + 2], tensor_z(tr, own["weight"], s).to(x.dtype))
-            if mod.bias is not None:
-                yj = yj + mod.bias
-                if "bias" in own:
-                    yj = yj + sign_y * tensor_z(tr, own["bias"], s).to(y.dtype)
-            parts.append(yj)
-        return torch.cat(parts).view(*x.shape[:-1], -1)
-
-    return forward
-
-
-def _rows_module(mod: nn.Module, own: dict[str, int], tr: Trainable, seeds: list[int], eps: float):
-    P = 2 * len(seeds)
-    cls_forward = type(mod).forward
-
-    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        params = {n: getattr(mod, n) for n in own}
-        base = {n: p.data for n, p in params.items()}
-        xs, outs = x.chunk(P, 0), []
-        try:
-            for j, s in enumerate(seeds):
-                zs = {n: tensor_z(tr, i, s) for n, i in own.items()}
-                for k, c in ((2 * j, eps), (2 * j + 1, -eps)):
-                    for n, p in params.items():
-                        p.data = base[n] + c * zs[n].to(base[n].dtype)
-                    outs.append(cls_forward(mod, xs[k], *args, **kwargs))
-        finally:
-            for n, p in params.items():
-                p.data = base[n]
-        return torch.cat(outs)
-
-    return forward
-
-
 def perturb_(tr: Trainable, seed: int, scale: float) -> None:
     """θ += scale·z in place (chunk by chunk for full parameters)."""
     if tr.flat:
@@ -288,21 +159,6 @@ def perturb_(tr: Trainable, seed: int, scale: float) -> None:
         return
     for i, t in enumerate(tr.tensors):
         add_noise_(t.data, param_seed(seed, i), scale)
-
-
-def inplace_step(
-    loss: Callable[[], torch.Tensor], tr: Trainable, seeds: list[int], eps: float
-) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Full-parameter SPSA with in-place perturbations; θ is restored (to rounding) before returning."""
-    lps, lms = [], []
-    for s in seeds:
-        perturb_(tr, s, eps)
-        lps.append(float(loss()))
-        perturb_(tr, s, -2 * eps)
-        lms.append(float(loss()))
-        perturb_(tr, s, eps)
-    lp, lm = torch.tensor(lps, dtype=torch.float64), torch.tensor(lms, dtype=torch.float64)
-    return lp, lm, ((lp - lm) / (2 * eps)).tolist()
 
 
 @torch.no_grad()
@@ -319,19 +175,43 @@ def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tens
         return
     grads = grads.tolist() if isinstance(grads, torch.Tensor) else grads
     n = len(seeds)
+    coefs = [-lr * g / n for g in grads]
     if tr.z_backend == "triton":  # decay and every direction in one pass per tensor
-        from zoft.kernels.perturb_triton import add_noise_multi_triton_
-
-        for i, t in enumerate(tr.tensors):
-            decay = 1 - lr * weight_decay if weight_decay and tr.decay[i] else 1.0
-            add_noise_multi_triton_(t.data, [param_seed(s, i) for s in seeds], [-lr * g / n for g in grads], decay)
+        _triton_update_(tr, seeds, coefs, lr, weight_decay)
         return
-    decayed = [t.data for t, d in zip(tr.tensors, tr.decay) if d]
+    for i, t in enumerate(tr.tensors):  # half precision: the sum in float32, one stochastic rounding
+        if t.dtype in HALF:
+            decay = 1 - lr * weight_decay if weight_decay and tr.decay[i] else 1.0
+            update_half_(t.data, [param_seed(s, i) for s in seeds], coefs, decay, rounding_seed(seeds, i))
+    wide = [i for i, t in enumerate(tr.tensors) if t.dtype not in HALF]
+    decayed = [tr.tensors[i].data for i in wide if tr.decay[i]]
     if weight_decay and decayed:
         torch._foreach_mul_(decayed, 1 - lr * weight_decay)
-    for s, g in zip(seeds, grads):
-        for i, t in enumerate(tr.tensors):
-            add_noise_(t.data, param_seed(s, i), -lr * g / n)
+    for s, c in zip(seeds, coefs):
+        for i in wide:
+            add_noise_(tr.tensors[i].data, param_seed(s, i), c)
+
+
+def rounding_seed(seeds: list[int], i: int) -> int:
+    """The stochastic rounding's seed for tensor i at a step: a pure function of the step's first
+    direction seed and i, apart from every z stream."""
+    return param_seed(param_seed(seeds[0], 1 << 40), i)
+
+
+def _triton_update_(tr: Trainable, seeds: list[int], coefs: list[float], lr: float, weight_decay: float) -> None:
+    """The update with the Triton kernels: seeds and coefficients cross to the device once per step."""
+    from zoft.kernels.perturb_triton import _axpz_multi_kernel, _grid, update_sr_triton_, BLOCK
+
+    dev = tr.tensors[0].device
+    table = torch.tensor([[param_seed(s, i) for s in seeds] for i in range(len(tr.tensors))], dtype=torch.int64)
+    table, c = table.to(dev), torch.tensor(coefs, dtype=torch.float32).to(dev)
+    for i, t in enumerate(tr.tensors):
+        decay = 1 - lr * weight_decay if weight_decay and tr.decay[i] else 1.0
+        if t.dtype in HALF:
+            update_sr_triton_(t.data, table[i], c, decay, rounding_seed(seeds, i))
+        elif t.numel():
+            flat = t.data.view(-1)
+            _axpz_multi_kernel[_grid(flat.numel())](flat, flat.numel(), table[i], c, len(seeds), float(decay), BLOCK=BLOCK)
 
 
 def _flat_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tensor, lr: float,

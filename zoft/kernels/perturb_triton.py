@@ -22,19 +22,21 @@ Triton's Philox stream, so the tests take z from ``randn_triton`` and compare th
 With ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (Triton's interpreter, slow): a way to
 check them, or to regenerate a GPU run's z, without a GPU.
 
-How it would plug in (not wired: the choice, and what it does to replay, is the lead's):
+Where they are used: ``zoft.zo.perturb_``/``sgd_update_`` (full mode's in-place passes and its update)
+when the run's z backend is "triton" (``zoft.session.resolve_z_backend``: CUDA with Triton installed).
+z differs between the torch and Triton backends (as it already differs between CPU and CUDA generators),
+so the step log records the backend and replay uses the same one.
 
-* ``zoft.perturb.add_noise_(t, seed, scale)``: ``if t.is_cuda and zoft.kernels.AVAILABLE:
-  add_noise_triton_(t, seed, scale)``, else the existing ``noise_chunks`` loop. ``zoft.zo.perturb_`` and
-  ``inplace_step`` (full-parameter ±εz and the restore) then use the kernel with no change of their own.
-* ``zoft.perturb.noise(t, seed)`` (the LoRA banks built by ``zoft.zo.lora_rows``): on CUDA,
-  ``randn_triton(t.numel(), seed, t.device).view(t.shape)``. ``noise_chunks`` itself stays the torch
-  generator; callers that want the backend go through ``noise``/``add_noise_``.
-* ``zoft.zo.sgd_update_``: per tensor, one ``add_noise_multi_triton_(t, seeds, [-lr·g_j/n …],
-  decay=1 − lr·wd if decay else 1)`` replaces the ``mul_`` and the n ``add_noise_`` passes.
-* Backend by device, decided once: CUDA tensor and ``AVAILABLE`` → Triton; otherwise torch. z differs
-  between the two (as it already differs between CPU and CUDA generators), so a run's step log should
-  record the backend, and a replay must use the same one (``TRITON_INTERPRET=1`` reproduces it on CPU).
+Full mode's rows perturbation (``zoft.perturbers.FullRows``) adds two more calls, with the seed read
+from a device tensor so that a CUDA graph replays them with each step's seeds:
+
+    perturbed_pair_triton(w, seed_t, eps)            (w + εz, w − εz), each rounded once to w's dtype
+    perturbed_rows_triton(w, idx, seed_t, eps)       the same for rows idx of a 2-D w (embeddings, head)
+    update_sr_triton_(t, seeds, coefs, decay, sr_seed)   the update with seeded stochastic rounding
+
+Stochastic rounding (bf16, fp16): the float32 result rounds up or down to a neighbour of t's dtype
+with probabilities that make it exact in expectation; the draw is Philox(sr_seed, index), so the
+rounding, like z, is a pure function of (seed, index) and a replay repeats it bitwise.
 """
 
 from __future__ import annotations
@@ -82,6 +84,54 @@ if triton is not None:
             coef = tl.load(coefs_ptr + j)
             acc = acc + coef * tl.randn(seed, offs)
         tl.store(x_ptr + offs, acc.to(x_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _pair_kernel(w_ptr, p_ptr, m_ptr, n_elements, seed_ptr, eps, BLOCK: tl.constexpr):
+        """p ← w + ε·z, m ← w − ε·z (z[i] = Philox(seed, i)), in float32, each rounded once on store."""
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_elements
+        w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
+        z = eps * tl.randn(tl.load(seed_ptr), offs)
+        tl.store(p_ptr + offs, (w + z).to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + offs, (w - z).to(m_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _pair_rows_kernel(w_ptr, idx_ptr, p_ptr, m_ptr, D, seed_ptr, eps, BLOCK: tl.constexpr):
+        """Rows idx of a (V, D) w: p[r] ← w[idx[r]] + ε·z, m[r] ← w[idx[r]] − ε·z, z at w's element index."""
+        r = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < D
+        src = tl.load(idx_ptr + r).to(tl.int64) * D + cols
+        w = tl.load(w_ptr + src, mask=mask).to(tl.float32)
+        z = eps * tl.randn(tl.load(seed_ptr), src)
+        tl.store(p_ptr + r * D + cols, (w + z).to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + r * D + cols, (w - z).to(m_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _update_sr_kernel(x_ptr, n_elements, seeds_ptr, coefs_ptr, n_dirs, decay, sr_seed,
+                          HALF: tl.constexpr, BLOCK: tl.constexpr):
+        """x ← SR(decay·x + Σ_j coefs[j]·z_j): the update of a half-precision tensor, stochastically
+        rounded with Philox(sr_seed, i). HALF: 1 bfloat16 (add 16 random bits below the kept ones, then
+        truncate), 2 float16 (round toward zero, then up one ulp with probability residual / ulp)."""
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_elements
+        acc = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * decay
+        for j in range(n_dirs):
+            acc = acc + tl.load(coefs_ptr + j) * tl.randn(tl.load(seeds_ptr + j), offs)
+        if HALF == 1:
+            bits = acc.to(tl.int32, bitcast=True)
+            r = (tl.randint(sr_seed, offs) & 0xFFFF).to(tl.int32)
+            out = ((bits + r) & -65536).to(tl.float32, bitcast=True)
+            tl.store(x_ptr + offs, out.to(tl.bfloat16), mask=mask)
+        else:
+            t = acc.to(tl.float16, fp_downcast_rounding="rtz")
+            up = (t.to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True)
+            tf = t.to(tl.float32)
+            p = (acc - tf) / (up.to(tl.float32) - tf)
+            out = tl.where(tl.rand(sr_seed, offs) < p, up, t)
+            tl.store(x_ptr + offs, out, mask=mask)
 
 
 def _check(t: torch.Tensor) -> torch.Tensor:
@@ -136,6 +186,41 @@ def add_noise_multi_triton_(t: torch.Tensor, seeds: Sequence[int], coefs: Sequen
     s = torch.tensor([_check_seed(x) for x in seeds], dtype=torch.int64, device=t.device)
     c = torch.tensor([float(x) for x in coefs], dtype=torch.float32, device=t.device)
     _axpz_multi_kernel[_grid(flat.numel())](flat, flat.numel(), s, c, len(seeds), float(decay), BLOCK=BLOCK)
+
+
+@torch.no_grad()
+def update_sr_triton_(t: torch.Tensor, seeds: torch.Tensor, coefs: torch.Tensor, decay: float, sr_seed: int) -> None:
+    """t ← SR(decay·t + Σ_j coefs[j]·z(seeds[j])) for a bfloat16 or float16 t; seeds (n,) int64 and coefs
+    (n,) float32 are device tensors (coefs may come from g still on the device: nothing waits for it)."""
+    flat = _check(t)
+    if t.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"stochastic rounding is for bfloat16 and float16 tensors, got {t.dtype}")
+    if flat.numel():
+        _update_sr_kernel[_grid(flat.numel())](flat, flat.numel(), seeds, coefs, seeds.numel(), float(decay),
+                                               _check_seed(sr_seed), HALF=1 if t.dtype == torch.bfloat16 else 2,
+                                               BLOCK=BLOCK)
+
+
+def perturbed_pair_triton(w: torch.Tensor, seed: torch.Tensor, eps: float, out: tuple | None = None):
+    """(w + ε·z, w − ε·z) in w's dtype, z = Philox(seed, index); seed: a one-element int64 device tensor."""
+    flat = _check(w)
+    p, m = out if out is not None else (torch.empty_like(w), torch.empty_like(w))
+    if flat.numel():
+        _pair_kernel[_grid(flat.numel())](flat, p, m, flat.numel(), seed, float(eps), BLOCK=BLOCK)
+    return p, m
+
+
+def perturbed_rows_triton(w: torch.Tensor, idx: torch.Tensor, seed: torch.Tensor, eps: float):
+    """Rows idx of a 2-D w perturbed both ways: (w[idx] + ε·z[idx], w[idx] − ε·z[idx]), z indexed as w's
+    elements, so the rows equal those of perturbed_pair_triton(w, …) without generating the others."""
+    _check(w)
+    D = w.shape[1]
+    idx = idx.reshape(-1).contiguous()
+    p = torch.empty(idx.numel(), D, dtype=w.dtype, device=w.device)
+    m = torch.empty_like(p)
+    if idx.numel():
+        _pair_rows_kernel[(idx.numel(), triton.cdiv(D, BLOCK))](w, idx, p, m, D, seed, float(eps), BLOCK=BLOCK)
+    return p, m
 
 
 def randn_triton(numel: int, seed: int, device: torch.device | str) -> torch.Tensor:

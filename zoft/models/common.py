@@ -7,12 +7,19 @@ The engine drives a model one stage at a time instead of calling ``forward``:
 
     h = model.embed(ids, pos)                 # (N, L, D)
     ctx = model.position_context(pos)         # RoPE cos/sin for Llama, None for OPT
-    for layer in model.blocks: h = layer(h, mask, ctx)
+    for layer in model.blocks: h = layer(h, mask, ctx, rows=rows)
     h = model.norm_out(h)                     # final norm (+ OPT's project_out)
     logits = h @ model.lm_head_weight.T
 
 That split is what lets it run the frozen lower layers once and the perturbed upper layers once per
 perturbation row, and compute logits only where the loss reads them.
+
+Every stage also takes ``rows``, a ``Rows``: how the step's perturbations apply. The batch is stacked
+``rows.P`` times along dim 0 (row block p holds perturbation p), and each parametrised layer runs through
+``rows.linear`` / ``rows.norm`` / ``rows.embedding`` / ``rows.logits``. ``Rows`` itself is the
+unperturbed forward (evaluation, frozen layers, in-place perturbations); ``zoft.perturbers`` holds the
+LoRA and full-parameter ones. Nothing is written onto modules and no forward is replaced: a layer sees
+its perturbation only through the argument.
 """
 
 from __future__ import annotations
@@ -27,6 +34,52 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from zoft.lora import LoRALinear
 from zoft.offload import head_logits, stream_blocks
+
+class Rows:
+    """P unperturbed copies of the batch: each layer applied as it is. Subclasses (zoft.perturbers)
+    give row block p its own perturbed parameters."""
+
+    perturbs_embeddings = False  # True: embed() must see the P stacked copies of the ids (zoft.engine)
+    graphable = True  # a CUDA graph of these rows replays right when graph_tensor() is refilled
+
+    def __init__(self, P: int = 1):
+        self.P = P
+
+    def linear(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return mod(x)
+
+    def update(self, mod: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y = mod's base output for x (a slice of a fused GEMM's) plus what mod adds to it (LoRA)."""
+        return mod.add_update(x, y) if isinstance(mod, LoRALinear) else y
+
+    def fusable(self, mods: list[nn.Module]) -> bool:
+        """Whether these layers' base weights are the same for every row (one fused GEMM may serve)."""
+        return True
+
+    def norm(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return mod(x)
+
+    def embedding(self, emb: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        return emb(ids)
+
+    def head_rows(self, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The LM head's rows idx: (M, D), or (P, M, D) when they differ per row block."""
+        return w[idx]
+
+    def logits(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(h.to(w.dtype), w)
+
+    def graph_tensor(self) -> torch.Tensor | None:
+        """The device tensor that carries this step's perturbation into a CUDA graph (None: nothing)."""
+        return None
+
+    def over(self, t: torch.Tensor) -> "Rows":
+        """These rows with graph_tensor() replaced by t (a graph's static copy of it)."""
+        return self
+
+
+PLAIN = Rows(1)
+
 
 GPU_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
@@ -191,16 +244,14 @@ class Fused:
         return Fused([_base(m) for m in mods], weight, bias, sizes)
 
     def valid_for(self, mods: list[nn.Module]) -> bool:
-        """Still the same layers (not replaced, e.g. by a LoRA wrapper; no forward replaced on the instance,
-        as zoft.zo.full_rows does) over the same weight and bias storage."""
+        """Still the same layers (not replaced, e.g. by a LoRA wrapper) over the same weight and bias storage."""
         return (len(mods) == len(self.mods) and all(a is b or (isinstance(a, LoRALinear) and a.base is b)
                                                     for a, b in zip(mods, self.mods, strict=True))
-                and not any("forward" in m.__dict__ or "forward" in _base(m).__dict__ for m in mods)
                 and _ptrs([_base(m) for m in mods]) == self.ptrs)
 
-    def __call__(self, mods: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, mods: list[nn.Module], x: torch.Tensor, rows: Rows = PLAIN) -> list[torch.Tensor]:
         ys = F.linear(x, self.weight, self.bias).split(self.sizes, -1)
-        return [m.add_update(x, y) if isinstance(m, LoRALinear) else y for m, y in zip(mods, ys, strict=True)]
+        return [rows.update(m, x, y) for m, y in zip(mods, ys, strict=True)]
 
 
 def _ptrs(linears: list[nn.Module]) -> list[int]:
@@ -211,25 +262,26 @@ def _base(m: nn.Module) -> nn.Module:
     return m.base if isinstance(m, LoRALinear) else m
 
 
-def run_linears(fused: "Fused | None", mods: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """Each layer of `mods` applied to x: as one GEMM where `fused` (Fused.fuse) still describes them."""
-    if fused is not None and fused.valid_for(mods):
-        return fused(mods, x)
-    return [m(x) for m in mods]
+def run_linears(fused: "Fused | None", mods: list[nn.Module], x: torch.Tensor, rows: Rows = PLAIN) -> list[torch.Tensor]:
+    """Each layer of `mods` applied to x: as one GEMM where `fused` (Fused.fuse) still describes them and
+    their base weights are the same for every row."""
+    if fused is not None and rows.fusable(mods) and fused.valid_for(mods):
+        return fused(mods, x, rows)
+    return [rows.linear(m, x) for m in mods]
 
 
 RELU_EPILOGUE = True  # bench/profile_step.py --fuse 0 turns it off to measure what it saves
 
 
-def linear_relu(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def linear_relu(lin: nn.Module, x: torch.Tensor, rows: Rows = PLAIN) -> torch.Tensor:
     """relu(lin(x)). For a plain nn.Linear on CUDA without autograd, the bias and the ReLU run in the
-    GEMM's epilogue (cuBLASLt RELU_BIAS) instead of a separate pass over the (tokens × ffn) output.
-    Not when the instance's forward is replaced (zoft.zo.full_rows adds each row's ±εz there)."""
-    if (RELU_EPILOGUE and type(lin) is nn.Linear and "forward" not in lin.__dict__ and x.is_cuda and lin.bias is not None and x.dtype == lin.weight.dtype
-            and not torch.is_grad_enabled()):
+    GEMM's epilogue (cuBLASLt RELU_BIAS) instead of a separate pass over the (tokens × ffn) output;
+    not where the rows perturb lin's own weights."""
+    if (RELU_EPILOGUE and type(lin) is nn.Linear and x.is_cuda and lin.bias is not None and x.dtype == lin.weight.dtype
+            and not torch.is_grad_enabled() and rows.fusable([lin])):
         y = torch._addmm_activation(lin.bias, x.reshape(-1, x.shape[-1]), lin.weight.t())
         return y.view(*x.shape[:-1], y.shape[-1])
-    return F.relu(lin(x))
+    return F.relu(rows.linear(lin, x))
 
 
 def causal_mask(n: int, length: int, device: torch.device | str) -> torch.Tensor:
@@ -258,13 +310,13 @@ class NativeModel(nn.Module):
     def block_prefix(self) -> str:  # e.g. "model.layers"
         raise NotImplementedError
 
-    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor, rows: Rows = PLAIN) -> torch.Tensor:
         raise NotImplementedError
 
     def position_context(self, pos: torch.Tensor):
         return None
 
-    def norm_out(self, h: torch.Tensor) -> torch.Tensor:
+    def norm_out(self, h: torch.Tensor, rows: Rows = PLAIN) -> torch.Tensor:
         raise NotImplementedError
 
     @property
@@ -302,9 +354,10 @@ class NativeModel(nn.Module):
         return F.linear(h.to(w.dtype), w)
 
     @torch.no_grad()
-    def generate_batch(self, prompts: list[list[int]], max_new: int, stop: set[int]) -> list[list[int]]:
+    def generate_batch(self, prompts: list[list[int]], max_new: int, stop: set[int], rows: Rows = PLAIN) -> list[list[int]]:
         """Greedy decoding with a KV cache for several prompts at once: left-padded, each row's positions
-        starting at 0 and its padding masked out of every key set, so each row decodes as if alone."""
+        starting at 0 and its padding masked out of every key set, so each row decodes as if alone.
+        With perturbation rows, prompts are rows.P blocks of equal size, block p decoded under perturbation p."""
         st = self.streamer if self.offload_device is None else stream_blocks(self, self.offload_device)
         dev = self.lm_head_weight.device if st is None else st.device
         n, P = len(prompts), max(len(p) for p in prompts)
@@ -323,18 +376,18 @@ class NativeModel(nn.Module):
         out: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
         for _ in range(max_new):
-            h = self.embed(ids, pos)
+            h = self.embed(ids, pos, rows)
             ctx = self.position_context(pos)
             for i, (layer, cache) in enumerate(zip(self.blocks, caches, strict=True)):
                 if st is not None:  # blocks streamed from CPU memory: every decoding step sends them all
                     st.enter(i)
                     st.prefetch(i + 1)
-                h = layer(h, mask, ctx, cache)
+                h = layer(h, mask, ctx, cache, rows)
                 if st is not None:
                     st.exit(i)
             w = self.lm_head_weight
-            hl = self.norm_out(h[:, -1:]).to(w.dtype)
-            nxt = (F.linear(hl, w) if st is None else head_logits(hl, w))[:, 0].argmax(-1)  # (n,)
+            hl = self.norm_out(h[:, -1:], rows).to(w.dtype)
+            nxt = (rows.logits(hl, w) if st is None else head_logits(hl, w))[:, 0].argmax(-1)  # (n,)
             for r, t in enumerate(nxt.tolist()):
                 if not done[r]:
                     if t in stop:
@@ -347,7 +400,9 @@ class NativeModel(nn.Module):
             ids, pos, mask = nxt[:, None], pos[:, -1:] + 1, keys[:, None, None, :]
         return out
 
-    def generate(self, prompt: list[int], max_new: int, stop: set[int], rows: int = 1) -> list[list[int]]:
-        """Greedy decoding for `rows` copies of one prompt (each row may carry its own LoRA perturbation);
-        stops a row at a token in `stop` (kept out of the output) or after max_new."""
-        return self.generate_batch([prompt] * rows, max_new, stop)
+    def generate(self, prompt: list[int], max_new: int, stop: set[int], rows: Rows | int = PLAIN) -> list[list[int]]:
+        """Greedy decoding of one prompt under each of rows.P perturbations (one output per row block; an
+        int: that many unperturbed copies); stops a row at a token in `stop` (kept out of the output) or
+        after max_new."""
+        rows = Rows(rows) if isinstance(rows, int) else rows
+        return self.generate_batch([prompt] * rows.P, max_new, stop, rows)

@@ -13,6 +13,8 @@ from torch import nn
 
 from zoft.engine import Batch, Scores, Stats, build_batch, score_table
 from zoft.errors import ZoftError
+from zoft.lora import FALLBACK_ROWS
+from zoft.models.common import Rows
 from zoft.tasks.encode import Encoded
 
 LORA_TARGETS = {  # short name -> module name, by model_type, where it isn't q_proj/v_proj
@@ -65,12 +67,19 @@ class HFEngine:
         return build_batch(encoded, self.device, pack_tokens=0, share_prompt=False, gold_only=gold_only,
                            one_per_row=True)
 
-    def scores(self, b: Batch, rows: int = 1, logits_only: bool = False, grad: bool = False,
+    def scores(self, b: Batch, rows: Rows | int = 1, logits_only: bool = False, grad: bool = False,
                graph: bool = False) -> Scores:
         """grad=True keeps the autograd graph (the first-order baseline); ZO never needs it. `graph` is
-        accepted for the engines' common interface: the fallback never records CUDA graphs."""
-        with torch.set_grad_enabled(grad):
-            return self._scores(b, rows, logits_only)
+        accepted for the engines' common interface: the fallback never records CUDA graphs. The
+        transformers forward takes no rows argument: LoRA rows reach LoRALinear through FALLBACK_ROWS
+        for the length of this call (zoft.lora); full-parameter rows are refused at attach."""
+        rows = Rows(rows) if isinstance(rows, int) else rows
+        token = FALLBACK_ROWS.set(rows if hasattr(rows, "views") else None)
+        try:
+            with torch.set_grad_enabled(grad):
+                return self._scores(b, rows.P, logits_only)
+        finally:
+            FALLBACK_ROWS.reset(token)
 
     def _scores(self, b: Batch, rows: int, logits_only: bool) -> Scores:
         p = b.packs

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoft.models.common import Fused, NativeModel, attention, extend_cache, run_linears
+from zoft.models.common import PLAIN, Rows, Fused, NativeModel, attention, extend_cache, run_linears
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -130,9 +130,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.hd, a.hidden_size, bias=a.o_bias)
         self.qkv: Fused | None = None  # q/k/v as one GEMM (NativeModel.fuse_frozen)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple, cache: dict | None = None,
+                rows: Rows = PLAIN) -> torch.Tensor:
         N, L, _ = x.shape
-        q, k, v = run_linears(self.qkv, [self.q_proj, self.k_proj, self.v_proj], x)
+        q, k, v = run_linears(self.qkv, [self.q_proj, self.k_proj, self.v_proj], x, rows)
         q = q.view(N, L, self.n_head, self.hd).transpose(1, 2)  # (N, H, L, hd)
         k = k.view(N, L, self.n_kv, self.hd).transpose(1, 2)  # (N, Hkv, L, hd)
         v = v.view(N, L, self.n_kv, self.hd).transpose(1, 2)
@@ -143,7 +144,7 @@ class LlamaAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         k, v = extend_cache(cache, k, v)
         y = attention(q, k, v, mask).transpose(1, 2).reshape(N, L, -1)
-        return self.o_proj(y)
+        return rows.linear(self.o_proj, y)
 
 
 class LlamaMLP(nn.Module):
@@ -154,9 +155,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
         self.gate_up: Fused | None = None  # gate/up as one GEMM (NativeModel.fuse_frozen)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = run_linears(self.gate_up, [self.gate_proj, self.up_proj], x)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, rows: Rows = PLAIN) -> torch.Tensor:
+        gate, up = run_linears(self.gate_up, [self.gate_proj, self.up_proj], x, rows)
+        return rows.linear(self.down_proj, F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -167,9 +168,10 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, rope: tuple, cache: dict | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), mask, rope, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, rope: tuple, cache: dict | None = None,
+                rows: Rows = PLAIN) -> torch.Tensor:
+        h = h + self.self_attn(rows.norm(self.input_layernorm, h), mask, rope, cache, rows)
+        return h + self.mlp(rows.norm(self.post_attention_layernorm, h), rows)
 
 
 class _Inner(nn.Module):  # "model." prefix of LlamaForCausalLM's names
@@ -200,8 +202,8 @@ class Llama(NativeModel):
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
 
-    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(ids)
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor, rows: Rows = PLAIN) -> torch.Tensor:
+        return rows.embedding(self.model.embed_tokens, ids)
 
     def position_context(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self._inv_freq.get(pos.device)  # kept per device (not a buffer: no meta-device state)
@@ -212,8 +214,8 @@ class Llama(NativeModel):
         dtype = self.model.embed_tokens.weight.dtype
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def norm_out(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.norm(h)
+    def norm_out(self, h: torch.Tensor, rows: Rows = PLAIN) -> torch.Tensor:
+        return rows.norm(self.model.norm, h)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

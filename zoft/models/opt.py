@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoft.models.common import Fused, NativeModel, attention, extend_cache, linear_relu, run_linears
+from zoft.models.common import PLAIN, Fused, NativeModel, Rows, attention, extend_cache, linear_relu, run_linears
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -73,14 +73,15 @@ class OPTAttention(nn.Module):
         self.out_proj = nn.Linear(d, d, bias=a.enable_bias)
         self.qkv: Fused | None = None  # q/k/v as one GEMM (NativeModel.fuse_frozen)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None,
+                rows: Rows = PLAIN) -> torch.Tensor:
         N, L, D = x.shape
         hd = D // self.n_head
         q, k, v = (t.view(N, L, self.n_head, hd).transpose(1, 2)  # (N, H, L, hd)
-                   for t in run_linears(self.qkv, [self.q_proj, self.k_proj, self.v_proj], x))
+                   for t in run_linears(self.qkv, [self.q_proj, self.k_proj, self.v_proj], x, rows))
         k, v = extend_cache(cache, k, v)
         y = attention(q, k, v, mask).transpose(1, 2).reshape(N, L, D)
-        return self.out_proj(y)
+        return rows.linear(self.out_proj, y)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -95,16 +96,18 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(a.ffn_dim, d, bias=a.enable_bias)
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=a.layer_norm_elementwise_affine)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, ctx=None, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, ctx=None, cache: dict | None = None,
+                rows: Rows = PLAIN) -> torch.Tensor:
+        ln1, ln2 = self.self_attn_layer_norm, self.final_layer_norm
         if self.pre_ln:
-            h = h + self.self_attn(self.self_attn_layer_norm(h), mask, cache)
-            return h + self.fc2(self.mlp_in(self.final_layer_norm(h)))
-        h = self.self_attn_layer_norm(h + self.self_attn(h, mask, cache))
-        return self.final_layer_norm(h + self.fc2(self.mlp_in(h)))
+            h = h + self.self_attn(rows.norm(ln1, h), mask, cache, rows)
+            return h + rows.linear(self.fc2, self.mlp_in(rows.norm(ln2, h), rows))
+        h = rows.norm(ln1, h + self.self_attn(h, mask, cache, rows))
+        return rows.norm(ln2, h + rows.linear(self.fc2, self.mlp_in(h, rows)))
 
-    def mlp_in(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp_in(self, x: torch.Tensor, rows: Rows = PLAIN) -> torch.Tensor:
         """act(fc1(x)); a ReLU runs in the GEMM's epilogue where it can (linear_relu)."""
-        return linear_relu(self.fc1, x) if self.act is F.relu else self.act(self.fc1(x))
+        return linear_relu(self.fc1, x, rows) if self.act is F.relu else self.act(rows.linear(self.fc1, x))
 
 
 class OPTDecoder(nn.Module):
@@ -148,19 +151,19 @@ class OPT(NativeModel):
     def blocks(self) -> nn.ModuleList:
         return self.model.decoder.layers
 
-    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor, rows: Rows = PLAIN) -> torch.Tensor:
         dec = self.model.decoder
-        h = dec.embed_tokens(ids)
+        h = rows.embedding(dec.embed_tokens, ids)
         if dec.project_in is not None:
-            h = dec.project_in(h)
-        return h + dec.embed_positions(pos + 2)
+            h = rows.linear(dec.project_in, h)
+        return h + rows.embedding(dec.embed_positions, pos + 2)
 
-    def norm_out(self, h: torch.Tensor) -> torch.Tensor:
+    def norm_out(self, h: torch.Tensor, rows: Rows = PLAIN) -> torch.Tensor:
         dec = self.model.decoder
         if dec.final_layer_norm is not None:
-            h = dec.final_layer_norm(h)
+            h = rows.norm(dec.final_layer_norm, h)
         if dec.project_out is not None:
-            h = dec.project_out(h)
+            h = rows.linear(dec.project_out, h)
         return h
 
     @property

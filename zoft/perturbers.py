@@ -1,0 +1,246 @@
+"""How a ZO step evaluates L(θ ± εz): one perturber per run, chosen once (zoft.session.attach).
+
+    lp, lm, g = estimate(loss_fn, perturber, seeds, eps)      # loss_fn(rows) -> (P,) losses
+
+A perturber turns the step's direction seeds into losses, interleaved [L(θ+εz_1), L(θ−εz_1), …]:
+
+* ``LoRAPerturber``: all 2n perturbed adapters as rows of one forward. Every module's rows are slices
+  of one flat (2n, D) bank (``zoft.lora.RowBank``) written from θ and z in a few kernels; the forward
+  receives them as a ``LoRARows`` argument. θ is not touched until the update.
+* ``FullRowsPerturber``: full parameters as rows of one forward. Each trained Linear computes row block
+  2j with W + εZ_j and block 2j+1 with W − εZ_j, the two perturbed weights made for that one layer from
+  one read of W (z from (seed, element index); the Triton kernel never stores z) and dropped after its
+  two GEMMs. Norms run per row block with perturbed parameters; embeddings gather perturbed rows
+  (z generated only at the rows looked up); the LM head is perturbed like a Linear. θ is never
+  modified, so the half-precision weights carry no rounding from the perturbation, and the step's
+  only write to θ is the update (stochastically rounded, zoft.zo.sgd_update_).
+* ``InPlacePerturber``: MeZO's passes: θ += εz, forward, θ −= 2εz, forward, θ += εz. Memory of
+  inference with any model (the transformers fallback too); in float32 the restore is exact to
+  rounding, in half precision it would not be (zoft.session refuses that combination).
+
+What each may reuse is in DESIGN.md: rows share every frozen weight's read, never a hidden state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoft.lora import LoRALinear, RowBank, _half_plan, bank_views
+from zoft.models.common import PLAIN, Rows
+from zoft.perturb import param_seed, perturbed_pair
+from zoft.zo import Trainable, _flat_z, perturb_, tensor_z
+
+LossFn = Callable[[Rows], torch.Tensor]
+
+
+def estimate(loss_fn: LossFn, perturber, seeds: list[int], eps: float,
+             before_sync: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPSA: L₊, L₋ (n,) and g_j = (L₊ − L₋)/2ε as float64 tensors on the losses' device.
+    before_sync runs once the forward is queued and before anything reads it (host work such as packing
+    the next batch then overlaps the forward on a GPU)."""
+    losses = perturber.losses(loss_fn, seeds, eps).double()
+    if before_sync is not None:
+        before_sync()
+    lp, lm = losses[0::2], losses[1::2]
+    return lp, lm, (lp - lm) / (2 * eps)
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------
+
+
+class LoRARows(Rows):
+    """Row block 2j uses adapters θ + εz_j, block 2j+1 uses θ − εz_j; frozen weights are shared."""
+
+    def __init__(self, P: int, views: dict, bank: torch.Tensor, modules: list[LoRALinear]):
+        super().__init__(P)
+        self.views, self.bank, self.modules = views, bank, modules
+
+    def linear(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        v = self.views.get(mod) if isinstance(mod, LoRALinear) else None
+        return mod(x) if v is None else mod.add_update(x, mod.base(x), v)
+
+    def update(self, mod: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return mod.add_update(x, y, self.views.get(mod)) if isinstance(mod, LoRALinear) else y
+
+    def graph_tensor(self) -> torch.Tensor:
+        return self.bank
+
+    def over(self, t: torch.Tensor) -> LoRARows:
+        return LoRARows(self.P, bank_views(self.modules, t), t, self.modules)
+
+
+class LoRAPerturber:
+    """LoRA adapters perturbed as rows of one forward (module docstring)."""
+
+    def __init__(self, loras: dict[str, LoRALinear], tr: Trainable):
+        self.modules, self.tr = list(loras.values()), tr
+        self.banks: dict[int, RowBank] = {}  # one persistent bank per row count
+
+    def rows(self, seeds: list[int], eps: float) -> LoRARows:
+        theta = self.tr.flat_values()
+        z = torch.stack([_flat_z(self.tr, s) for s in seeds]).repeat_interleave(2, dim=0)  # (2n, D)
+        signs = torch.full((2 * len(seeds), 1), eps, device=theta.device, dtype=z.dtype)  # built there: no host copy
+        signs[1::2] = -eps
+        # float32 z; float64 θ (the exactness tests) stays float64
+        P, D, dtype = 2 * len(seeds), theta.numel(), torch.promote_types(theta.dtype, z.dtype)
+        rb = self.banks.get(P)
+        if rb is None or not rb.matches(self.modules, D, dtype, theta.device):
+            rb = self.banks[P] = RowBank(self.modules, P, D, dtype, theta.device,
+                                         _half_plan(self.modules, theta.device, dtype))
+        torch.add(theta[None], signs * z, out=rb.bank)
+        return LoRARows(P, rb.refresh(), rb.bank, self.modules)
+
+    def losses(self, loss_fn: LossFn, seeds: list[int], eps: float) -> torch.Tensor:
+        return loss_fn(self.rows(seeds, eps))
+
+
+# ---- full parameters as rows ----------------------------------------------------------------------
+
+
+class FullRows(Rows):
+    """Row block 2j sees θ + εz_j and block 2j+1 sees θ − εz_j, for every trained tensor (module docstring).
+    `table`: (tensors, directions) int64 seeds on the device for the Triton kernels (a CUDA graph's input),
+    or None for the torch generator, which regenerates z from the host seeds."""
+
+    def __init__(self, owner: FullRowsPerturber, seeds: list[int], eps: float, table: torch.Tensor | None):
+        super().__init__(2 * len(seeds))
+        self.owner, self.seeds, self.eps, self.table = owner, seeds, eps, table
+        self.perturbs_embeddings = owner.perturbs_embeddings
+
+    def _i(self, t: torch.Tensor | None) -> int | None:
+        return None if t is None else self.owner.index.get(id(t))
+
+    def pair(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ_i + εz_j, θ_i − εz_j) in θ_i's dtype."""
+        t = self.owner.tr.tensors[i]
+        if self.table is not None:
+            from zoft.kernels.perturb_triton import perturbed_pair_triton
+
+            return perturbed_pair_triton(t.data, self.table[i, j : j + 1], self.eps)
+        return perturbed_pair(t.data, tensor_z(self.owner.tr, i, self.seeds[j]), self.eps)
+
+    def pair_rows(self, i: int, j: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows idx of a 2-D θ_i, perturbed both ways (z generated only there with Triton)."""
+        t = self.owner.tr.tensors[i]
+        if self.table is not None:
+            from zoft.kernels.perturb_triton import perturbed_rows_triton
+
+            return perturbed_rows_triton(t.data, idx, self.table[i, j : j + 1], self.eps)
+        z = tensor_z(self.owner.tr, i, self.seeds[j])
+        return perturbed_pair(t.data[idx], z[idx], self.eps)
+
+    def fusable(self, mods: list[nn.Module]) -> bool:
+        return not any(self._i(p) is not None for m in mods for p in (m.weight, getattr(m, "bias", None)))
+
+    def linear(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        wi, bi = self._i(mod.weight), self._i(mod.bias)
+        if wi is None and bi is None:
+            return mod(x)
+        xr = x.reshape(self.P, -1, x.shape[-1])  # (P, tokens per row block, in)
+        y = x.new_empty(self.P, xr.shape[1], mod.out_features)
+        for j in range(self.P // 2):
+            ws = self.pair(wi, j) if wi is not None else (mod.weight, mod.weight)
+            bs = self.pair(bi, j) if bi is not None else (mod.bias, mod.bias)
+            for k, w, b in ((2 * j, ws[0], bs[0]), (2 * j + 1, ws[1], bs[1])):
+                if b is None:
+                    torch.matmul(xr[k], w.t(), out=y[k])
+                else:
+                    torch.addmm(b, xr[k], w.t(), out=y[k])
+        return y.view(*x.shape[:-1], -1)
+
+    def norm(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        own = {n: self._i(p) for n, p in mod.named_parameters(recurse=False)}
+        own = {n: i for n, i in own.items() if i is not None}
+        if not own:
+            return mod(x)
+        xs, outs = x.chunk(self.P, 0), []
+        for j in range(self.P // 2):
+            pairs = {n: self.pair(i, j) for n, i in own.items()}
+            for k in (0, 1):
+                params = {n: p[k] for n, p in pairs.items()}
+                outs.append(torch.func.functional_call(mod, params, (xs[2 * j + k],)))
+        return torch.cat(outs)
+
+    def embedding(self, emb: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """ids: the P row blocks' ids stacked along dim 0 (the engine repeats them when they are equal)."""
+        wi = self._i(emb.weight)
+        if wi is None:
+            return emb(ids)
+        blocks, outs = ids.chunk(self.P, 0), []
+        for j in range(self.P // 2):
+            for k in (0, 1):
+                idx = blocks[2 * j + k]
+                outs.append(self.pair_rows(wi, j, idx.reshape(-1))[k].view(*idx.shape, -1))
+        return torch.cat(outs)
+
+    def head_rows(self, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        wi = self._i(w)
+        if wi is None:
+            return w[idx]
+        return torch.stack([r for j in range(self.P // 2) for r in self.pair_rows(wi, j, idx)])  # (P, M, D)
+
+    def logits(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        wi = self._i(w)
+        if wi is None:
+            return F.linear(h.to(w.dtype), w)
+        hs, outs = h.chunk(self.P, 0), []
+        for j in range(self.P // 2):
+            ws = self.pair(wi, j)
+            outs += [F.linear(hs[2 * j + k].to(w.dtype), ws[k]) for k in (0, 1)]
+        return torch.cat(outs)
+
+    @property
+    def graphable(self) -> bool:
+        return self.table is not None  # the torch generator's z is fixed at recording: never replay it
+
+    def graph_tensor(self) -> torch.Tensor | None:
+        return self.table
+
+    def over(self, t: torch.Tensor) -> FullRows:
+        return FullRows(self.owner, self.seeds, self.eps, t)
+
+
+class FullRowsPerturber:
+    """Full parameters perturbed as rows of one forward, θ never modified (module docstring)."""
+
+    def __init__(self, model: nn.Module, tr: Trainable):
+        self.tr = tr
+        self.index = {id(t): i for i, t in enumerate(tr.tensors)}
+        self.perturbs_embeddings = any(isinstance(m, nn.Embedding) and id(m.weight) in self.index
+                                       for m in model.modules())
+
+    def rows(self, seeds: list[int], eps: float) -> FullRows:
+        table = None
+        if self.tr.z_backend == "triton":
+            dev = self.tr.tensors[0].device
+            host = torch.tensor([[param_seed(s, i) for s in seeds] for i in range(len(self.tr.tensors))],
+                                dtype=torch.int64)
+            table = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev)
+        return FullRows(self, seeds, eps, table)
+
+    def losses(self, loss_fn: LossFn, seeds: list[int], eps: float) -> torch.Tensor:
+        return loss_fn(self.rows(seeds, eps))
+
+
+# ---- in place -----------------------------------------------------------------------------------
+
+
+class InPlacePerturber:
+    """MeZO's in-place passes over θ, one forward per sign and direction (module docstring)."""
+
+    def __init__(self, tr: Trainable):
+        self.tr = tr
+
+    def losses(self, loss_fn: LossFn, seeds: list[int], eps: float) -> torch.Tensor:
+        out = []
+        for s in seeds:
+            perturb_(self.tr, s, eps)
+            out.append(loss_fn(PLAIN)[0])
+            perturb_(self.tr, s, -2 * eps)
+            out.append(loss_fn(PLAIN)[0])
+            perturb_(self.tr, s, eps)
+        return torch.stack(out)
