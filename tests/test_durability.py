@@ -35,7 +35,9 @@ ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_
 DATA = ["--task", "rotten_tomatoes", "--n-train", "32", "--n-dev", "8", "--n-test", "8", "--batch-size", "4",
         "--device", "cpu", "--no-zero-shot"]
 RUN = DATA + ["--steps", "12", "--save-every", "3"]
-MODES = {"lora": ["--lr", "0.05"], "full": ["--mode", "full", "--layers", "1-2", "--lr", "1e-3"]}
+MODES = {"lora": ["--lr", "0.05"], "full": ["--mode", "full", "--layers", "1-2", "--lr", "1e-3"],
+         # every parameter in bf16, the only copy, stochastically rounded updates (θ never perturbed in place)
+         "full-bf16": ["--mode", "full", "--dtype", "bfloat16", "--lr", "1e-3"]}
 TIMEOUT = 120
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -232,7 +234,8 @@ KILLS = [  # (mode, the mark where SIGKILL lands)
     ("lora", "update 5"),  # step 5 logged, not applied: resume must apply it exactly once
     ("lora", "tensors 9"),  # a half-written checkpoint beside the last good one
     ("lora", "tensors final"),  # all 12 steps checkpointed, the final adapter half-written
-    ("full", "update 7"),  # full parameters, perturbed and restored in place, update pending
+    ("full", "update 7"),  # full parameters, update pending
+    ("full-bf16", "update 7"),  # bf16 weights: the update's stochastic rounding is replayed bitwise
     ("lora", "swap 6"),  # between the checkpoint swap's two renames: resume puts checkpoint.old back
 ]
 
@@ -283,7 +286,7 @@ def test_signal_saves_and_resumes(root, model, ref, sig):
 # ---- replay ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", "full", "full-bf16"])
 def test_replay_rebuilds_the_run(root, model, ref, mode):
     a = ref(mode)
     r = root / f"replay-{mode}"

@@ -384,13 +384,11 @@ class NativeEngine:
         self.stats.cache_hits += len(b.segments) - len(missing)
         self.stats.cache_misses += len(missing)
         fresh = {}
-        if missing:
-            segs = [b.segments[i] for i in missing]
-            sub = pack(segs, max(self.pack_tokens, max(len(s.ids) for s in segs)), self.device, varlen=self.varlen)
-            hs = self._run_blocks(self.model.embed(sub.ids, sub.pos), sub, 0, k)
-            for i, s, (r, st) in zip(missing, segs, sub.where):
-                fresh[i] = hs[r, st : st + len(s.ids)].clone()
-                self.cache.put(s.key, fresh[i])
+        for i in missing:  # each alone: its value is a function of the segment, not of what it was packed
+            s = b.segments[i]  # with (GEMM shapes change rounding), so a resumed run's cache equals the original's
+            sub = pack([s], max(self.pack_tokens, len(s.ids)), self.device, varlen=self.varlen)
+            fresh[i] = self._run_blocks(self.model.embed(sub.ids, sub.pos), sub, 0, k)[0, : len(s.ids)].clone()
+            self.cache.put(s.key, fresh[i])
         N, L = p.ids.shape
         first = fresh[missing[0]] if missing else self.cache.get(b.segments[0].key)
         h = torch.zeros(N, L, first.shape[-1], dtype=first.dtype, device=first.device)

@@ -123,7 +123,7 @@ def save_trained(s: Session, folder: str) -> None:
     if s.loras is not None:
         save_peft(s.loras, folder, s.source, s.target_names, s.lora_args)
     else:
-        tensors = {n: t.detach().float().cpu().contiguous() for n, t in zip(s.trainable.names, s.trainable.tensors)}
+        tensors = {n: t.detach().cpu().contiguous() for n, t in zip(s.trainable.names, s.trainable.tensors)}  # as trained
         save_file(tensors, os.path.join(folder, "trained.safetensors"))
 
 
