@@ -370,10 +370,13 @@ def reference_phase(ref: nn.Module, inputs: list[dict], zc: ZOConfig, seed: int,
 
 
 def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConfig, seed: int, warmup: int,
-               steps: int, device: str) -> Phase:
-    """zoft's step through a native session loaded from `folder`."""
+               steps: int, device: str, random_weights: bool = False, offload: str = "none") -> Phase:
+    """zoft's step through a native session loaded from `folder` (random_weights: built on the device
+    from the folder's config alone)."""
     log("zoft step")
-    s = load_session(ModelConfig(model=folder, device=device, dtype=dtype))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    s = load_session(ModelConfig(model=folder, device=device, dtype=dtype, offload=offload), random_weights=random_weights)
     attach(s, zc)
     engine = make_engine(s)
 
@@ -434,13 +437,17 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
         _sync(device)
         build_ms.append((time.perf_counter() - t0) * 1e3)
     base = next(p for n, p in s.model.named_parameters() if "lora" not in n)
+    trained = s.trainable.tensors[0]
     return Phase(times, peak, {
+        "zoft_full_step": s.full_step if zc.mode == "full" else None,
+        "zoft_trained_dtype": str(trained.dtype).removeprefix("torch."),
+        "zoft_weights_gb": round(sum(p.numel() * p.element_size() for p in s.model.parameters()) / 1e9, 3),
         "zoft_step_pipelined_ms": None if piped is None else round(piped, 3),
         "zoft_batch_build_ms": round(statistics.median(build_ms), 3),
         "zoft_trainable": s.trainable.numel(),
         "zoft_path": s.path,
         "zoft_fused_groups": engine.fused,
-        "zoft_weights_dtype": str(base.dtype).removeprefix("torch."),  # full mode: float32 master weights
+        "zoft_weights_dtype": str(base.dtype).removeprefix("torch."),
         "zoft_tokens": packed.packs.ids.numel(),  # of the last batch
         **engine.stats.summary(),
     })
@@ -456,34 +463,52 @@ def run_bench(
     warmup: int = 3,
     batch_size: int = 16,
     seed: int = 0,
+    reference: bool = True,
+    full_step: str = "auto",
+    master_dtype: str = "auto",
+    offload: str = "none",
+    layers: str = "",
 ) -> dict:
-    """Measure the three steps (module docstring) and return the result dict that `report` prints."""
+    """Measure the three steps (module docstring) and return the result dict that `report` prints.
+    reference=False: zoft's step alone, on random weights built on the device from the preset's config."""
     if workload not in WORKLOADS:
         raise ZoftError(f"--workload must be one of {sorted(WORKLOADS)}, got {workload!r}")
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise ZoftError("--steps and --batch-size must be at least 1, --warmup at least 0")
+    if not reference and model not in presets():
+        raise ZoftError(f"--reference none builds random weights from a preset ({', '.join(presets())})")
     device = pick_device(device)
-    zc = ZOConfig(mode=mode, batch_size=batch_size)
+    zc = ZOConfig(mode=mode, batch_size=batch_size, full_step=full_step, master_dtype=master_dtype, layers=layers)
 
     with tempfile.TemporaryDirectory(prefix="zoft-bench-") as tmp:
-        log(f"zoft bench: {model} ({dtype}, {device}): building the transformers model")
-        ref, folder = load_reference(model, DTYPES[dtype], device, tmp)
-        cfg = ref.config
+        log(f"zoft bench: {model} ({dtype}, {device}): building the transformers model" if reference
+            else f"zoft bench: {model} ({dtype}, {device}): zoft alone, random weights")
+        if reference:
+            ref, folder = load_reference(model, DTYPES[dtype], device, tmp)
+            cfg = ref.config
+        else:
+            cfg, folder = preset_config(model), tmp
+            cfg.save_pretrained(tmp)
+            write_stub_tokenizer(tmp)
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         batches = [make_batch(WORKLOADS[workload], batch_size, cfg.vocab_size, cfg.bos_token_id, seed * 100003 + i)
                    for i in range(warmup + steps)]
-        inputs = [mezo_collate(b, pad_id, device) for b in batches]
-        fwd, refp = reference_phase(ref, inputs, zc, seed, warmup, steps, device)
-        del ref, inputs  # each side alone on the device
-        _free(device)
-        zo = zoft_phase(folder, dtype, batches, zc, seed, warmup, steps, device)
+        fwd = refp = None
+        if reference:
+            inputs = [mezo_collate(b, pad_id, device) for b in batches]
+            fwd, refp = reference_phase(ref, inputs, zc, seed, warmup, steps, device)
+            del ref, inputs  # each side alone on the device
+            _free(device)
+        zo = zoft_phase(folder, dtype, batches, zc, seed, warmup, steps, device, not reference, offload)
         _free(device)
 
     counts = token_counts(batches[-1])
-    ref_ms, fwd_ms, sync_ms = (statistics.median(p.times) for p in (refp, fwd, zo))
+    sync_ms = statistics.median(zo.times)
+    ref_ms, fwd_ms = (statistics.median(p.times) if p else None for p in (refp, fwd))
     piped = zo.extra.pop("zoft_step_pipelined_ms")
     zoft_ms = piped if piped is not None else sync_ms  # what a training run sees per step
     mb = lambda x: None if x is None else round(x, 1)
+    ratio = lambda a, b: None if a is None or b is None else round(a / b, 3)
     return {
         "model": model,
         "workload": workload,
@@ -494,22 +519,23 @@ def run_bench(
         "batch_size": batch_size,
         "steps": steps,
         "warmup": warmup,
-        "reference_step_ms": round(ref_ms, 3),
-        "forward_ms": round(fwd_ms, 3),
+        "reference_step_ms": None if ref_ms is None else round(ref_ms, 3),
+        "forward_ms": None if fwd_ms is None else round(fwd_ms, 3),
         "zoft_step_ms": round(zoft_ms, 3),
         "zoft_step_sync_ms": round(sync_ms, 3),
         "zoft_pipelined": piped is not None,
-        "reference_peak_mb": mb(refp.peak),
-        "forward_peak_mb": mb(fwd.peak),
+        "reference_peak_mb": mb(refp.peak) if refp else None,
+        "forward_peak_mb": mb(fwd.peak) if fwd else None,
         "zoft_peak_mb": mb(zo.peak),
-        "speedup_vs_reference": round(ref_ms / zoft_ms, 3),
-        "speedup_vs_reference_sync": round(ref_ms / sync_ms, 3),
-        "zoft_step_over_forward": round(zoft_ms / fwd_ms, 3),
-        "reference_step_over_forward": round(ref_ms / fwd_ms, 3),
+        "speedup_vs_reference": ratio(ref_ms, zoft_ms),
+        "speedup_vs_reference_sync": ratio(ref_ms, sync_ms),
+        "zoft_step_over_forward": ratio(zoft_ms, fwd_ms),
+        "reference_step_over_forward": ratio(ref_ms, fwd_ms),
+        "zoft_peak_over_forward_peak": ratio(zo.peak, fwd.peak if fwd else None),
         "useful_tokens": counts["useful"],
         "reference_tokens": counts["reference"],
         "reference_tokens_over_useful": round(counts["reference"] / counts["useful"], 3),
-        **refp.extra,
+        **(refp.extra if refp else {}),
         **zo.extra,
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
@@ -518,22 +544,24 @@ def run_bench(
 
 def report(r: dict) -> None:
     """The table, then one JSON line (the last line of stdout) for scripts."""
-    ms = lambda k: f"{r[k]:10.1f}"
-    peak = lambda k: f"{r[k]:10.0f}" if r[k] is not None else f"{'-':>10}"
+    num = lambda k, f="10.1f": f"{r[k]:{f}}" if r.get(k) is not None else f"{'-':>10}"
+    over = lambda ms: f"{ms / r['forward_ms']:11.2f}" if r["forward_ms"] else f"{'-':>11}"
     print(f"zoft bench: {r['model']} {r['workload']} {r['mode']} {r['dtype']} on {r['device_name']}, "
           f"batch {r['batch_size']}, median of {r['steps']} after {r['warmup']} warm-up")
     print(f"{'':24}{'ms':>10}{'× forward':>11}{'peak MiB':>10}")
-    print(f"{'MeZO reference step':24}{ms('reference_step_ms')}{r['reference_step_over_forward']:11.2f}"
-          f"{peak('reference_peak_mb')}")
-    print(f"{'transformers forward':24}{ms('forward_ms')}{1.0:11.2f}{peak('forward_peak_mb')}")
+    if r["reference_step_ms"] is not None:
+        print(f"{'MeZO reference step':24}{num('reference_step_ms')}{over(r['reference_step_ms'])}"
+              f"{num('reference_peak_mb', '10.0f')}")
+        print(f"{'transformers forward':24}{num('forward_ms')}{over(r['forward_ms'])}{num('forward_peak_mb', '10.0f')}")
     if r["zoft_pipelined"]:
-        print(f"{'zoft step, synchronous':24}{ms('zoft_step_sync_ms')}{r['zoft_step_sync_ms'] / r['forward_ms']:11.2f}"
-              f"{peak('zoft_peak_mb')}")
-        print(f"{'zoft step, pipelined':24}{ms('zoft_step_ms')}{r['zoft_step_over_forward']:11.2f}{'':>10}")
+        print(f"{'zoft step, synchronous':24}{num('zoft_step_sync_ms')}{over(r['zoft_step_sync_ms'])}"
+              f"{num('zoft_peak_mb', '10.0f')}")
+        print(f"{'zoft step, pipelined':24}{num('zoft_step_ms')}{over(r['zoft_step_ms'])}{'':>10}")
     else:
-        print(f"{'zoft step':24}{ms('zoft_step_ms')}{r['zoft_step_over_forward']:11.2f}{peak('zoft_peak_mb')}")
-    print(f"zoft is {r['speedup_vs_reference']:.2f}× the reference's speed; tokens per pass: useful "
-          f"{r['useful_tokens']}, reference {r['reference_tokens']}, zoft {r['zoft_tokens']}; "
+        print(f"{'zoft step':24}{num('zoft_step_ms')}{over(r['zoft_step_ms'])}{num('zoft_peak_mb', '10.0f')}")
+    if r["speedup_vs_reference"] is not None:
+        print(f"zoft is {r['speedup_vs_reference']:.2f}× the reference's speed; ", end="")
+    print(f"tokens per pass: useful {r['useful_tokens']}, reference {r['reference_tokens']}, zoft {r['zoft_tokens']}; "
           f"work saved vs naive two-pass: {r['work_saved']:.1%}")
     print(json.dumps(r), flush=True)
 

@@ -107,7 +107,9 @@ def cmd_replay(ns) -> None:
 def cmd_bench(ns) -> None:
     from zoft.bench import report, run_bench
 
-    report(run_bench(ns.model, ns.workload, ns.mode, ns.dtype, ns.device, ns.steps, ns.warmup, ns.batch_size, ns.seed))
+    report(run_bench(ns.model, ns.workload, ns.mode, ns.dtype, ns.device, ns.steps, ns.warmup, ns.batch_size, ns.seed,
+                     reference=ns.reference == "mezo", full_step=ns.full_step, master_dtype=ns.master_dtype,
+                     offload=ns.offload, layers=ns.layers))
 
 
 def cmd_tasks(ns) -> None:
@@ -177,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--reference", default="mezo", choices=["mezo", "none"],
+                    help="none: time zoft alone, on random weights built on the device (shapes whose "
+                         "transformers copy would not fit the disk or the GPU beside zoft's, e.g. opt-30b)")
+    sp.add_argument("--full-step", default="auto", choices=["auto", "rows", "inplace"], help="as zoft train's")
+    sp.add_argument("--master-dtype", default="auto", choices=["auto", "float32"], help="as zoft train's")
+    sp.add_argument("--offload", default="none", choices=["none", "cpu"], help="as zoft train's")
+    sp.add_argument("--layers", default="", help="as zoft train's (blocks trained; empty: all parameters)")
     sp.set_defaults(fn=cmd_bench)
 
     sp = sub.add_parser("tasks", help="list built-in tasks, their source, and whether they load offline now")

@@ -59,6 +59,10 @@ PRESETS = {  # config shapes of the published checkpoints, for benchmarks with r
                      word_embed_proj_dim=4096),
     "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480,
                     word_embed_proj_dim=5120),
+    "opt-30b": dict(hidden_size=7168, num_hidden_layers=48, num_attention_heads=56, ffn_dim=28672,
+                    word_embed_proj_dim=7168),
+    "opt-66b": dict(hidden_size=9216, num_hidden_layers=64, num_attention_heads=72, ffn_dim=36864,
+                    word_embed_proj_dim=9216),
 }
 
 
