@@ -621,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(ns.work).resolve()
         ctx = Ctx(work, Path(ns.out or ".").resolve(), ns.model, ns.device, ns.run_limit, ns.resume, ns.dry_run)
         if ns.dry_run:
-            ctx.model = ns.model or f"{work}/<joined {ns.gguf_parts[0] if ns.gguf_parts else 'model'}>"
+            joined = work / re.sub(r"\.part\d+$", "", Path(ns.gguf_parts[0]).name) if ns.gguf_parts else "MODEL"
+            ctx.model = ns.model or str(joined)
             for name, rcp in chosen:
                 run_recipe(name, rcp, ctx, ngpu=2)
             return 0
