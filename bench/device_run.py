@@ -1,0 +1,655 @@
+"""One device call: the GPU tests, the benchmarks and the real-model training runs, as named recipes.
+
+    python bench/device_run.py --list                               # the recipes and what each runs
+    python bench/device_run.py --dry-run tests lora-bench           # print the commands, run nothing
+    python bench/device_run.py --out $OUT tests lora-bench profile  # on the GPU machine, from the repo root
+    python bench/device_run.py --out $OUT --gguf-parts W/smol.gguf.part00 .xfer/smol.gguf.part01 \\
+        --sha256 .xfer/sha rt-low-lr-50k                            # real weights, in two parts
+
+A recipe is a list of jobs; the jobs of one lane run in order and the lanes of a recipe run at the same
+time (a lane may be pinned to the first or the second GPU); recipes run one after the other. Every job's
+stdout and stderr go to WORK/logs/JOB.txt, and one digest line per job goes to the terminal and to
+OUT/summary.txt. OUT gets at most seven files, whatever the recipes:
+
+    summary.txt     the machine, the versions (torch, transformers, triton) and each job's digest
+    gpu_tests.txt   the GPU tests' output
+    bench.jsonl     the JSON line of every benchmark (zoft bench and the bench/*.py programs)
+    logs.tgz        every job's log
+    runs.tgz        every training run under WORK/runs: results.json, metrics.jsonl, config.json and
+                    the stdout JSON (no checkpoints or step logs: 50k-step logs outgrow one returned file)
+    state_gpu0.tgz, state_gpu1.tgz   with --keep-state (or a recipe that needs it): the runs of the lanes
+                    on each GPU whole, checkpoints and step logs included, to --resume on a fresh machine
+                    (`mkdir -p WORK && tar xzf state_gpu0.tgz -C WORK`)
+
+WORK (--work, default TMPDIR/zoft-device) outlives the call on a warm machine: a GGUF too large for one
+transfer arrives in parts over two calls (--stage PART in the first, --gguf-parts in the second), and a
+run stopped at --run-limit (SIGTERM: zoft saves a checkpoint) continues in the next call with --resume.
+The recorded numbers of docs/benchmarks.md and docs/results.md map to recipes in bench/README.md.
+Only the standard library is imported here: the children get the repo root on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOFT = ["{py}", "-m", "zoft"]  # the CLI; `zoft bench` below is the benchmark of zoft/bench.py
+GRACE_S = 120  # after SIGTERM at the run limit, time to write the checkpoint before SIGKILL
+
+
+@dataclass
+class Job:
+    name: str
+    argv: list[str]  # "{py}", "{work}", "{model}", "{device}" are filled in at run time
+    kind: str = "cmd"  # cmd | bench (JSON line to bench.jsonl) | tests | train | eval
+    lane: str = "main"
+    gpu: int | None = None  # None: every GPU visible; 1: the second GPU when there is one, else the first
+    timeout: float | None = None  # None: the recipe's run limit (train, eval), else no limit
+    grep: str = ""  # digest: the log's lines matching this, else its last line
+    clean: list[str] = field(default_factory=list)  # paths removed before the job
+
+
+@dataclass
+class Recipe:
+    about: str
+    jobs: list[Job]
+    before: list[Job] = field(default_factory=list)  # run in order before the lanes start
+    common: list[str] = field(default_factory=list)  # added to every train job's arguments
+    threads: int | None = None  # OMP_NUM_THREADS of every job
+    run_limit: float | None = None  # SIGTERM a train or eval job after this many seconds
+    keep_state: bool = False
+    fresh: bool = False  # remove a train job's output folder first (no run continues)
+
+
+def bench(args: str, timeout: float = 150) -> Job:
+    """A `zoft bench` row in bf16 on the GPU."""
+    kv = dict(zip(args.split()[::2], args.split()[1::2]))
+    name = f"bench_{kv['--model']}_{kv['--workload']}_{kv['--mode']}"
+    return Job(name, [*ZOFT, "bench", "--dtype", "bfloat16", "--device", "cuda", *args.split()], "bench",
+               timeout=timeout)
+
+
+def script(name: str, args: str, grep: str = "", timeout: float = 120, **kw) -> Job:
+    """One of the bench/*.py programs; its last JSON line, if it prints one, goes to bench.jsonl."""
+    return Job(name, ["{py}", *args.split()], "bench", grep=grep, timeout=timeout, **kw)
+
+
+def train(name: str, args: str, lane: str = "main", gpu: int | None = None) -> Job:
+    return Job(name, args.split(), "train", lane=lane, gpu=gpu)
+
+
+def zeval(name: str, args: str) -> Job:
+    return Job(name, args.split(), "eval")
+
+
+PROFILE = "pipelined|per step|graphs:"
+LORA6 = ["--model opt-1.3b --workload sst2 --mode lora", "--model opt-125m --workload sst2 --mode lora",
+         "--model smollm2-135m --workload sst2 --mode lora", "--model opt-125m --workload multirc --mode lora",
+         "--model smollm2-135m --workload multirc --mode lora",
+         "--model opt-1.3b --workload multirc --mode lora --steps 10 --warmup 3"]
+FULL5 = ["--model opt-125m --workload sst2 --mode full", "--model opt-125m --workload multirc --mode full",
+         "--model opt-1.3b --workload sst2 --mode full", "--model opt-1.3b --workload multirc --mode full",
+         "--model smollm2-135m --workload sst2 --mode full"]
+RT = "--task rotten_tomatoes --n-train 1000 --n-dev 200 --n-test 500 --batch-size 16".split()
+# The arms of the Rotten Tomatoes runs, written once: MeZO-LoRA clipped at ±1 on a cosine schedule, and
+# backprop-LoRA (AdamW, 300 steps).
+CLIP = "--mode lora --eps 1e-2 --schedule cosine --eval-every 2000 --no-zero-shot --clip-grad 1"
+C3 = CLIP + " --lr 3e-3 --steps 20000"
+BP = "--optimizer adamw --mode lora --lr 1e-3 --steps 300 --eval-every 100 --no-zero-shot"
+
+
+def bench_recipes() -> dict[str, Recipe]:
+    """Recipes of random-weight benchmarks and tests (bench/README.md says what each measures)."""
+    mem = "bench/memory_bench.py --preset smollm2-135m --device cuda --dtype float32"
+    dp = [script(f"dp_{w}_{n}gpu", f"-m torch.distributed.run --standalone --nproc-per-node {n} bench/dp_bench.py "
+                 f"--workload {w} --preset opt-1.3b --dtype bfloat16 --device cuda --json-out {{work}}/dp.jsonl",
+                 timeout=150) for w in ("sst2", "multirc") for n in (1, 2)]
+    dp[0].clean = ["{work}/dp.jsonl"]
+    tiny, run, rep = "{work}/tiny", "{work}/smoke/run", "{work}/smoke/replay"
+    same = ("import filecmp, sys; ok = filecmp.cmp(sys.argv[1], sys.argv[2], shallow=False); "
+            "print('replay bitwise:', 'OK' if ok else 'DIFFERS'); sys.exit(0 if ok else 1)")
+    return {
+        "tests": Recipe("the GPU tests (pytest -m gpu)", [Job("gpu_tests", [
+            "{py}", "-m", "pytest", "-q", "-m", "gpu", "tests/", "-p", "no:cacheprovider"], "tests", timeout=240)]),
+        "lora-bench": Recipe("zoft bench, LoRA, bf16: opt-125m, opt-1.3b, smollm2-135m on sst2 and multirc",
+                             [bench(a) for a in LORA6]),
+        "full-bench": Recipe("zoft bench, full parameters, bf16", [bench(a) for a in FULL5]),
+        "full-rows": Recipe("full-parameter ZO on the top 4 blocks, --full-step inplace vs rows", [
+            script(f"full_rows_{m}", f"bench/full_rows_bench.py --model {m} --workload sst2 --layers top4 "
+                   "--device cuda", timeout=100) for m in ("opt-125m", "opt-1.3b")]),
+        "memory": Recipe("peak memory of MeZO vs backprop+AdamW vs inference, sst2 and multirc prompt lengths", [
+            script(f"memory_{p}", f"{mem} --prompt {p}", "^\\|") for p in ("10-60", "350-450")]),
+        "memory-layers": Recipe("peak memory with LoRA on the top 8, top 12, all blocks (as the accuracy runs)", [
+            script(f"memory_{x or 'all'}", f"{mem} --prompt 10-60" + (f" --layers {x}" if x else ""), "^\\| lora",
+                   timeout=90) for x in ("top8", "top12", "")]),
+        "profile": Recipe("the train step under torch.profiler", [
+            script(f"profile_{m}_{w}", f"bench/profile_step.py --model {m} --workload {w}", PROFILE)
+            for m, w in (("opt-125m", "sst2"), ("opt-125m", "multirc"), ("opt-1.3b", "sst2"))]),
+        "fuse-ab": Recipe("opt-1.3b sst2 profiled with and without the fused GEMMs (A/B, one machine)", [
+            script(f"profile_fuse{f}", f"bench/profile_step.py --model opt-1.3b --workload sst2 --fuse {f}",
+                   PROFILE, timeout=100) for f in (1, 0)]),
+        "dp": Recipe("data-parallel ZO on 1 and 2 GPUs (needs two), then the speed-up table", [*dp, script(
+            "dp_summary", "bench/dp_bench.py --summarize {work}/dp.jsonl", ".")], threads=8),
+        "offload": Recipe("layer streaming at OPT-13B shapes against the bus floor", [
+            script("offload_opt-13b", "bench/offload_bench.py --preset opt-13b --dtype bfloat16 --device cuda "
+                   "--steps 3", timeout=300)]),
+        "smoke": Recipe("a tiny Llama trained on --device, replayed from its step log, compared bitwise", [
+            Job("smoke_tiny", ["{py}", "-c", f"from tests.tiny import make_tiny; print(make_tiny('llama', '{tiny}'))"],
+                clean=[tiny, "{work}/smoke"]),
+            Job("smoke_train", [*ZOFT, "train", "--model", f"{tiny}/llama", "--device", "{device}", "--steps", "20",
+                                "--n-train", "64", "--n-dev", "16", "--n-test", "32", "--eval-every", "10",
+                                "--output-dir", run]),
+            Job("smoke_replay", [*ZOFT, "replay", "--model", f"{tiny}/llama", "--log", f"{run}/steps.jsonl",
+                                 "--output-dir", rep]),
+            Job("smoke_bitwise", ["{py}", "-c", same, f"{run}/checkpoint/adapter_model.safetensors",
+                                  f"{rep}/adapter_model.safetensors"])]),
+    }
+
+
+def early_rt_recipes() -> dict[str, Recipe]:
+    """Rotten Tomatoes on real weights, the first sessions: learning rates, schedules, clipping."""
+    gpu = [*RT, "--log-every", "1000"]
+    top4 = "--mode lora --layers top4 --eps 1e-2"
+    z = top4 + " --no-zero-shot"
+    z2 = "--mode lora --eps 1e-2 --schedule cosine --steps 20000 --eval-every 2000 --no-zero-shot"
+    c = "--mode lora --layers top4 --eps 1e-2 --schedule cosine --eval-every 2000 --no-zero-shot"
+    return {
+        "rt-constant-lr": Recipe("900 MeZO steps, backprop-LoRA, and 6k steps at constant rates", [
+            train("mezo_lora_900", top4 + " --lr 5e-3 --steps 900 --eval-every 300"),
+            train("bp_lora", "--optimizer adamw --mode lora --layers top4 --lr 1e-3 --steps 300 --eval-every 100 "
+                  "--no-zero-shot"),
+            train("mezo_lora_6k", z + " --lr 5e-3 --steps 6000 --eval-every 1000"),
+            train("mezo_lora_6k_lr1e-2", z + " --lr 1e-2 --steps 6000 --eval-every 1000"),
+            train("mezo_lora_all_6k", "--mode lora --lr 5e-3 --eps 1e-2 --steps 6000 --eval-every 1000 "
+                  "--no-zero-shot")], common=gpu),
+        "rt-schedules": Recipe("lr 2e-3, linear decay, the guard, 4 directions, cosine (constant 5e-3 diverged)", [
+            train("lr2e-3_8k", z + " --lr 2e-3 --steps 8000 --eval-every 1000"),
+            train("lr5e-3_linear_6k", z + " --lr 5e-3 --schedule linear --steps 6000 --eval-every 1000"),
+            train("lr5e-3_guard_6k", z + " --lr 5e-3 --guard-threshold 2 --steps 6000 --eval-every 1000"),
+            train("lr5e-3_dir4_3k", z + " --lr 5e-3 --directions 4 --steps 3000 --eval-every 500"),
+            train("lr3e-3_cosine_10k", z + " --lr 3e-3 --schedule cosine --steps 10000 --eval-every 1000")],
+            common=gpu),
+        "rt-cosine-20k": Recipe("cosine 20k steps, two seeds", [
+            train("cos3e-3_20k", top4 + " --lr 3e-3 --schedule cosine --steps 20000 --eval-every 2000"),
+            train("cos2e-3_20k_seed1", top4 + " --lr 2e-3 --schedule cosine --steps 20000 --eval-every 2000 "
+                  "--seed 1 --no-zero-shot")], common=gpu),
+        "rt-cosine-20k-arms": Recipe("six 20k-step arms at once on one GPU (unclipped: they collapsed)", [
+            train("c3_top4_20k", z2 + " --layers top4 --lr 3e-3", "a"),
+            train("c3_top4_20k_seed1", z2 + " --layers top4 --lr 3e-3 --seed 1", "b"),
+            train("c5_top4_20k", z2 + " --layers top4 --lr 5e-3", "c"),
+            train("c3_top8_20k", z2 + " --layers top8 --lr 3e-3", "d"),
+            train("c5_top4_dir2_20k", z2 + " --layers top4 --lr 5e-3 --directions 2", "e"),
+            train("bp_lora_seed1", BP + " --layers top4 --seed 1", "f")],
+            before=[zeval("zero_shot", "--task rotten_tomatoes --n-dev 200 --n-test 500")],
+            common=gpu, threads=2, run_limit=540),
+        "rt-clip": Recipe("g clipped, lower lr (the second GPU, if any, takes two arms)", [
+            train("c3_clip1_20k", c + " --lr 3e-3 --clip-grad 1 --steps 20000", "a"),
+            train("c3_clip1_20k_seed1", c + " --lr 3e-3 --clip-grad 1 --steps 20000 --seed 1", "b"),
+            train("c3_clip05_20k", c + " --lr 3e-3 --clip-grad 0.5 --steps 20000", "c"),
+            train("c15_20k", c + " --lr 1.5e-3 --steps 20000", "d", 1),
+            train("c5_clip1_dir4_10k", c + " --lr 5e-3 --clip-grad 1 --directions 4 --steps 10000 --eval-every 1000",
+                  "e", 1)], common=gpu, threads=2, run_limit=560),
+        "rt-clip-rerun": Recipe("clipped arms again (rt-clip's seed 0 was lost to a cache race), 30k steps", [
+            train("c3_clip1_20k", c + " --lr 3e-3 --clip-grad 1 --steps 20000", "a"),
+            train("c5_clip1_20k", c + " --lr 5e-3 --clip-grad 1 --steps 20000", "b"),
+            train("c3_clip1_30k", c + " --lr 3e-3 --clip-grad 1 --steps 30000", "c", 1),
+            train("c3_clip05_20k", c + " --lr 3e-3 --clip-grad 0.5 --steps 20000", "d", 1)],
+            common=gpu, threads=2, run_limit=230),
+    }
+
+
+def rt_recipes() -> dict[str, Recipe]:
+    """Rotten Tomatoes on real weights: blocks, seeds, the random walk, and the low-lr recipe."""
+    gpu = [*RT, "--log-every", "1000"]
+    r = dict(common=gpu, threads=3)
+    wd = C3 + " --layers top12"
+    fa = CLIP + " --steps 20000 --lora-freeze-a"
+    fa8 = CLIP.replace("2000", "1000") + " --steps 8000 --lora-freeze-a --layers top16 --lr 3e-2"
+    lo = CLIP.replace("2000", "5000") + " --layers top12 --lr 1e-3"
+    low = CLIP.replace("2000", "5000") + " --layers top12 --steps 50000"
+    r2 = CLIP + " --layers top12 --steps 20000 --lora-r 2 --lora-alpha 4"
+    return {
+        "rt-clip-variants": Recipe("the clipped recipe with ε 3e-2 and 1e-3, top 8 blocks, batch 32", [
+            train("c3_clip1_eps3e-2", C3.replace("1e-2", "3e-2") + " --layers top4", "a"),
+            train("c3_clip1_eps1e-3", C3.replace("1e-2", "1e-3") + " --layers top4", "b"),
+            train("c3_clip1_top8", C3 + " --layers top8", "c"),
+            train("c3_clip1_b32", C3 + " --layers top4 --batch-size 32", "d")], **r, run_limit=320),
+        "rt-top8-top12": Recipe("MeZO top 8 seeds 1, 2 and top 12; backprop top 8 (seeds 0, 2), top 12", [
+            train("c3_clip1_top8_seed1", C3 + " --layers top8 --seed 1", "a"),
+            train("c3_clip1_top8_seed2", C3 + " --layers top8 --seed 2", "b"),
+            train("c3_clip1_top12", C3 + " --layers top12", "c"),
+            train("bp_lora_top8", BP + " --layers top8", "d"),
+            train("bp_lora_top8_seed2", BP + " --layers top8 --seed 2", "d"),
+            train("bp_lora_top12", BP + " --layers top12", "d")], **r, run_limit=470),
+        "rt-top12-seeds": Recipe("top 12, seeds 1 and 2 a side", [
+            train("c3_clip1_top12_seed1", C3 + " --layers top12 --seed 1", "a"),
+            train("c3_clip1_top12_seed2", C3 + " --layers top12 --seed 2", "b"),
+            train("bp_lora_top12_seed1", BP + " --layers top12 --seed 1", "c"),
+            train("bp_lora_top12_seed2", BP + " --layers top12 --seed 2", "c")], **r, run_limit=470),
+        "rt-top16": Recipe("top 16, three seeds a side", [
+            train("c3_clip1_top16", C3 + " --layers top16", "a"),
+            train("c3_clip1_top16_seed1", C3 + " --layers top16 --seed 1", "b"),
+            train("c3_clip1_top16_seed2", C3 + " --layers top16 --seed 2", "c"),
+            *[train(f"bp_lora_top16_seed{s}", BP + f" --layers top16 --seed {s}", "d") for s in (0, 1, 2)]],
+            **r, run_limit=520),
+        "rt-weight-decay": Recipe("top 12 with decoupled weight decay 0.1, 0.5 (two seeds), 2", [
+            train("c3_clip1_top12_wd0.1", wd + " --weight-decay 0.1", "a"),
+            train("c3_clip1_top12_wd0.5", wd + " --weight-decay 0.5", "b"),
+            train("c3_clip1_top12_wd2", wd + " --weight-decay 2", "c"),
+            train("c3_clip1_top12_wd0.5_seed1", wd + " --weight-decay 0.5 --seed 1", "d")], **r, run_limit=530),
+        "rt-lora-fa": Recipe("LoRA-FA (A frozen) at top 12 and 16, 20k steps, three rates", [
+            train("fa_top12_lr1e-2", fa + " --layers top12 --lr 1e-2", "a"),
+            train("fa_top12_lr3e-2", fa + " --layers top12 --lr 3e-2", "b"),
+            train("fa_top12_lr1e-1", fa + " --layers top12 --lr 1e-1", "c"),
+            train("fa_top16_lr3e-2", fa + " --layers top16 --lr 3e-2", "d")], **r, run_limit=530),
+        "rt-lora-fa-8k": Recipe("LoRA-FA top 16, lr 3e-2, 8k steps, three seeds", [
+            train("fa_top16_8k", fa8, "a"), train("fa_top16_8k_seed1", fa8 + " --seed 1", "b"),
+            train("fa_top16_8k_seed2", fa8 + " --seed 2", "c")], **r, run_limit=270),
+        "rt-lr1e-3-60k": Recipe("not run yet: top 12 at lr 1e-3 for 60k steps, three seeds (--resume to go on)", [
+            train(f"c1_clip1_top12_60k{x}", lo + f" --steps 60000 --seed {s}", str(s))
+            for s, x in ((0, ""), (1, "_seed1"), (2, "_seed2"))], **r, run_limit=540),
+        "rt-rank2": Recipe("not run yet: LoRA rank 2 (α 4) at top 12, 20k steps", [
+            train("r2_top12_lr3e-3", r2 + " --lr 3e-3", "a"), train("r2_top12_lr1e-2", r2 + " --lr 1e-2", "b"),
+            train("r2_top12_lr1e-2_seed1", r2 + " --lr 1e-2 --seed 1", "c")], **r, run_limit=540),
+        "rt-low-lr-50k": Recipe("top 12 at lr 1e-3 (GPU 0) and 5e-4 (GPU 1), 50k steps, three seeds each; "
+                                "stops at the run limit, continue with --resume", [
+            train(f"{n}_top12_50k_seed{s}", low + f" --lr {lr} --seed {s}", f"{n}{s}", g)
+            for s in (0, 1, 2) for n, lr, g in (("c1", "1e-3", 0), ("c05", "5e-4", 1))],
+            **r, run_limit=550, keep_state=True),  # one tarball a rate: each stays under 16 MiB
+        **split500_recipes(lo, r),
+    }
+
+
+def split500_recipes(lo: str, r: dict) -> dict[str, Recipe]:
+    """The low-lr recipe on MeZO's own sampling (500 dev / 1000 test), one MeZO arm a GPU."""
+    n = " --n-dev 500 --n-test 1000"
+    z = lo + " --steps 50000" + n
+    bp = "--optimizer adamw --mode lora --layers top12 --lr 1e-3 --steps 300 --eval-every 100" + n
+    r = {**r, "threads": 4, "run_limit": 540}
+    return {
+        "rt-split500": Recipe("MeZO seeds 0 and 1, one a GPU; backprop seeds 0 and 1 beside the second", [
+            train("m500_c1_top12_50k_seed0", z + " --seed 0", "a", 0),
+            train("m500_c1_top12_50k_seed1", z + " --seed 1", "b", 1),
+            train("m500_bp_top12_seed0", bp + " --seed 0", "c", 1),
+            train("m500_bp_top12_seed1", bp + " --seed 1 --no-zero-shot", "c", 1)], **r),
+        "rt-split500-seed2": Recipe("the third seed a side of rt-split500", [
+            train("m500_c1_top12_50k_seed2", z + " --seed 2", "a", 0),
+            train("m500_bp_top12_seed2", bp + " --seed 2 --no-zero-shot", "b", 1)], **r),
+    }
+
+
+def other_recipes() -> dict[str, Recipe]:
+    """SQuAD on the GPU, and the first Rotten Tomatoes table on the CPU (--device cpu)."""
+    q = "--task squad --n-train 1000 --n-dev 200 --n-test 500 --eval-batch-size 32"
+    cpu = [*RT, "--eval-every", "300"]
+    return {
+        "squad": Recipe("SQuAD (needs --bigbench): ICL 2, MeZO and backprop, LoRA and full, top 4", [
+            train("squad_mezo_lora", "--mode lora --layers top4 --lr 3e-3 --eps 1e-2 --schedule cosine "
+                  "--steps 4000 --eval-every 1000"),
+            train("squad_bp_lora", "--optimizer adamw --mode lora --layers top4 --lr 1e-3 --steps 300 "
+                  "--eval-every 100 --no-zero-shot"),
+            train("squad_mezo_full", "--mode full --layers top4 --lr 1e-5 --eps 1e-3 --steps 4000 "
+                  "--eval-every 1000 --no-zero-shot"),
+            train("squad_bp_full", "--optimizer adamw --mode full --layers top4 --lr 1e-5 --steps 300 "
+                  "--eval-every 100 --no-zero-shot")],
+            # zoft eval has no --n-train (gpu_real.sh's squad arm passed it, so its ICL run failed)
+            before=[zeval("squad_icl2", q.replace(" --n-train 1000", "") + " --icl-k 2")],
+            common=[*q.split(), "--batch-size", "16", "--log-every", "1000"]),
+        "rt-cpu": Recipe("ICL 8, MeZO and backprop, LoRA and full, top 4 (and backprop top 8), as on the CPU", [
+            zeval("icl8", "--task rotten_tomatoes --n-test 500 --icl-k 8"),
+            train("mezo_lora", "--mode lora --layers top4 --lr 5e-3 --eps 1e-2 --steps 900"),
+            train("mezo_full", "--mode full --layers top4 --lr 1e-5 --eps 1e-3 --steps 900"),
+            train("bp_lora", "--optimizer adamw --mode lora --layers top4 --lr 1e-3 --steps 300"),
+            train("bp_lora_top8", "--optimizer adamw --mode lora --layers top8 --lr 1e-3 --steps 300"),
+            train("bp_full", "--optimizer adamw --mode full --layers top4 --lr 1e-5 --steps 300")], common=cpu, fresh=True),
+    }
+
+
+def recipes() -> dict[str, Recipe]:
+    return {**bench_recipes(), **early_rt_recipes(), **rt_recipes(), **other_recipes()}
+
+
+# ---- running ----------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    pass
+
+
+@dataclass
+class Ctx:
+    work: Path
+    out: Path
+    model: str
+    device: str
+    run_limit: float | None
+    resume: bool
+    dry_run: bool
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    lines: list[str] = field(default_factory=list)  # summary.txt
+    logs: list[Path] = field(default_factory=list)
+
+    def fill(self, s: str) -> str:
+        return s.format(py=sys.executable, work=self.work, model=self.model, device=self.device)
+
+    def say(self, line: str) -> None:
+        with self.lock:
+            print(line, flush=True)
+            self.lines.append(line)
+
+
+def command(job: Job, rcp: Recipe, ctx: Ctx) -> list[str]:
+    """The job's argv: train and eval jobs get the model, the device and (train) the output folder."""
+    if job.kind == "train":
+        argv = [*ZOFT, "train", "--model", "{model}", "--device", "{device}",
+                "--output-dir", f"{{work}}/runs/{job.name}", *rcp.common, *job.argv]
+        argv += ["--resume"] if ctx.resume else []
+    elif job.kind == "eval":
+        argv = [*ZOFT, "eval", "--model", "{model}", "--device", "{device}", *job.argv]
+    else:
+        argv = job.argv
+    return [ctx.fill(a) for a in argv]
+
+
+def child_env(job: Job, rcp: Recipe, ctx: Ctx, ngpu: int) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", ZOFT_CACHE=str(ctx.work / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    if rcp.threads:
+        env["OMP_NUM_THREADS"] = str(rcp.threads)
+    if job.gpu is not None:  # a lane on "the second GPU" shares the first on a one-GPU machine
+        env["CUDA_VISIBLE_DEVICES"] = str(job.gpu if ngpu > 1 else 0)
+    return env
+
+
+def wait(p: subprocess.Popen, limit: float | None) -> tuple[int, int, bool]:
+    """Wait for p; SIGTERM at the limit (zoft saves a checkpoint), SIGKILL GRACE_S later.
+    Returns (exit status, max RSS in KB, whether the limit stopped it)."""
+    deadline, stopped = (time.monotonic() + limit) if limit else None, False
+    while True:
+        pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            p.returncode = os.waitstatus_to_exitcode(status)
+            return p.returncode, usage.ru_maxrss, stopped
+        if deadline and time.monotonic() > deadline:
+            if stopped:
+                p.kill()
+            else:
+                p.send_signal(signal.SIGTERM)
+                stopped, deadline = True, time.monotonic() + GRACE_S
+        time.sleep(0.25)
+
+
+def run_job(job: Job, rcp: Recipe, ctx: Ctx, ngpu: int) -> None:
+    argv = command(job, rcp, ctx)
+    if ctx.dry_run:
+        env = child_env(job, rcp, ctx, ngpu)
+        pre = [f"{k}={env[k]}" for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS") if k in env]
+        ctx.say(f"[lane {job.lane}] {shlex.join(pre + argv)}")
+        return
+    clean = [ctx.fill(c) for c in job.clean] + ([f"{ctx.work}/runs/{job.name}"] if rcp.fresh else [])
+    for c in clean:
+        shutil.rmtree(c, ignore_errors=True) if Path(c).is_dir() else Path(c).unlink(missing_ok=True)
+    log = ctx.work / "logs" / f"{job.name}.txt"
+    # train and eval print their result as JSON on stdout: it stays beside the run, in runs.tgz
+    result = ctx.work / "runs" / f"{job.name}.json"
+    limit = job.timeout
+    if limit is None and job.kind in ("train", "eval"):
+        limit = ctx.run_limit or rcp.run_limit
+    t0 = time.monotonic()
+    with open(log, "wb") as err, open(result if job.kind in ("train", "eval") else os.devnull, "wb") as res:
+        p = subprocess.Popen(argv, cwd=ROOT, env=child_env(job, rcp, ctx, ngpu), stderr=err,
+                             stdout=res if job.kind in ("train", "eval") else err)
+        rc, rss_kb, stopped = wait(p, limit)
+    ctx.logs.append(log)
+    head = f"{job.name}: rc={rc}{' (stopped at the run limit)' if stopped else ''}, " \
+           f"{time.monotonic() - t0:.0f} s wall, {rss_kb / 1024:.0f} MB max RSS"
+    ctx.say(f"{head}\n    " + "\n    ".join(digest(job, ctx, log, result)))
+
+
+def json_lines(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        out += [d] if isinstance(d, dict) else []
+    return out
+
+
+def digest(job: Job, ctx: Ctx, log: Path, result: Path) -> list[str]:
+    """A few lines that say how the job went; a benchmark's JSON line also goes to bench.jsonl."""
+    text = log.read_text(errors="replace").replace("\r", "\n")
+    if job.kind == "tests":
+        shutil.copy(log, ctx.out / "gpu_tests.txt")
+        return text.strip().splitlines()[-3:]
+    if job.kind == "bench" and (found := json_lines(text)):
+        with ctx.lock, open(ctx.out / "bench.jsonl", "a") as f:
+            f.write(json.dumps(found[-1]) + "\n")
+        if "reference_step_ms" in found[-1]:
+            d = found[-1]
+            return [" ".join(f"{k} {d.get(k)}" for k in (
+                "model", "workload", "mode", "reference_step_ms", "forward_ms", "zoft_step_ms", "zoft_step_sync_ms",
+                "speedup_vs_reference", "zoft_peak_mb", "forward_peak_mb", "zoft_fused_groups"))]
+    if job.kind == "train":
+        return run_digest(ctx.work / "runs" / job.name, text)
+    if job.kind == "eval":
+        return result.read_text().strip().splitlines()[-1:] or text.splitlines()[-4:]
+    # not tqdm's bars, nor the ms-per-step lines the benchmarks print as they go
+    lines = [x for x in text.splitlines() if x.strip() and not x.endswith(" ms") and "%|" not in x]
+    if job.grep:
+        return [x for x in lines if re.search(job.grep, x)] or lines[-4:]
+    return lines[-4:]
+
+
+def run_digest(run: Path, log_text: str) -> list[str]:
+    """A training run's scores and dev curve, or its last progress line if it has no results yet."""
+    progress = [x for x in log_text.splitlines() if re.search("step|train", x)][-1:]
+    if not (run / "results.json").exists():
+        return progress or log_text.splitlines()[-4:]
+    r = json.loads((run / "results.json").read_text())
+    keys = ("zero_shot_accuracy", "best_dev_accuracy", "final_accuracy", "seconds_per_step", "peak_memory_mb")
+    dev = [d for d in json_lines((run / "metrics.jsonl").read_text()) if any(k.startswith("dev_") for k in d)] \
+        if (run / "metrics.jsonl").exists() else []
+    curve = [(d.get("step"), d.get("dev_accuracy", d.get("dev_f1"))) for d in dev]
+    return [str({k: r.get(k) for k in keys}), f"dev: {curve}"]
+
+
+def run_recipe(name: str, rcp: Recipe, ctx: Ctx, ngpu: int) -> None:
+    ctx.say(f"== {name}: {rcp.about}")
+    for job in rcp.before:
+        run_job(job, rcp, ctx, ngpu)
+    lanes: dict[str, list[Job]] = {}
+    for job in rcp.jobs:
+        lanes.setdefault(job.lane, []).append(job)
+
+    def lane(jobs: list[Job]) -> None:
+        for job in jobs:
+            run_job(job, rcp, ctx, ngpu)
+
+    threads = [threading.Thread(target=lane, args=(jobs,)) for jobs in lanes.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+# ---- the model, the machine, the outputs ------------------------------------------------------------
+
+
+def sha256_of(spec: str) -> str:
+    """--sha256 is the hex digest itself or a file whose first word is (sha256sum's output)."""
+    text = Path(spec).read_text() if Path(spec).is_file() else spec
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text.split()[0] if text.split() else ""):
+        raise UserError(f"--sha256 {spec!r} is neither 64 hex digits nor a file starting with them")
+    return text.split()[0].lower()
+
+
+def assemble_gguf(parts: list[str], sha: str, work: Path) -> Path:
+    """Join the parts (each found where given, or in WORK where --stage left it) once, then check the
+    sha256 of the whole file, every call, before any run reads it."""
+    target = work / re.sub(r"\.part\d+$", "", Path(parts[0]).name)
+    if not target.exists():
+        found = [Path(p) if Path(p).exists() else work / Path(p).name for p in parts]
+        if missing := [str(p) for p in found if not p.exists()]:
+            raise UserError(f"GGUF part(s) {', '.join(missing)} not found (stage a part left by an earlier call "
+                            "with --stage, on the same warm machine)")
+        with open(target.with_suffix(".tmp"), "wb") as out:
+            for p in found:
+                with open(p, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        target.with_suffix(".tmp").rename(target)
+    h = hashlib.sha256()
+    with open(target, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    if h.hexdigest() != sha:
+        target.unlink()
+        raise UserError(f"{target}: sha256 {h.hexdigest()} is not {sha}; removed (send the parts again)")
+    return target
+
+
+def machine(ctx: Ctx) -> int:
+    """Write the machine and the versions into the summary; return the number of GPUs."""
+    smi = shutil.which("nvidia-smi")
+    gpus = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.strip().splitlines() if smi else []
+    ctx.say("GPUs: " + ("; ".join(gpus) or "none"))
+    code = ("import importlib\nfor m in ('torch', 'transformers', 'triton'):\n    try:\n"
+            "        print(m, importlib.import_module(m).__version__, end='  ')\n    except ImportError:\n"
+            "        pass\nimport torch; print('cuda', torch.version.cuda)")
+    v = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
+    ctx.say((v.stdout or v.stderr).strip().splitlines()[-1] if (v.stdout or v.stderr).strip() else "no python info")
+    return len(gpus)
+
+
+def collect(ctx: Ctx, state: dict[int, list[str]]) -> None:
+    """summary.txt, logs.tgz, runs.tgz and the state tarballs into OUT (gpu_tests.txt and bench.jsonl are
+    written as the jobs end)."""
+    (ctx.out / "summary.txt").write_text("\n".join(ctx.lines) + "\n")
+    if ctx.logs:
+        with tarfile.open(ctx.out / "logs.tgz", "w:gz") as t:
+            for log in ctx.logs:
+                t.add(log, f"logs/{log.name}")
+    runs = ctx.work / "runs"
+    if runs.is_dir() and any(runs.iterdir()):
+        skip = {"checkpoint", "best", "adapter", "steps.jsonl"}
+        with tarfile.open(ctx.out / "runs.tgz", "w:gz") as t:
+            t.add(runs, ".", filter=lambda i: None if skip & set(Path(i.name).parts) else i)
+    for gpu, names in state.items():
+        with tarfile.open(ctx.out / f"state_gpu{gpu}.tgz", "w:gz") as t:
+            for n in names:
+                if (runs / n).exists():
+                    t.add(runs / n, f"runs/{n}")
+    for f in ctx.out.iterdir():
+        if f.stat().st_size > 16 << 20:
+            print(f"device_run: warning: {f} is over 16 MiB and will not come back from the device", flush=True)
+
+
+def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="device_run.py", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="recipes: " + ", ".join(names))
+    ap.add_argument("recipes", nargs="*", metavar="RECIPE", help="run these, in order")
+    ap.add_argument("--list", action="store_true", help="list the recipes and exit")
+    ap.add_argument("--dry-run", action="store_true", help="print each job's command, run nothing")
+    ap.add_argument("--only", nargs="+", default=[], metavar="JOB", help="run only these jobs of the recipes")
+    ap.add_argument("--out", default=os.environ.get("OUT", ""), help="where the outputs go (default: $OUT)")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "zoft-device"),
+                    help="runs, logs, the model cache and staged files; kept across calls on a warm machine")
+    ap.add_argument("--model", default="", help="the model of the train and eval jobs: a folder, a .gguf, a name")
+    ap.add_argument("--gguf-parts", nargs="+", default=[], metavar="PART",
+                    help="the model as a GGUF split in parts (split -b), joined in WORK; needs --sha256")
+    ap.add_argument("--sha256", default="", help="the whole GGUF's sha256: hex, or a file of sha256sum's output")
+    ap.add_argument("--stage", nargs="+", default=[], metavar="FILE", help="copy these into WORK for a later call")
+    ap.add_argument("--bigbench", default="", help="a folder of BIG-bench task folders for the cache (squad)")
+    ap.add_argument("--device", default="cuda", help="the device of the train, eval and smoke jobs")
+    ap.add_argument("--run-limit", type=float, default=None, help="seconds before a train or eval job is stopped "
+                    "with SIGTERM (it saves a checkpoint); default: the recipe's")
+    ap.add_argument("--resume", action="store_true", help="continue every train job from its checkpoint")
+    ap.add_argument("--keep-state", action="store_true", help="also return the runs whole (state_gpuN.tgz)")
+    return ap.parse_args(argv)
+
+
+def select(ns: argparse.Namespace, book: dict[str, Recipe]) -> list[tuple[str, Recipe]]:
+    """The recipes asked for, cut down to --only's jobs; checks the model is given if a job needs one."""
+    if unknown := [r for r in ns.recipes if r not in book]:
+        raise UserError(f"unknown recipe(s) {', '.join(unknown)}; --list shows them")
+    chosen = [(n, book[n]) for n in ns.recipes]
+    if ns.only:
+        keep = set(ns.only)
+        chosen = [(n, Recipe(**{**r.__dict__, "jobs": [j for j in r.jobs if j.name in keep],
+                                "before": [j for j in r.before if j.name in keep]})) for n, r in chosen]
+        found = {j.name for _, r in chosen for j in r.jobs + r.before}
+        if missing := keep - found:
+            raise UserError(f"--only: no job named {', '.join(sorted(missing))} in {', '.join(ns.recipes)}")
+    needs = any(j.kind in ("train", "eval") for _, r in chosen for j in r.jobs + r.before)
+    if needs and not (ns.model or ns.gguf_parts):
+        raise UserError("these recipes train or evaluate a model: give --model PATH or --gguf-parts")
+    if ns.gguf_parts and not ns.sha256:
+        raise UserError("--gguf-parts needs --sha256: a joined file is checked before any run reads it")
+    if not ns.out and not ns.dry_run:
+        raise UserError("no output folder: give --out DIR (or set OUT)")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    book = recipes()
+    ns = parse_args(argv, list(book))
+    if ns.list:
+        for n, r in book.items():
+            print(f"{n:20s} {r.about}\n{'':20s} jobs: {', '.join(j.name for j in r.before + r.jobs)}")
+        return 0
+    try:
+        chosen = select(ns, book)
+        work = Path(ns.work).resolve()
+        ctx = Ctx(work, Path(ns.out or ".").resolve(), ns.model, ns.device, ns.run_limit, ns.resume, ns.dry_run)
+        if ns.dry_run:
+            joined = work / re.sub(r"\.part\d+$", "", Path(ns.gguf_parts[0]).name) if ns.gguf_parts else "MODEL"
+            ctx.model = ns.model or str(joined)
+            for name, rcp in chosen:
+                run_recipe(name, rcp, ctx, ngpu=2)
+            return 0
+        for d in (work / "logs", work / "runs", ctx.out):
+            d.mkdir(parents=True, exist_ok=True)
+        for f in ns.stage:
+            shutil.copy(f, work / Path(f).name)
+        if ns.gguf_parts:
+            ctx.model = str(assemble_gguf(ns.gguf_parts, sha256_of(ns.sha256), work))
+        if ns.bigbench:
+            shutil.copytree(ns.bigbench, work / "cache" / "bigbench", dirs_exist_ok=True)
+    except (UserError, OSError) as e:
+        print(f"device_run: error: {e}", file=sys.stderr)
+        return 2
+    ngpu = machine(ctx)
+    state: dict[int, list[str]] = {}
+    try:
+        for name, rcp in chosen:
+            run_recipe(name, rcp, ctx, ngpu)
+            if rcp.keep_state or ns.keep_state:
+                for j in rcp.jobs:
+                    if j.kind == "train":
+                        state.setdefault(j.gpu or 0, []).append(j.name)
+    finally:
+        collect(ctx, state)
+    return 1 if any(": rc=" in x and ": rc=0" not in x for x in ctx.lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""bench/device_run.py: every recipe's commands parse with zoft's CLI, a GGUF in parts is joined and checked,
+and a recipe runs end to end on the CPU (a tiny model trained, replayed and compared bitwise)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from zoft.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_device_run():
+    spec = importlib.util.spec_from_file_location("device_run", ROOT / "bench" / "device_run.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["device_run"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+dr = load_device_run()
+
+
+def test_every_recipe_command_parses_with_the_cli(tmp_path):
+    ctx = dr.Ctx(tmp_path, tmp_path, "MODEL", "cuda", None, resume=True, dry_run=True)
+    parser = build_parser()
+    checked = 0
+    for name, rcp in dr.recipes().items():
+        jobs = rcp.before + rcp.jobs
+        assert len({j.name for j in jobs}) == len(jobs), f"{name}: two jobs share a name (and a log)"
+        for job in jobs:
+            argv = dr.command(job, rcp, ctx)
+            if argv[1:3] == ["-m", "zoft"]:
+                try:
+                    parser.parse_args(argv[3:])
+                except SystemExit:
+                    pytest.fail(f"{name}/{job.name}: zoft rejects {' '.join(argv[3:])}")
+                checked += 1
+    assert checked > 100
+
+
+def test_recipes_keep_the_recorded_arguments(tmp_path):
+    """Spot checks against the commands behind docs/results.md's seventh-session table."""
+    ctx = dr.Ctx(tmp_path, tmp_path, "M", "cuda", None, resume=False, dry_run=True)
+    rcp = dr.recipes()["rt-low-lr-50k"]
+    job = next(j for j in rcp.jobs if j.name == "c1_top12_50k_seed2")
+    ns = build_parser().parse_args(dr.command(job, rcp, ctx)[3:])
+    assert (ns.layers, ns.lr, ns.eps, ns.schedule, ns.clip_grad, ns.steps, ns.seed, ns.n_dev, ns.n_test) == (
+        "top12", 1e-3, 1e-2, "cosine", 1.0, 50000, 2, 200, 500)
+    assert job.gpu == 0 and rcp.run_limit == 550 and rcp.keep_state
+
+
+def test_gguf_parts_are_joined_and_checked(tmp_path):
+    blob = bytes(range(256)) * 1000
+    (tmp_path / "m.gguf.part00").write_bytes(blob[:100_000])
+    (tmp_path / "sent").mkdir()
+    (tmp_path / "sent" / "m.gguf.part01").write_bytes(blob[100_000:])
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "m.gguf.part00").write_bytes(blob[:100_000])  # as --stage leaves it in an earlier call
+    bad = "0" * 64
+    with pytest.raises(dr.UserError, match="sha256"):
+        dr.assemble_gguf(["m.gguf.part00", str(tmp_path / "sent" / "m.gguf.part01")], bad, work)
+    assert not (work / "m.gguf").exists()
+    sha_file = tmp_path / "sha"
+    sha_file.write_text(hashlib.sha256(blob).hexdigest() + "  m.gguf\n")
+    out = dr.assemble_gguf(["m.gguf.part00", str(tmp_path / "sent" / "m.gguf.part01")],
+                           dr.sha256_of(str(sha_file)), work)
+    assert out == work / "m.gguf" and out.read_bytes() == blob
+
+
+def test_user_errors_exit_2(tmp_path, capsys):
+    assert dr.main(["--out", str(tmp_path), "no-such-recipe"]) == 2
+    assert dr.main(["--out", str(tmp_path), "rt-top16"]) == 2  # no model
+    assert dr.main(["--out", str(tmp_path), "--gguf-parts", "a.part00", "rt-top16"]) == 2  # no sha256
+    assert dr.main(["--out", str(tmp_path), "tests", "--only", "nothing"]) == 2
+    assert capsys.readouterr().err.count("device_run: error:") == 4
+
+
+def test_smoke_recipe_runs_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert dr.main(["--out", str(out), "--work", str(work), "--device", "cpu", "smoke"]) == 0
+    summary = (out / "summary.txt").read_text()
+    assert "replay bitwise: OK" in summary and "smoke_train: rc=0" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "summary.txt"]
+    assert json.loads((work / "smoke" / "run" / "results.json").read_text())["steps"] == 20
