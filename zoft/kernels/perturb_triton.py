@@ -127,7 +127,7 @@ if triton is not None:
             tl.store(x_ptr + offs, out.to(tl.bfloat16), mask=mask)
         else:
             t = acc.to(tl.float16, fp_downcast_rounding="rtz")
-            up = (t.to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True)
+            up = (t.to(tl.int16, bitcast=True) + 1).to(tl.int16).to(tl.float16, bitcast=True)
             tf = t.to(tl.float32)
             p = (acc - tf) / (up.to(tl.float32) - tf)
             out = tl.where(tl.rand(sr_seed, offs) < p, up, t)
