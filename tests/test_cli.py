@@ -102,9 +102,9 @@ def runs(root, models):
     six = [*TRAIN, "--steps", "6"]
     argv = {
         "opt-lora": ["--model", models["opt"], *six, *MODES["lora"]],
-        "opt-full": ["--model", models["opt"], *six, *MODES["full"]],
+        "opt-full": ["--model", models["opt"], *six, *MODES["full"], "--full-step", "inplace"],
         "llama-lora": ["--model", models["llama"], *six, *MODES["lora"]],
-        "llama-full": ["--model", models["llama"], *six, *MODES["full"], "--full-step", "rows"],
+        "llama-full": ["--model", models["llama"], *six, *MODES["full"]],  # rows: the default on native models
         # --max-length 16: most prompts are longer, so truncation gets counted
         "neox-lora": ["--model", models["neox"], *six, *MODES["lora"], "--max-length", "16"],
         "resume-b": ["--model", models["opt"], *TRAIN, *MODES["lora"], "--steps", "3"],  # opt-lora's start

@@ -26,6 +26,22 @@ def param_seed(seed: int, index: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
+def param_seeds(seeds: list[int], n: int) -> torch.Tensor:
+    """(n, len(seeds)) int64: param_seed(seeds[j], i) for every tensor i < n, vectorised (uint64 arithmetic
+    wraps like the masks above); a step's seed table for the Triton kernels, without n·len(seeds) Python calls."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        s = np.array(seeds, dtype=np.uint64)[None, :]
+        i = np.arange(n, dtype=np.uint64)[:, None]
+        x = s * np.uint64(0x9E3779B97F4A7C15) + i * np.uint64(0xBF58476D1CE4E5B9) + np.uint64(1)
+        x ^= x >> np.uint64(31)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(29)
+        x &= np.uint64(0x7FFFFFFFFFFFFFFF)
+    return torch.from_numpy(x.astype(np.int64))
+
+
 def noise_chunks(numel: int, seed: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (offset, z chunk) covering `numel` standard normals, float32, on `device`."""
     gen = torch.Generator(device=device)

@@ -31,7 +31,7 @@ from torch import nn
 
 from zoft.lora import LoRALinear, RowBank, _half_plan, bank_views
 from zoft.models.common import PLAIN, Rows
-from zoft.perturb import param_seed, perturbed_pair
+from zoft.perturb import param_seeds, perturbed_pair
 from zoft.zo import Trainable, _flat_z, perturb_, tensor_z
 
 LossFn = Callable[[Rows], torch.Tensor]
@@ -212,18 +212,33 @@ class FullRowsPerturber:
         self.index = {id(t): i for i, t in enumerate(tr.tensors)}
         self.perturbs_embeddings = any(isinstance(m, nn.Embedding) and id(m.weight) in self.index
                                        for m in model.modules())
+        self.staging: torch.Tensor | None = None  # pinned host buffer for the seed table (reused every step)
 
     def rows(self, seeds: list[int], eps: float) -> FullRows:
         table = None
         if self.tr.z_backend == "triton":
-            dev = self.tr.tensors[0].device
-            host = torch.tensor([[param_seed(s, i) for s in seeds] for i in range(len(self.tr.tensors))],
-                                dtype=torch.int64)
-            table = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev)
+            table = seed_table(self, seeds, len(self.tr.tensors), self.tr.tensors[0].device)
         return FullRows(self, seeds, eps, table)
 
     def losses(self, loss_fn: LossFn, seeds: list[int], eps: float) -> torch.Tensor:
         return loss_fn(self.rows(seeds, eps))
+
+
+def seed_table(holder, seeds: list[int], n: int, device: torch.device) -> torch.Tensor:
+    """param_seed(seeds[j], i) for every tensor i as an (n, len(seeds)) int64 tensor on `device`, through a
+    pinned buffer kept on `holder` (asynchronous on CUDA: the host does not wait for the GPU)."""
+    host = param_seeds(seeds, n)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    if holder.staging is None or holder.staging.shape != host.shape:
+        holder.staging = torch.empty(host.shape, dtype=torch.int64, pin_memory=True)
+    else:  # the last step's copy out of the buffer must be done before it is overwritten
+        holder.staging_done.synchronize()
+    holder.staging.copy_(host)
+    out = holder.staging.to(device, non_blocking=True)
+    holder.staging_done = torch.cuda.Event()
+    holder.staging_done.record()
+    return out
 
 
 # ---- in place -----------------------------------------------------------------------------------

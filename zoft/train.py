@@ -32,6 +32,7 @@ from zoft.lora import load_peft_weights, save_peft
 from zoft.session import Session, attach, describe, load_session, log, make_engine, progress
 from zoft.tasks import get_task, sample_splits
 from zoft.tasks.encode import Encoded, encode
+from zoft.models.common import Rows
 from zoft.perturbers import estimate
 from zoft.zo import direction_seeds, lr_at, sgd_update_
 
@@ -74,6 +75,7 @@ def f1_row_losses(s: Session, batch: list[Encoded], golds: list[list[str]], rows
     from zoft.tasks.metrics import f1
 
     stop = stop_tokens(s.tokenizer)
+    rows = Rows(rows) if isinstance(rows, int) else rows
     total = torch.zeros(rows.P, dtype=torch.float64)
     for e, gold in zip(batch, golds, strict=True):
         for r, out in enumerate(s.model.generate(e.prompt_ids, 50, stop, rows=rows)):

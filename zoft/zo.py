@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from zoft.lora import LoRALinear, z_mask
-from zoft.perturb import HALF, add_noise_, noise, param_seed, update_half_
+from zoft.perturb import HALF, add_noise_, noise, param_seed, param_seeds, update_half_
 
 
 @dataclass
@@ -199,19 +199,25 @@ def rounding_seed(seeds: list[int], i: int) -> int:
 
 
 def _triton_update_(tr: Trainable, seeds: list[int], coefs: list[float], lr: float, weight_decay: float) -> None:
-    """The update with the Triton kernels: seeds and coefficients cross to the device once per step."""
-    from zoft.kernels.perturb_triton import _axpz_multi_kernel, _grid, update_sr_triton_, BLOCK
+    """The update with the Triton kernels: one launch per dtype for every tensor (a launch per tensor costs
+    more host time than the GPU spends on most of them), seeds and coefficients copied to the device once."""
+    from zoft.kernels.perturb_triton import UpdatePlan
 
-    dev = tr.tensors[0].device
-    table = torch.tensor([[param_seed(s, i) for s in seeds] for i in range(len(tr.tensors))], dtype=torch.int64)
-    table, c = table.to(dev), torch.tensor(coefs, dtype=torch.float32).to(dev)
-    for i, t in enumerate(tr.tensors):
-        decay = 1 - lr * weight_decay if weight_decay and tr.decay[i] else 1.0
-        if t.dtype in HALF:
-            update_sr_triton_(t.data, table[i], c, decay, rounding_seed(seeds, i))
-        elif t.numel():
-            flat = t.data.view(-1)
-            _axpz_multi_kernel[_grid(flat.numel())](flat, flat.numel(), table[i], c, len(seeds), float(decay), BLOCK=BLOCK)
+    n = len(tr.tensors)
+    table = param_seeds(seeds, n)  # (n, directions)
+    rounding = param_seeds([param_seed(seeds[0], 1 << 40)], n)[:, 0]  # = rounding_seed(seeds, i)
+    decay = torch.tensor([1 - lr * weight_decay if weight_decay and d else 1.0 for d in tr.decay], dtype=torch.float32)
+    plans = tr.__dict__.setdefault("update_plans", {})
+    for dtype in {t.dtype for t in tr.tensors}:
+        idx = [i for i, t in enumerate(tr.tensors) if t.dtype == dtype]
+        group = [tr.tensors[i].data for i in idx]
+        plan = plans.get(dtype)
+        if plan is None or not plan.valid(group):
+            plan = plans[dtype] = UpdatePlan(group)
+        sel = torch.tensor(idx)
+        ints = torch.cat([table[sel].reshape(-1), rounding[sel]]).to(group[0].device)
+        floats = torch.cat([decay[sel], torch.tensor(coefs, dtype=torch.float32)]).to(group[0].device)
+        plan.run(ints, floats, len(seeds))
 
 
 def _flat_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tensor, lr: float,

@@ -3,8 +3,9 @@
 MeZO touches every trained parameter four times a step (+εz, −2εz, +εz, update). The torch path
 (``zoft.perturb``) generates z chunk by chunk with a ``torch.Generator`` and then adds it: per chunk one
 write of z and two reads, plus the launch of each. Here one kernel reads x once, computes z in registers
-from a counter-based generator (Philox via ``tl.randn(seed, offsets)``, as in Triton's low-memory dropout
-tutorial) and writes x once. z is a pure function of (seed, element index): no chunk size, no generator
+from a counter-based generator (Philox via ``tl.randn4x(seed, counters)``, as in Triton's low-memory dropout
+tutorial; element i takes lane i % 4 of counter i // 4, so one Philox call serves four elements) and
+writes x once. z is a pure function of (seed, element index): no chunk size, no generator
 state, and any pass — perturb, restore, update, replay from a step log — regenerates it exactly.
 
 Arithmetic is float32 whatever x's dtype: x is loaded, upcast, updated, and rounded once on store (so a
@@ -62,13 +63,36 @@ SEED_LIMIT = 1 << 63  # seeds are non-negative int64 (zoft.perturb.param_seed gi
 if triton is not None:
 
     @triton.jit
+    def _z_block(seed, start, BLOCK: tl.constexpr):
+        """z for elements start … start + BLOCK − 1 (start a multiple of 4): element i is lane i % 4 of
+        the four normals Philox gives at counter i // 4, so one Philox call and two Box-Muller pairs
+        serve four elements (tl.randn spends a whole call on one)."""
+        g = start // 4 + tl.arange(0, BLOCK // 4)
+        n0, n1, n2, n3 = tl.randn4x(seed, g)
+        return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
+
+    @triton.jit
+    def _z_at(seed, idx):
+        """z at arbitrary element indices: the values _z_block gives there."""
+        n0, n1, n2, n3 = tl.randn4x(seed, idx // 4)
+        lane = idx % 4
+        return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+
+    @triton.jit
+    def _bits_block(seed, start, BLOCK: tl.constexpr):
+        """32 random bits per element of the block, four elements per Philox call."""
+        g = start // 4 + tl.arange(0, BLOCK // 4)
+        a, b, c, d = tl.randint4x(seed, g)
+        return tl.interleave(tl.interleave(a, c), tl.interleave(b, d))
+
+    @triton.jit
     def _axpz_kernel(x_ptr, n_elements, seed, scale, decay, BLOCK: tl.constexpr):
         """x ← decay·x + scale·z, z[i] = Philox(seed, i); one read and one write of x."""
         pid = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors past 2³¹ elements, same stream below
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
         x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-        z = tl.randn(seed, offs)
+        z = _z_block(seed, pid * BLOCK, BLOCK)
         y = x * decay + scale * z
         tl.store(x_ptr + offs, y.to(x_ptr.dtype.element_ty), mask=mask)
 
@@ -82,7 +106,7 @@ if triton is not None:
         for j in range(n_dirs):
             seed = tl.load(seeds_ptr + j)
             coef = tl.load(coefs_ptr + j)
-            acc = acc + coef * tl.randn(seed, offs)
+            acc = acc + coef * _z_block(seed, pid * BLOCK, BLOCK)
         tl.store(x_ptr + offs, acc.to(x_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -92,7 +116,7 @@ if triton is not None:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
         w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
-        z = eps * tl.randn(tl.load(seed_ptr), offs)
+        z = eps * _z_block(tl.load(seed_ptr), pid * BLOCK, BLOCK)
         tl.store(p_ptr + offs, (w + z).to(p_ptr.dtype.element_ty), mask=mask)
         tl.store(m_ptr + offs, (w - z).to(m_ptr.dtype.element_ty), mask=mask)
 
@@ -104,7 +128,7 @@ if triton is not None:
         mask = cols < D
         src = tl.load(idx_ptr + r).to(tl.int64) * D + cols
         w = tl.load(w_ptr + src, mask=mask).to(tl.float32)
-        z = eps * tl.randn(tl.load(seed_ptr), src)
+        z = eps * _z_at(tl.load(seed_ptr), src)
         tl.store(p_ptr + r * D + cols, (w + z).to(p_ptr.dtype.element_ty), mask=mask)
         tl.store(m_ptr + r * D + cols, (w - z).to(m_ptr.dtype.element_ty), mask=mask)
 
@@ -119,10 +143,10 @@ if triton is not None:
         mask = offs < n_elements
         acc = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * decay
         for j in range(n_dirs):
-            acc = acc + tl.load(coefs_ptr + j) * tl.randn(tl.load(seeds_ptr + j), offs)
+            acc = acc + tl.load(coefs_ptr + j) * _z_block(tl.load(seeds_ptr + j), pid * BLOCK, BLOCK)
         if HALF == 1:
             bits = acc.to(tl.int32, bitcast=True)
-            r = (tl.randint(sr_seed, offs) & 0xFFFF).to(tl.int32)
+            r = (_bits_block(sr_seed, pid * BLOCK, BLOCK) & 0xFFFF).to(tl.int32)
             out = ((bits + r) & -65536).to(tl.float32, bitcast=True)
             tl.store(x_ptr + offs, out.to(tl.bfloat16), mask=mask)
         else:
@@ -130,8 +154,89 @@ if triton is not None:
             up = (t.to(tl.int16, bitcast=True) + 1).to(tl.int16).to(tl.float16, bitcast=True)
             tf = t.to(tl.float32)
             p = (acc - tf) / (up.to(tl.float32) - tf)
-            out = tl.where(tl.rand(sr_seed, offs) < p, up, t)
+            u = (_bits_block(sr_seed, pid * BLOCK, BLOCK) >> 8).to(tl.float32) * (1.0 / 16777216.0)  # [0, 1)
+            out = tl.where(u < p, up, t)
             tl.store(x_ptr + offs, out, mask=mask)
+
+
+    @triton.jit
+    def _update_many_kernel(ptrs_ptr, starts_ptr, numels_ptr, ints_ptr, floats_ptr, n_tensors, n_dirs,
+                            ELT: tl.constexpr, HALF: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+        """The update of many tensors of one dtype in one launch: program b finds its tensor k by binary
+        search over starts (each tensor's first block), then does _axpz_multi_kernel's (HALF 0) or
+        _update_sr_kernel's (HALF 1, 2) arithmetic on block b − starts[k] of it. ints: the (tensors,
+        directions) seed table, then each tensor's rounding seed; floats: each tensor's decay, then the
+        directions' coefficients."""
+        b = tl.program_id(0)
+        lo = 0
+        hi = n_tensors
+        for _ in tl.static_range(STEPS):
+            mid = (lo + hi) // 2
+            go = tl.load(starts_ptr + mid) <= b
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid)
+        k = lo
+        base = tl.load(ptrs_ptr + k).to(tl.pointer_type(ELT))
+        local = (b - tl.load(starts_ptr + k)).to(tl.int64) * BLOCK
+        offs = local + tl.arange(0, BLOCK)
+        mask = offs < tl.load(numels_ptr + k)
+        acc = tl.load(base + offs, mask=mask).to(tl.float32) * tl.load(floats_ptr + k)
+        for j in range(n_dirs):
+            seed = tl.load(ints_ptr + k * n_dirs + j)
+            acc = acc + tl.load(floats_ptr + n_tensors + j) * _z_block(seed, local, BLOCK)
+        if HALF == 0:
+            tl.store(base + offs, acc.to(ELT), mask=mask)
+        else:
+            sr = tl.load(ints_ptr + n_tensors * n_dirs + k)
+            if HALF == 1:
+                r = (_bits_block(sr, local, BLOCK) & 0xFFFF).to(tl.int32)
+                out = ((acc.to(tl.int32, bitcast=True) + r) & -65536).to(tl.float32, bitcast=True)
+                tl.store(base + offs, out.to(tl.bfloat16), mask=mask)
+            else:
+                t = acc.to(tl.float16, fp_downcast_rounding="rtz")
+                up = (t.to(tl.int16, bitcast=True) + 1).to(tl.int16).to(tl.float16, bitcast=True)
+                tf = t.to(tl.float32)
+                p = (acc - tf) / (up.to(tl.float32) - tf)
+                u = (_bits_block(sr, local, BLOCK) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+                tl.store(base + offs, tl.where(u < p, up, t), mask=mask)
+
+
+class UpdatePlan:
+    """The fixed part of a many-tensor update: each tensor's address, first block and size, on the device.
+    Made once per set of tensors (zoft.zo keeps one per dtype); `valid` notices re-pointed tensors."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        for t in tensors:
+            _check(t)
+        self.tensors = tensors
+        self.dtype = tensors[0].dtype
+        if any(t.dtype != self.dtype for t in tensors):
+            raise ValueError("UpdatePlan takes tensors of one dtype")
+        self.ptrs = [t.data_ptr() for t in tensors]
+        blocks = [triton.cdiv(t.numel(), BLOCK) for t in tensors]
+        starts = [0]
+        for nb in blocks:
+            starts.append(starts[-1] + nb)
+        self.n_blocks = starts[-1]
+        dev = tensors[0].device
+        self.ptrs_t = torch.tensor(self.ptrs, dtype=torch.int64, device=dev)
+        self.starts_t = torch.tensor(starts[:-1] + [self.n_blocks + 1], dtype=torch.int64, device=dev)
+        self.numels_t = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=dev)
+        self.steps = max(1, (len(tensors)).bit_length())
+
+    def valid(self, tensors: list[torch.Tensor]) -> bool:
+        return len(tensors) == len(self.ptrs) and all(t.data_ptr() == p for t, p in zip(tensors, self.ptrs))
+
+    @torch.no_grad()
+    def run(self, ints: torch.Tensor, floats: torch.Tensor, n_dirs: int) -> None:
+        """ints: int64 [seed table (tensors × n_dirs) | rounding seeds (tensors)]; floats: float32
+        [decays (tensors) | coefficients (n_dirs)], both on the device."""
+        half = {torch.bfloat16: 1, torch.float16: 2}.get(self.dtype, 0)
+        elt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[self.dtype]
+        if self.n_blocks:
+            _update_many_kernel[(self.n_blocks,)](self.ptrs_t, self.starts_t, self.numels_t, ints, floats,
+                                                  len(self.ptrs), n_dirs, ELT=elt, HALF=half, STEPS=self.steps,
+                                                  BLOCK=BLOCK)
 
 
 def _check(t: torch.Tensor) -> torch.Tensor:
