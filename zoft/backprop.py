@@ -24,7 +24,8 @@ def peak_memory(device: str) -> dict:
     return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "peak_memory_kind": "cpu_rss"}
 
 
-def train_backprop(cfg: TrainConfig) -> dict:
+def train_backprop(cfg: TrainConfig, prepared: tuple | None = None) -> dict:
+    """The first-order baseline; `prepared`: train.prepare_data's result, read before the model loaded."""
     from zoft.train import batch_indices, finish, load_data, save_checkpoint
 
     rc, zc = cfg.run, cfg.zo
@@ -46,7 +47,7 @@ def train_backprop(cfg: TrainConfig) -> dict:
         json.dump(cfg.to_dict() | {"resolved": {"lr": lr, "path": s.path, "device": s.device,
                                                 "trainable_parameters": s.trainable.n_trained()}}, f, indent=2)
     log(describe(s, engine, zo=False) + "; first-order baseline: backprop + AdamW")
-    enc, splits, loss = load_data(cfg, s)
+    enc, splits, loss = load_data(cfg, s, prepared)
     if loss == "f1":
         raise ZoftError("--loss f1 is not differentiable: use it with the zo-sgd optimizer, or --loss lm with adamw")
     zero_shot = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="zero-shot eval")["score"] if (

@@ -63,10 +63,20 @@ def cmd_eval(ns) -> None:
     from zoft.evaluate import evaluate_split, with_demonstrations, write_predictions
     from zoft.lora import load_peft_weights, read_adapter_config
     from zoft.session import attach, describe, load_session, log, make_engine
-    from zoft.tasks import get_task, sample_splits
+    from zoft.tasks import load_task, sample_splits
     from zoft.tasks.encode import encode
+    from zoft.train import model_chat
 
-    s = load_session(from_namespace(ModelConfig, ns))
+    mc, tc = from_namespace(ModelConfig, ns), from_namespace(TaskConfig, ns)
+    task = load_task(tc, model_chat(mc))  # before the model: bad data fails in a second
+    splits = sample_splits(task, ns.icl_k, 0 if ns.split == "test" else tc.n_dev, tc.n_test, ns.seed)
+    got, asked = len(splits[ns.split]), {"test": tc.n_test, "dev": tc.n_dev}[ns.split]
+    if not got:  # an empty split is an error, not "accuracy 0.0"
+        raise ZoftError(f"the {ns.split} split of {task.name} came out empty: nothing to evaluate "
+                        f"(check --n-{ns.split} and the data, or pass --test-file / --validation-file)")
+    if got < asked:
+        log(f"zoft: warning: {task.name}: the {ns.split} split has {got} examples, fewer than --n-{ns.split} {asked}")
+    s = load_session(mc)
     if ns.adapter:
         ac = read_adapter_config(ns.adapter)
         layers = ac.get("layers_to_transform")
@@ -76,9 +86,6 @@ def cmd_eval(ns) -> None:
         load_peft_weights(s.loras, ns.adapter)
     engine = make_engine(s)
     log(describe(s, engine))
-    tc = from_namespace(TaskConfig, ns)
-    task = get_task(tc.task, data_dir=tc.data_dir or None, template=tc.template or None)
-    splits = sample_splits(task, ns.icl_k, 0 if ns.split == "test" else tc.n_dev, tc.n_test, ns.seed)
     exs = with_demonstrations(splits[ns.split], splits["train"][: ns.icl_k]) if ns.icl_k else splits[ns.split]
     enc, n_trunc = encode(s.tokenizer, exs, s.max_length, ns.truncation)
     if n_trunc:

@@ -44,9 +44,24 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    task: str = arg("rotten_tomatoes", "built-in task name or a .jsonl file of your own")
-    data_dir: str = arg("", "local copy of a dataset in its original format (sst2, imdb…)")
-    template: str = arg("", "format string over a jsonl row's fields, e.g. '{input} It was'")
+    task: str = arg("rotten_tomatoes", "a built-in task, a data file (.jsonl .json .csv .parquet), a folder "
+                    "(save_to_disk, or train/validation/test files) or a Hugging Face hub dataset id")
+    data_dir: str = arg("", "local copy of a built-in task's dataset in its original format (sst2, imdb…)")
+    template: str = arg("", "format string over a row's fields, e.g. '{input} It was' or '{text} It was'")
+    train_file: str = arg("", "training rows in a file of their own (replaces --task)")
+    validation_file: str = arg("", "dev rows (evaluation during training) in a file of their own")
+    test_file: str = arg("", "test rows in a file of their own")
+    dataset_config: str = arg("", "hub datasets: the configuration name (load_dataset's second argument)")
+    train_split: str = arg("train", "hub datasets and saved DatasetDicts: the split used for training")
+    validation_split: str = arg("validation", "... the split dev examples come from (when it exists)")
+    test_split: str = arg("test", "... the split test examples come from (when it exists)")
+    label_names: list = arg([], "classification rows (text + label): one name per class, in label order; "
+                            "each becomes a candidate ' name' after the prompt (default: the ClassLabel names)")
+    text_column: str = arg("text", "column of classification text")
+    label_column: str = arg("label", "column of classification labels (an index or a label name)")
+    prompt_column: str = arg("prompt", "column of prompts (TRL prompt/completion rows)")
+    completion_column: str = arg("completion", "column of completions (TRL prompt/completion rows)")
+    messages_column: str = arg("messages", "column of chat messages (rendered by the tokenizer's chat template)")
     n_train: int = arg(1000, "training examples sampled")
     n_dev: int = arg(500, "dev examples (evaluation during training, best checkpoint)")
     n_test: int = arg(1000, "test examples (fixed, whatever --seed)")

@@ -28,10 +28,12 @@ from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import Interrupted, ZoftError
 from zoft.evaluate import answers_of, evaluate_split, write_predictions
+from zoft.loading import load_tokenizer, resolve
 from zoft.lora import load_peft_weights, save_peft
-from zoft.session import Session, attach, describe, load_session, log, make_engine, progress
-from zoft.tasks import get_task, sample_splits
+from zoft.session import Session, attach, describe, load_session, log, make_engine, progress, resolve_alias
+from zoft.tasks import Task, check_splits, load_task, sample_splits
 from zoft.tasks.encode import Encoded, encode
+from zoft.tasks.rows import ChatFn, chat_renderer
 from zoft.zo import direction_seeds, full_rows_step, inplace_step, lr_at, rows_step, sgd_update_
 
 
@@ -48,22 +50,41 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def load_data(cfg: TrainConfig, s: Session) -> tuple[dict[str, list[Encoded]], dict, str]:
+def prepare_data(cfg: TrainConfig, chat: ChatFn | None = None, task: Task | None = None) -> tuple[Task, dict, str]:
+    """Read, convert, sample and check the data, and pick the loss: all that needs no model, so bad data
+    fails in a second. `task`: data already in hand (the Python API), instead of cfg.task's source."""
     tc = cfg.task
-    task = get_task(tc.task, data_dir=tc.data_dir or None, template=tc.template or None)
+    task = task or load_task(tc, chat)
     splits = sample_splits(task, tc.n_train, tc.n_dev, tc.n_test, cfg.run.seed, tc.k_shot or None)
+    asked = {"train": 0 if tc.k_shot else tc.n_train, "test": tc.n_test} | ({"dev": tc.n_dev} if cfg.run.eval_every else {})
+    check_splits(task, splits, asked, log)
+    if cfg.run.eval_every and not splits["dev"]:
+        raise ZoftError(f"--eval-every {cfg.run.eval_every} evaluates on the dev split, which came out empty; "
+                        "raise --n-dev, pass --validation-file, or drop --eval-every")
+    loss = tc.loss if tc.loss != "auto" else ("candidate" if task.kind == "mc" else "lm")
+    if loss == "candidate" and task.kind != "mc":
+        raise ZoftError(f"--loss candidate needs a multiple-choice task; {task.name} is generation: use --loss lm")
+    if loss == "f1" and task.kind != "gen":
+        raise ZoftError("--loss f1 needs a generation task and a native model (OPT, Llama family)")
+    return task, splits, loss
+
+
+def model_chat(mc) -> ChatFn:
+    """Chat rows are rendered with the model's own tokenizer, loaded (without the weights) when first needed."""
+    return chat_renderer(lambda: load_tokenizer(resolve(resolve_alias(mc.model))))
+
+
+def load_data(cfg: TrainConfig, s: Session, prepared: tuple[Task, dict, str] | None = None
+              ) -> tuple[dict[str, list[Encoded]], dict, str]:
+    """Tokenize the prepared splits (prepare_data's, or prepared here) for the session's model."""
+    _, splits, loss = prepared or prepare_data(cfg, chat_renderer(lambda: s.tokenizer))
+    if loss == "f1" and not s.native:
+        raise ZoftError("--loss f1 needs a generation task and a native model (OPT, Llama family)")
     enc = {}
     for name, exs in splits.items():
         enc[name], n_trunc = encode(s.tokenizer, exs, s.max_length, cfg.model.truncation)
         if n_trunc:
             log(f"zoft: {name}: {n_trunc} of {len(exs)} prompts truncated from the left to {s.max_length} tokens")
-    if not enc["train"]:
-        raise ZoftError(f"task {tc.task} gave no training examples; check --n-train / --k-shot and the data")
-    loss = tc.loss if tc.loss != "auto" else ("candidate" if task.kind == "mc" else "lm")
-    if loss == "candidate" and task.kind != "mc":
-        raise ZoftError(f"--loss candidate needs a multiple-choice task; {tc.task} is generation: use --loss lm")
-    if loss == "f1" and (task.kind != "gen" or not s.native):
-        raise ZoftError("--loss f1 needs a generation task and a native model (OPT, Llama family)")
     return enc, splits, loss
 
 
@@ -223,12 +244,14 @@ class HostCopy:
         return self.host.tolist()
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, data: Task | None = None) -> dict:
+    """Train as `cfg` says; `data`: a task already in hand (the Python API) instead of cfg.task's source."""
     rc, zc = cfg.run, cfg.zo
+    prepared = prepare_data(cfg, model_chat(cfg.model), data)  # before the model: bad data fails in a second
     if zc.optimizer == "adamw":
         from zoft.backprop import train_backprop
 
-        return train_backprop(cfg)
+        return train_backprop(cfg, prepared)
     rank, world = dist.world()
     main = rank == 0
     out = rc.output_dir
@@ -260,8 +283,8 @@ def train(cfg: TrainConfig) -> dict:
     say(f"zoft: training {s.trainable.n_trained():,} parameters ({zc.mode}{', A frozen' if s.trainable.fixed else ''}), "
         f"ε={eps:g}, lr={base_lr:g}")
 
-    enc, splits, loss = load_data(cfg, s)
-    say(f"zoft: task {cfg.task.task}: {len(enc['train'])} train / {len(enc['dev'])} dev / {len(enc['test'])} test, loss={loss}")
+    enc, splits, loss = load_data(cfg, s, prepared)
+    say(f"zoft: task {prepared[0].name}: {len(enc['train'])} train / {len(enc['dev'])} dev / {len(enc['test'])} test, loss={loss}")
 
     log_path = os.path.join(out, "steps.jsonl")
     step, best_dev, zero_shot, lr_scale, applied = 0, -1.0, None, 1.0, 0
