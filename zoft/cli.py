@@ -13,7 +13,6 @@ import shutil
 import sys
 
 from zoft import __version__
-
 from zoft.config import (
     ModelConfig,
     RunConfig,
