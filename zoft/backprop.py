@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from zoft import tracking
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import ZoftError
@@ -24,7 +25,7 @@ def peak_memory(device: str) -> dict:
     return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "peak_memory_kind": "cpu_rss"}
 
 
-def train_backprop(cfg: TrainConfig, prepared: tuple | None = None) -> dict:
+def train_backprop(cfg: TrainConfig, prepared: tuple | None = None, callbacks=()) -> dict:
     """The first-order baseline; `prepared`: train.prepare_data's result, read before the model loaded."""
     from zoft.train import batch_indices, finish, load_data, save_checkpoint
 
@@ -64,6 +65,11 @@ def train_backprop(cfg: TrainConfig, prepared: tuple | None = None) -> dict:
         torch.cuda.reset_peak_memory_stats(s.device)
     train_set, best_dev, t_loop = enc["train"], -1.0, time.time()
     metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+    reporters = tracking.Reporters(rc.report_to, out, cfg.to_dict(), callbacks)
+
+    def emit(row: dict) -> None:
+        metrics.write(json.dumps(row) + "\n")
+        reporters.log(row)
     bar = progress(iterable=range(rc.steps), desc="train (adamw)", unit="step", dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
@@ -77,18 +83,20 @@ def train_backprop(cfg: TrainConfig, prepared: tuple | None = None) -> dict:
         value.backward()
         opt.step()
         bar.set_postfix(loss=f"{value.item():.4f}", refresh=False)
-        metrics.write(json.dumps({"step": step + 1, "loss": value.item(), "lr": opt.param_groups[0]["lr"],
-                                  "seconds": round(time.time() - t_start, 3)}) + "\n")
+        emit({"step": step + 1, "loss": value.item(), "lr": opt.param_groups[0]["lr"],
+              "forwards": step + 1,  # one forward (and one backward) a step
+              "seconds": round(time.time() - t_start, 3)})
         done = step + 1
         if rc.eval_every and done % rc.eval_every == 0 and enc["dev"]:
             ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
             dev = ev["score"]
-            metrics.write(json.dumps({"step": done, f"dev_{ev['metric']}": dev, **s.trainable.norms()}) + "\n")
+            emit({"step": done, f"dev_{ev['metric']}": dev, **s.trainable.norms()})
             if dev > best_dev:
                 best_dev = dev
                 save_checkpoint(s, os.path.join(out, "best"), {"step": done, "dev_score": dev})
     bar.close()
     metrics.close()
+    reporters.close()
     train_seconds = time.time() - t_loop
     mem = peak_memory(s.device)
     save_checkpoint(s, os.path.join(out, "checkpoint"), {"next_step": rc.steps, "applied": rc.steps})

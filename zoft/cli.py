@@ -131,7 +131,7 @@ def cmd_tasks(ns) -> None:
 def cmd_plot(ns) -> None:
     from zoft.plot import plot
 
-    print(json.dumps({"output": plot(ns.run_dirs, ns.output, ns.window)}))
+    print(json.dumps({"output": plot(ns.run_dirs, ns.output, ns.window, ns.x)}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dirs", nargs="+")
     sp.add_argument("--output", default="curves.png")
     sp.add_argument("--window", type=int, default=20, help="moving-average window for the loss")
+    sp.add_argument("--x", default="steps", choices=["steps", "forwards", "seconds"],
+                    help="the curves' x axis: optimizer steps, forward passes used, or wall-clock seconds")
     sp.set_defaults(fn=cmd_plot)
     return p
 

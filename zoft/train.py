@@ -16,13 +16,14 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from zoft import distributed as dist
-from zoft import steplog
+from zoft import steplog, tracking
 from zoft.backprop import peak_memory
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
@@ -34,6 +35,7 @@ from zoft.session import Session, attach, describe, load_session, log, make_engi
 from zoft.tasks import Task, check_splits, load_task, sample_splits
 from zoft.tasks.encode import Encoded, encode
 from zoft.tasks.rows import ChatFn, chat_renderer
+from zoft.tracking import Callback
 from zoft.zo import direction_seeds, full_rows_step, inplace_step, lr_at, rows_step, sgd_update_
 
 
@@ -244,14 +246,16 @@ class HostCopy:
         return self.host.tolist()
 
 
-def train(cfg: TrainConfig, data: Task | None = None) -> dict:
-    """Train as `cfg` says; `data`: a task already in hand (the Python API) instead of cfg.task's source."""
+def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callback] = ()) -> dict:
+    """Train as `cfg` says; `data`: a task already in hand (the Python API) instead of cfg.task's source;
+    `callbacks` see every metrics row (zoft.tracking.Callback)."""
     rc, zc = cfg.run, cfg.zo
     prepared = prepare_data(cfg, model_chat(cfg.model), data)  # before the model: bad data fails in a second
+    tracking.check(rc.report_to)
     if zc.optimizer == "adamw":
         from zoft.backprop import train_backprop
 
-        return train_backprop(cfg, prepared)
+        return train_backprop(cfg, prepared, callbacks)
     rank, world = dist.world()
     main = rank == 0
     out = rc.output_dir
@@ -315,6 +319,11 @@ def train(cfg: TrainConfig, data: Task | None = None) -> dict:
     if main and not rc.resume:
         save_checkpoint(s, ckpt, state(0))  # the starting point: what the guard falls back to in full mode
     metrics = open(os.path.join(out, "metrics.jsonl"), "a" if rc.resume else "w") if main else None
+    reporters = tracking.Reporters(rc.report_to, out, resolved, callbacks) if main else None
+
+    def emit(row: dict) -> None:  # one metrics row: metrics.jsonl, then the trackers and callbacks
+        metrics.write(json.dumps(row) + "\n")
+        reporters.log(row)
     bar = progress(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     # Pipelined steps (LoRA with the candidate or LM loss, all on the device): step i's update is queued
     # with g still on the device, and the host reads step i's losses while step i+1 runs, so nothing
@@ -397,8 +406,9 @@ def train(cfg: TrainConfig, data: Task | None = None) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}", g=f"{g_mean:+.3g}", s_step=f"{dt:.3f}", refresh=False)  # shown at the next refresh
         if main:
-            metrics.write(json.dumps({"step": r["step"] + 1, "loss": loss_val, "projected_grad": g_mean, "lr": r["lr"],
-                                      "seconds": round(now - t_start, 3), "step_seconds": round(dt, 4)}) + "\n")
+            emit({"step": r["step"] + 1, "loss": loss_val, "projected_grad": g_mean, "lr": r["lr"],
+                  "forwards": 2 * n * (r["step"] + 1),  # two perturbed passes per direction, every step so far
+                  "seconds": round(now - t_start, 3), "step_seconds": round(dt, 4)})
             if now - t_flush > 2:  # readable while the run goes on, without a write call per step
                 metrics.flush()
                 t_flush = now
@@ -459,7 +469,7 @@ def train(cfg: TrainConfig, data: Task | None = None) -> dict:
             if main and rc.eval_every and step % rc.eval_every == 0 and enc["dev"]:
                 ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
                 dev, metric = ev["score"], ev["metric"]
-                metrics.write(json.dumps({"step": step, f"dev_{metric}": dev, **s.trainable.norms()}) + "\n")
+                emit({"step": step, f"dev_{metric}": dev, **s.trainable.norms()})
                 bar.write(file=sys.stderr, s=f"step {step}: dev {metric} {dev:.4f}" + (" (best)" if dev > best_dev else ""))
                 if dev > best_dev:
                     best_dev = dev
@@ -473,6 +483,8 @@ def train(cfg: TrainConfig, data: Task | None = None) -> dict:
                     slog.sync()
                     save_checkpoint(s, ckpt, state(step))
                     slog.close()
+                    metrics.close()
+                    reporters.close()
                 dist.barrier()  # no rank exits before the checkpoint is written (torchrun would kill rank 0)
                 name = signal.Signals(got).name
                 bar.close()
@@ -484,6 +496,7 @@ def train(cfg: TrainConfig, data: Task | None = None) -> dict:
         dist.barrier()
         return {}
     metrics.close()
+    reporters.close()
     slog.close()
 
     result = finish(s, engine, enc, splits, out, rc.eval_batch_size, best_dev)
