@@ -109,3 +109,32 @@ def test_demo_takes_argv_from_main(opt, tmp_path, zoft_here):
     assert json.loads(p.stdout.splitlines()[-1])["steps"] == 5
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     assert cfg["zo"]["lr"] == 5e-3 and cfg["zo"]["batch_size"] == 16 and cfg["run"]["steps"] == 5
+
+
+def test_preset_names_mean_the_same_model_everywhere(zoft_here, monkeypatch):
+    from zoft.session import peft_base, resolve_alias
+
+    assert resolve_alias("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M" == peft_base("smollm2-135m", "/x")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = zoft_here("train", "--model", "smollm2-135m", "--task", "rotten_tomatoes", "--device", "cpu")
+    assert_user_error(p, "HuggingFaceTB/SmolLM2-135M", "hub")  # known, fetched from the hub (offline here)
+
+
+def test_gpt2_conv1d_lora_error_names_what_can_take_it(tmp_path, zoft_here):
+    import transformers
+
+    from tests.helpers_tok import gpt2_tokenizer
+    from tests.tiny import VOCAB
+
+    folder = tmp_path / "gpt2"
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    gpt2_tokenizer().save_pretrained(folder)
+    p = zoft_here("train", "--model", folder, "--task", "rotten_tomatoes", "--n-train", "8", "--n-test", "4",
+                  "--device", "cpu", "--output-dir", tmp_path / "r")
+    msg = assert_user_error(p, "Conv1D (c_attn, c_fc, c_proj)", "lm_head", "--mode full")
+    assert "choose from ['q'" not in msg
+    p = zoft_here("train", "--model", folder, "--task", "rotten_tomatoes", "--n-train", "8", "--n-test", "4",
+                  "--device", "cpu", "--mode", "full", "--steps", "2", "--batch-size", "4", "--no-zero-shot",
+                  "--output-dir", tmp_path / "f")
+    assert p.returncode == 0, p.stderr  # full mode trains every parameter, Conv1D included

@@ -11,11 +11,12 @@ import time
 import torch
 
 from zoft import tracking
+from zoft.card import write_model_card
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import ZoftError
 from zoft.evaluate import evaluate_split
-from zoft.session import attach, describe, load_session, log, make_engine, progress
+from zoft.session import attach, describe, load_session, log, make_engine, peft_base, progress
 
 
 def peak_memory(device: str) -> dict:
@@ -45,7 +46,7 @@ def train_backprop(cfg: TrainConfig, prepared: tuple | None = None, callbacks=()
     engine = make_engine(s, 0.0, rc.pack_tokens, varlen=False)
     lr = zc.lr_value
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg.to_dict() | {"resolved": {"lr": lr, "path": s.path, "device": s.device,
+        json.dump(cfg.to_dict() | {"resolved": {"lr": lr, "path": s.path, "device": s.device, "base": peft_base(s.source, s.folder),
                                                 "trainable_parameters": s.trainable.n_trained()}}, f, indent=2)
     log(describe(s, engine, zo=False) + "; first-order baseline: backprop + AdamW")
     enc, splits, loss = load_data(cfg, s, prepared)
@@ -104,6 +105,9 @@ def train_backprop(cfg: TrainConfig, prepared: tuple | None = None, callbacks=()
     result |= {"zero_shot_accuracy": zero_shot, "steps": rc.steps, "optimizer": "adamw",
                "seconds": round(time.time() - t_start, 1), "train_seconds": round(train_seconds, 1),
                "seconds_per_step": round(train_seconds / max(1, rc.steps), 4), "path": s.path, **mem}
+    if s.loras is not None:
+        write_model_card(os.path.join(out, "adapter"), cfg, peft_base(s.source, s.folder),
+                         prepared[0].name if prepared else cfg.task.task, result)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

