@@ -425,7 +425,11 @@ def test_bigbench_cache_is_a_single_pool(tmp_path, monkeypatch):
     # --data-dir pointing at a cache folder picks it explicitly, even with `datasets` importable
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=None))
     assert get_task("drop", data_dir=str(tmp_path / "bigbench")).source == "bigbench"
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
     assert get_task("drop").source == "hub"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # offline (datasets is now a dependency): the fetched copy
+    assert get_task("drop").source == "bigbench"
     assert next(r for r in describe_tasks() if r[0] == "squad")[3] is True
 
 

@@ -10,11 +10,13 @@ import time
 
 import torch
 
+from zoft import tracking
+from zoft.card import write_model_card
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import ZoftError
 from zoft.evaluate import evaluate_split
-from zoft.session import attach, describe, load_session, log, make_engine, progress
+from zoft.session import attach, describe, load_session, log, make_engine, peft_base, progress
 
 
 def peak_memory(device: str) -> dict:
@@ -24,7 +26,8 @@ def peak_memory(device: str) -> dict:
     return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "peak_memory_kind": "cpu_rss"}
 
 
-def train_backprop(cfg: TrainConfig) -> dict:
+def train_backprop(cfg: TrainConfig, prepared: tuple | None = None, callbacks=()) -> dict:
+    """The first-order baseline; `prepared`: train.prepare_data's result, read before the model loaded."""
     from zoft.train import batch_indices, finish, load_data, save_checkpoint
 
     rc, zc = cfg.run, cfg.zo
@@ -43,10 +46,10 @@ def train_backprop(cfg: TrainConfig) -> dict:
     engine = make_engine(s, 0.0, rc.pack_tokens, varlen=False)
     lr = zc.lr_value
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg.to_dict() | {"resolved": {"lr": lr, "path": s.path, "device": s.device,
+        json.dump(cfg.to_dict() | {"resolved": {"lr": lr, "path": s.path, "device": s.device, "base": peft_base(s.source, s.folder),
                                                 "trainable_parameters": s.trainable.n_trained()}}, f, indent=2)
     log(describe(s, engine, zo=False) + "; first-order baseline: backprop + AdamW")
-    enc, splits, loss = load_data(cfg, s)
+    enc, splits, loss = load_data(cfg, s, prepared)
     if loss == "f1":
         raise ZoftError("--loss f1 is not differentiable: use it with the zo-sgd optimizer, or --loss lm with adamw")
     zero_shot = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="zero-shot eval")["score"] if (
@@ -63,6 +66,11 @@ def train_backprop(cfg: TrainConfig) -> dict:
         torch.cuda.reset_peak_memory_stats(s.device)
     train_set, best_dev, t_loop = enc["train"], -1.0, time.time()
     metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+    reporters = tracking.Reporters(rc.report_to, out, cfg.to_dict(), callbacks)
+
+    def emit(row: dict) -> None:
+        metrics.write(json.dumps(row) + "\n")
+        reporters.log(row)
     bar = progress(iterable=range(rc.steps), desc="train (adamw)", unit="step", dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
@@ -76,18 +84,20 @@ def train_backprop(cfg: TrainConfig) -> dict:
         value.backward()
         opt.step()
         bar.set_postfix(loss=f"{value.item():.4f}", refresh=False)
-        metrics.write(json.dumps({"step": step + 1, "loss": value.item(), "lr": opt.param_groups[0]["lr"],
-                                  "seconds": round(time.time() - t_start, 3)}) + "\n")
+        emit({"step": step + 1, "loss": value.item(), "lr": opt.param_groups[0]["lr"],
+              "forwards": step + 1,  # one forward (and one backward) a step
+              "seconds": round(time.time() - t_start, 3)})
         done = step + 1
         if rc.eval_every and done % rc.eval_every == 0 and enc["dev"]:
             ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
             dev = ev["score"]
-            metrics.write(json.dumps({"step": done, f"dev_{ev['metric']}": dev, **s.trainable.norms()}) + "\n")
+            emit({"step": done, f"dev_{ev['metric']}": dev, **s.trainable.norms()})
             if dev > best_dev:
                 best_dev = dev
                 save_checkpoint(s, os.path.join(out, "best"), {"step": done, "dev_score": dev})
     bar.close()
     metrics.close()
+    reporters.close()
     train_seconds = time.time() - t_loop
     mem = peak_memory(s.device)
     save_checkpoint(s, os.path.join(out, "checkpoint"), {"next_step": rc.steps, "applied": rc.steps})
@@ -95,6 +105,9 @@ def train_backprop(cfg: TrainConfig) -> dict:
     result |= {"zero_shot_accuracy": zero_shot, "steps": rc.steps, "optimizer": "adamw",
                "seconds": round(time.time() - t_start, 1), "train_seconds": round(train_seconds, 1),
                "seconds_per_step": round(train_seconds / max(1, rc.steps), 4), "path": s.path, **mem}
+    if s.loras is not None:
+        write_model_card(os.path.join(out, "adapter"), cfg, peft_base(s.source, s.folder),
+                         prepared[0].name if prepared else cfg.task.task, result)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 
+from zoft import __version__
 from zoft.config import (
     ModelConfig,
     RunConfig,
@@ -20,13 +21,14 @@ from zoft.config import (
     ZOConfig,
     add_arguments,
     from_namespace,
+    read_config_file,
 )
 from zoft.errors import Interrupted, ZoftError
 
 DEMO = dict(  # the embedded default: real SmolLM2 weights, real Rotten Tomatoes data, ~5 min on 2 CPU cores
-    zo=dict(mode="lora", layers="top4", lr=5e-3, eps=1e-2, batch_size=16),
-    task=dict(n_train=1000, n_dev=200, n_test=500),
-    run=dict(steps=900, eval_every=300, output_dir="runs/demo"),
+    mode="lora", layers="top4", lr=5e-3, eps=1e-2, batch_size=16,
+    n_train=1000, n_dev=200, n_test=500,
+    steps=900, eval_every=300, output_dir="runs/demo",
 )
 
 
@@ -44,16 +46,12 @@ def cmd_train(ns) -> None:
 
 
 def cmd_demo(ns) -> None:
-    """Train with the demo preset; any flag given on the command line still overrides it."""
+    """Train with the demo preset (the demo parser's defaults, so any flag given still overrides it)."""
     from zoft.train import train
 
     cfg = _train_config(ns)
-    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in sys.argv if a.startswith("--")}
-    for section, values in DEMO.items():
-        for k, v in values.items():
-            if k not in given:
-                setattr(getattr(cfg, section), k, v)
-    if not cfg.run.resume and os.path.isdir(os.path.join(cfg.run.output_dir, "checkpoint")) and "output_dir" not in given:
+    if not cfg.run.resume and cfg.run.output_dir == DEMO["output_dir"] and os.path.isdir(
+            os.path.join(cfg.run.output_dir, "checkpoint")):
         shutil.rmtree(cfg.run.output_dir)  # the demo's own folder: start fresh each time
     result = train(cfg)
     print(json.dumps({k: result[k] for k in ("zero_shot_accuracy", "final_accuracy", "steps", "seconds")} | result))
@@ -63,10 +61,20 @@ def cmd_eval(ns) -> None:
     from zoft.evaluate import evaluate_split, with_demonstrations, write_predictions
     from zoft.lora import load_peft_weights, read_adapter_config
     from zoft.session import attach, describe, load_session, log, make_engine
-    from zoft.tasks import get_task, sample_splits
+    from zoft.tasks import load_task, sample_splits
     from zoft.tasks.encode import encode
+    from zoft.train import model_chat
 
-    s = load_session(from_namespace(ModelConfig, ns))
+    mc, tc = from_namespace(ModelConfig, ns), from_namespace(TaskConfig, ns)
+    task = load_task(tc, model_chat(mc))  # before the model: bad data fails in a second
+    splits = sample_splits(task, ns.icl_k, 0 if ns.split == "test" else tc.n_dev, tc.n_test, ns.seed)
+    got, asked = len(splits[ns.split]), {"test": tc.n_test, "dev": tc.n_dev}[ns.split]
+    if not got:  # an empty split is an error, not "accuracy 0.0"
+        raise ZoftError(f"the {ns.split} split of {task.name} came out empty: nothing to evaluate "
+                        f"(check --n-{ns.split} and the data, or pass --test-file / --validation-file)")
+    if got < asked:
+        log(f"zoft: warning: {task.name}: the {ns.split} split has {got} examples, fewer than --n-{ns.split} {asked}")
+    s = load_session(mc)
     if ns.adapter:
         ac = read_adapter_config(ns.adapter)
         layers = ac.get("layers_to_transform")
@@ -76,9 +84,6 @@ def cmd_eval(ns) -> None:
         load_peft_weights(s.loras, ns.adapter)
     engine = make_engine(s)
     log(describe(s, engine))
-    tc = from_namespace(TaskConfig, ns)
-    task = get_task(tc.task, data_dir=tc.data_dir or None, template=tc.template or None)
-    splits = sample_splits(task, ns.icl_k, 0 if ns.split == "test" else tc.n_dev, tc.n_test, ns.seed)
     exs = with_demonstrations(splits[ns.split], splits["train"][: ns.icl_k]) if ns.icl_k else splits[ns.split]
     enc, n_trunc = encode(s.tokenizer, exs, s.max_length, ns.truncation)
     if n_trunc:
@@ -94,8 +99,8 @@ def cmd_eval(ns) -> None:
 def cmd_export(ns) -> None:
     from zoft.export import export_merged
 
-    export_merged(ns.run_dir, ns.output_dir, merge=ns.merge)
-    print(json.dumps({"output_dir": ns.output_dir}))
+    dtype = export_merged(ns.run_dir, ns.output_dir, merge=ns.merge, dtype=ns.dtype)
+    print(json.dumps({"output_dir": ns.output_dir, "dtype": dtype}))
 
 
 def cmd_replay(ns) -> None:
@@ -128,21 +133,25 @@ def cmd_tasks(ns) -> None:
 def cmd_plot(ns) -> None:
     from zoft.plot import plot
 
-    print(json.dumps({"output": plot(ns.run_dirs, ns.output, ns.window)}))
+    print(json.dumps({"output": plot(ns.run_dirs, ns.output, ns.window, ns.x)}))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoft", description="Zeroth-order (MeZO) fine-tuning of causal language models.")
+    p.add_argument("--version", action="version", version=f"zoft {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     for name, fn, help_ in [("train", cmd_train, "fine-tune with MeZO"),
                             ("demo", cmd_demo, "the embedded default: SmolLM2-135M on Rotten Tomatoes, offline")]:
         sp = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sp.add_argument("--config", default="", help="a YAML or JSON file of options (flat, or in model/task/zo/run "
+                        "sections as a run's config.json); flags given on the command line override it")
         for cls in (ModelConfig, TaskConfig, ZOConfig, RunConfig):
             add_arguments(sp, cls)
-        sp.set_defaults(fn=fn)
+        sp.set_defaults(fn=fn, **(DEMO if name == "demo" else {}))
 
-    sp = sub.add_parser("eval", help="accuracy by candidate log-likelihood")
+    sp = sub.add_parser("eval", help="accuracy by candidate log-likelihood",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(sp, ModelConfig)
     add_arguments(sp, TaskConfig, skip=("n_train", "k_shot", "loss"))
     sp.add_argument("--adapter", default="", help="a PEFT/zoft LoRA adapter folder to apply")
@@ -154,13 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_eval)
 
-    sp = sub.add_parser("export", help="write a merged Hugging Face model folder from a run")
+    sp = sub.add_parser("export", help="write a merged Hugging Face model folder from a run",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sp.add_argument("run_dir")
     sp.add_argument("--output-dir", required=True)
     sp.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
+    sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the merged weights' dtype; auto: the base checkpoint's own")
     sp.set_defaults(fn=cmd_export)
 
-    sp = sub.add_parser("replay", help="rebuild a run's adapter or weights from the base model and its step log")
+    sp = sub.add_parser("replay", help="rebuild a run's adapter or weights from the base model and its step log",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sp.add_argument("--model", required=True, help="the base model the run started from")
     sp.add_argument("--log", required=True, help="the run's steps.jsonl")
     sp.add_argument("--output-dir", required=True)
@@ -188,22 +201,41 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layers", default="", help="as zoft train's (blocks trained; empty: all parameters)")
     sp.set_defaults(fn=cmd_bench)
 
-    sp = sub.add_parser("tasks", help="list built-in tasks, their source, and whether they load offline now")
+    sp = sub.add_parser("tasks", help="list built-in tasks, their source, and whether they load offline now",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sp.add_argument("--fetch-bigbench", action="store_true",
                     help="download the bigbench 1.0.0 sdist once (358 MB) and cache SQuAD, DROP and MultiRC from it")
     sp.set_defaults(fn=cmd_tasks)
 
-    sp = sub.add_parser("plot", help="loss and dev-accuracy curves of one or more runs, to a PNG")
+    sp = sub.add_parser("plot", help="loss and dev-accuracy curves of one or more runs, to a PNG",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sp.add_argument("run_dirs", nargs="+")
     sp.add_argument("--output", default="curves.png")
     sp.add_argument("--window", type=int, default=20, help="moving-average window for the loss")
+    sp.add_argument("--x", default="steps", choices=["steps", "forwards", "seconds"],
+                    help="the curves' x axis: optimizer steps, forward passes used, or wall-clock seconds")
     sp.set_defaults(fn=cmd_plot)
     return p
 
 
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """`train|demo --config FILE`: the file's values become the subcommand's defaults, so flags override them."""
+    if not argv or argv[0] not in ("train", "demo"):
+        return
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="")
+    path = pre.parse_known_args(argv[1:])[0].config
+    if path:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+        sub.set_defaults(**read_config_file(path))
+
+
 def main(argv: list[str] | None = None) -> None:
-    ns = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser()
     try:
+        apply_config_file(parser, argv)
+        ns = parser.parse_args(argv)
         ns.fn(ns)
     except Interrupted as e:
         print(f"zoft: {e}", file=sys.stderr)

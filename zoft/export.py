@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from zoft.config import TrainConfig
 from zoft.errors import ZoftError
 from zoft.lora import load_peft_weights, merge_lora
-from zoft.session import attach, load_session
+from zoft.session import attach, load_session, resolve_alias
 
 
 def load_run_config(run_dir: str) -> TrainConfig:
@@ -21,8 +21,11 @@ def load_run_config(run_dir: str) -> TrainConfig:
         raise ZoftError(f"{run_dir} is not a zoft run folder (no config.json); pass the --output-dir of a zoft train run")
     with open(path) as f:
         d = json.load(f)
-    d.pop("resolved", None)
-    return TrainConfig.from_dict(d)
+    base = d.pop("resolved", {}).get("base")
+    cfg = TrainConfig.from_dict(d)
+    if base and not os.path.exists(resolve_alias(cfg.model.model)) and os.path.isdir(base):
+        cfg.model.model = base  # a relative --model, run from another folder: the absolute path it resolved to
+    return cfg
 
 
 def trained_dir(run_dir: str) -> str:
@@ -33,14 +36,31 @@ def trained_dir(run_dir: str) -> str:
     raise ZoftError(f"{run_dir} holds no adapter, best or checkpoint folder; did the run save anything?")
 
 
-def export_merged(run_dir: str, output_dir: str, merge: bool = True) -> None:
+def base_dtype(folder: str, fallback: str) -> str:
+    """The dtype the base checkpoint was saved in (config.json's dtype / torch_dtype), else `fallback`."""
+    from zoft.loading import DTYPES, read_config
+
+    cfg = read_config(folder)
+    d = str(cfg.get("dtype") or cfg.get("torch_dtype") or "").removeprefix("torch.")
+    return d if d in DTYPES else fallback
+
+
+def export_merged(run_dir: str, output_dir: str, merge: bool = True, dtype: str = "auto") -> str:
+    """Write the run's model: the adapter (with the tokenizer) or, merged, a full model folder in `dtype`
+    (auto: the base checkpoint's own dtype). Returns the dtype written."""
+    from zoft.loading import DTYPES, load_tokenizer, resolve
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ZoftError(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
     cfg = load_run_config(run_dir)
     src = trained_dir(run_dir)
     if cfg.zo.mode == "lora" and not merge:
         shutil.copytree(src, output_dir, dirs_exist_ok=True)
-        return
-    cfg.model.device = "cpu"
+        load_tokenizer(resolve(resolve_alias(cfg.model.model))).save_pretrained(output_dir)
+        return "float32"  # LoRA factors are trained and saved in float32
+    cfg.model.device, cfg.model.dtype = "cpu", "float32"  # merge in float32, then cast once
     s = load_session(cfg.model)
+    dtype = base_dtype(s.folder, "float32") if dtype == "auto" else dtype
     attach(s, cfg.zo)
     if s.loras is not None:
         load_peft_weights(s.loras, src)
@@ -50,13 +70,19 @@ def export_merged(run_dir: str, output_dir: str, merge: bool = True) -> None:
         with torch.no_grad():
             for n, t in zip(s.trainable.names, s.trainable.tensors):
                 t.copy_(tensors[n])
+    s.model.to(DTYPES[dtype])
     os.makedirs(output_dir, exist_ok=True)
     if s.native:
         sd = {k: v.contiguous() for k, v in s.model.state_dict().items()}
         if s.model.args.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
         save_file(sd, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
-        shutil.copy(os.path.join(s.folder, "config.json"), os.path.join(output_dir, "config.json"))
+        with open(os.path.join(s.folder, "config.json")) as f:
+            hf_cfg = json.load(f)
+        hf_cfg.pop("torch_dtype", None)
+        with open(os.path.join(output_dir, "config.json"), "w") as f:
+            json.dump(hf_cfg | {"dtype": dtype}, f, indent=2)
     else:
         s.model.save_pretrained(output_dir)
     s.tokenizer.save_pretrained(output_dir)
+    return dtype

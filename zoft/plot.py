@@ -7,23 +7,30 @@ import os
 
 from zoft.errors import ZoftError
 
+AXES = {"steps": ("step", "step"), "forwards": ("forwards", "forward passes"), "seconds": ("seconds", "seconds")}
 
-def read_metrics(run_dir: str) -> tuple[list, list, list, list]:
+
+def read_metrics(run_dir: str, x: str = "steps") -> tuple[list, list, list, list]:
+    """(x of each step, its loss, x of each dev evaluation, its score); x: steps, forwards or seconds."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ZoftError(f"{run_dir} has no metrics.jsonl; pass the --output-dir of a zoft train run")
-    steps, losses, dsteps, dev = [], [], [], []
+    key = AXES[x][0]
+    at, xs, losses, dsteps, dev = {}, [], [], [], []
     with open(path) as f:
         for line in f:
             r = json.loads(line)
             if "loss" in r:
-                steps.append(r["step"])
+                if key not in r:
+                    raise ZoftError(f"{path} has no {key!r} in its step rows (an older run); use --x steps")
+                at[r["step"]] = r[key]
+                xs.append(r[key])
                 losses.append(r["loss"])
-            key = next((k for k in r if k.startswith("dev_")), None)  # dev_accuracy or dev_f1
-            if key:
-                dsteps.append(r["step"])
-                dev.append(r[key])
-    return steps, losses, dsteps, dev
+            dkey = next((k for k in r if k.startswith("dev_")), None)  # dev_accuracy or dev_f1
+            if dkey and r["step"] in at:  # an evaluation sits at the x of the step it follows
+                dsteps.append(at[r["step"]])
+                dev.append(r[dkey])
+    return xs, losses, dsteps, dev
 
 
 def smooth(xs: list[float], k: int) -> list[float]:
@@ -36,7 +43,9 @@ def smooth(xs: list[float], k: int) -> list[float]:
     return out
 
 
-def plot(run_dirs: list[str], output: str, window: int = 20) -> str:
+def plot(run_dirs: list[str], output: str, window: int = 20, x: str = "steps") -> str:
+    if x not in AXES:
+        raise ZoftError(f"--x {x!r}: expected one of {', '.join(AXES)}")
     try:
         import matplotlib
 
@@ -46,13 +55,13 @@ def plot(run_dirs: list[str], output: str, window: int = 20) -> str:
         raise ZoftError("zoft plot needs matplotlib: pip install matplotlib") from None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for d in run_dirs:
-        steps, losses, dsteps, dev = read_metrics(d)
+        steps, losses, dsteps, dev = read_metrics(d, x)
         label = os.path.basename(os.path.normpath(d))
         ax1.plot(steps, smooth(losses, window), label=label)
         if dev:
             ax2.plot(dsteps, dev, marker="o", label=label)
-    ax1.set(xlabel="step", ylabel=f"training loss (moving average of {window})", title="loss")
-    ax2.set(xlabel="step", ylabel="dev metric", title="dev accuracy / F1")
+    ax1.set(xlabel=AXES[x][1], ylabel=f"training loss (moving average of {window})", title="loss")
+    ax2.set(xlabel=AXES[x][1], ylabel="dev metric", title="dev accuracy / F1")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

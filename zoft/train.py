@@ -16,24 +16,40 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from zoft import distributed as dist
-from zoft import steplog
+from zoft import steplog, tracking
 from zoft.backprop import peak_memory
+from zoft.card import write_model_card
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import Interrupted, ZoftError
 from zoft.evaluate import answers_of, evaluate_split, write_predictions
+from zoft.loading import load_tokenizer, resolve
 from zoft.lora import load_peft_weights, save_peft
-from zoft.session import Session, attach, describe, load_session, log, make_engine, progress
-from zoft.tasks import get_task, sample_splits
+from zoft.session import (
+    Session,
+    attach,
+    check_lora_targets,
+    describe,
+    load_session,
+    log,
+    make_engine,
+    peft_base,
+    progress,
+    resolve_alias,
+)
+from zoft.tasks import Task, check_splits, load_task, sample_splits
 from zoft.tasks.encode import Encoded, encode
 from zoft.models.common import Rows
 from zoft.perturbers import estimate
+from zoft.tasks.rows import ChatFn, chat_renderer
+from zoft.tracking import Callback
 from zoft.zo import direction_seeds, lr_at, sgd_update_
 
 
@@ -50,22 +66,41 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def load_data(cfg: TrainConfig, s: Session) -> tuple[dict[str, list[Encoded]], dict, str]:
+def prepare_data(cfg: TrainConfig, chat: ChatFn | None = None, task: Task | None = None) -> tuple[Task, dict, str]:
+    """Read, convert, sample and check the data, and pick the loss: all that needs no model, so bad data
+    fails in a second. `task`: data already in hand (the Python API), instead of cfg.task's source."""
     tc = cfg.task
-    task = get_task(tc.task, data_dir=tc.data_dir or None, template=tc.template or None)
+    task = task or load_task(tc, chat)
     splits = sample_splits(task, tc.n_train, tc.n_dev, tc.n_test, cfg.run.seed, tc.k_shot or None)
+    asked = {"train": 0 if tc.k_shot else tc.n_train, "test": tc.n_test} | ({"dev": tc.n_dev} if cfg.run.eval_every else {})
+    check_splits(task, splits, asked, log)
+    if cfg.run.eval_every and not splits["dev"]:
+        raise ZoftError(f"--eval-every {cfg.run.eval_every} evaluates on the dev split, which came out empty; "
+                        "raise --n-dev, pass --validation-file, or drop --eval-every")
+    loss = tc.loss if tc.loss != "auto" else ("candidate" if task.kind == "mc" else "lm")
+    if loss == "candidate" and task.kind != "mc":
+        raise ZoftError(f"--loss candidate needs a multiple-choice task; {task.name} is generation: use --loss lm")
+    if loss == "f1" and task.kind != "gen":
+        raise ZoftError("--loss f1 needs a generation task and a native model (OPT, Llama family)")
+    return task, splits, loss
+
+
+def model_chat(mc) -> ChatFn:
+    """Chat rows are rendered with the model's own tokenizer, loaded (without the weights) when first needed."""
+    return chat_renderer(lambda: load_tokenizer(resolve(resolve_alias(mc.model))))
+
+
+def load_data(cfg: TrainConfig, s: Session, prepared: tuple[Task, dict, str] | None = None
+              ) -> tuple[dict[str, list[Encoded]], dict, str]:
+    """Tokenize the prepared splits (prepare_data's, or prepared here) for the session's model."""
+    _, splits, loss = prepared or prepare_data(cfg, chat_renderer(lambda: s.tokenizer))
+    if loss == "f1" and not s.native:
+        raise ZoftError("--loss f1 needs a generation task and a native model (OPT, Llama family)")
     enc = {}
     for name, exs in splits.items():
         enc[name], n_trunc = encode(s.tokenizer, exs, s.max_length, cfg.model.truncation)
         if n_trunc:
             log(f"zoft: {name}: {n_trunc} of {len(exs)} prompts truncated from the left to {s.max_length} tokens")
-    if not enc["train"]:
-        raise ZoftError(f"task {tc.task} gave no training examples; check --n-train / --k-shot and the data")
-    loss = tc.loss if tc.loss != "auto" else ("candidate" if task.kind == "mc" else "lm")
-    if loss == "candidate" and task.kind != "mc":
-        raise ZoftError(f"--loss candidate needs a multiple-choice task; {tc.task} is generation: use --loss lm")
-    if loss == "f1" and (task.kind != "gen" or not s.native):
-        raise ZoftError("--loss f1 needs a generation task and a native model (OPT, Llama family)")
     return enc, splits, loss
 
 
@@ -123,7 +158,7 @@ def save_trained(s: Session, folder: str) -> None:
     """The trained parameters: a PEFT adapter (LoRA) or trained.safetensors (full mode)."""
     os.makedirs(folder, exist_ok=True)
     if s.loras is not None:
-        save_peft(s.loras, folder, s.source, s.target_names, s.lora_args)
+        save_peft(s.loras, folder, peft_base(s.source, s.folder), s.target_names, s.lora_args)
     else:
         tensors = {n: t.detach().cpu().contiguous() for n, t in zip(s.trainable.names, s.trainable.tensors)}  # as trained
         save_file(tensors, os.path.join(folder, "trained.safetensors"))
@@ -221,12 +256,16 @@ class HostCopy:
         return self.host.tolist()
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callback] = ()) -> dict:
+    """Train as `cfg` says; `data`: a task already in hand (the Python API) instead of cfg.task's source;
+    `callbacks` see every metrics row (zoft.tracking.Callback)."""
     rc, zc = cfg.run, cfg.zo
+    prepared = prepare_data(cfg, model_chat(cfg.model), data)  # before the model: bad data fails in a second
+    tracking.check(rc.report_to)
     if zc.optimizer == "adamw":
         from zoft.backprop import train_backprop
 
-        return train_backprop(cfg)
+        return train_backprop(cfg, prepared, callbacks)
     rank, world = dist.world()
     main = rank == 0
     out = rc.output_dir
@@ -244,11 +283,13 @@ def train(cfg: TrainConfig) -> dict:
 
     cfg.model.device = dist.local_device(cfg.model.device)
     s = load_session(cfg.model)
+    check_lora_targets(s, zc)
     attach(s, zc, rc.seed)
     os.makedirs(out, exist_ok=True)  # only once the model loaded: a failed start leaves no empty run folder
     engine = make_engine(s, rc.cache_mb, rc.pack_tokens, rc.cuda_graphs)
     eps, base_lr = zc.eps_value, zc.lr_value
     resolved = cfg.to_dict() | {"resolved": {"eps": eps, "lr": base_lr, "path": s.path, "device": s.device,
+                                             "base": peft_base(s.source, s.folder),
                                              "trainable_parameters": s.trainable.n_trained(), "layers": s.layers,
                                              "world_size": world, "z_backend": s.trainable.z_backend,
                                              "full_step": s.full_step if zc.mode == "full" else None}}
@@ -259,8 +300,8 @@ def train(cfg: TrainConfig) -> dict:
     say(f"zoft: training {s.trainable.n_trained():,} parameters ({zc.mode}{', A frozen' if s.trainable.fixed else ''}), "
         f"ε={eps:g}, lr={base_lr:g}")
 
-    enc, splits, loss = load_data(cfg, s)
-    say(f"zoft: task {cfg.task.task}: {len(enc['train'])} train / {len(enc['dev'])} dev / {len(enc['test'])} test, loss={loss}")
+    enc, splits, loss = load_data(cfg, s, prepared)
+    say(f"zoft: task {prepared[0].name}: {len(enc['train'])} train / {len(enc['dev'])} dev / {len(enc['test'])} test, loss={loss}")
 
     log_path = os.path.join(out, "steps.jsonl")
     step, best_dev, zero_shot, lr_scale, applied = 0, -1.0, None, 1.0, 0
@@ -291,6 +332,11 @@ def train(cfg: TrainConfig) -> dict:
     if main and not rc.resume:
         save_checkpoint(s, ckpt, state(0))  # the starting point: what the guard falls back to in full mode
     metrics = open(os.path.join(out, "metrics.jsonl"), "a" if rc.resume else "w") if main else None
+    reporters = tracking.Reporters(rc.report_to, out, resolved, callbacks) if main else None
+
+    def emit(row: dict) -> None:  # one metrics row: metrics.jsonl, then the trackers and callbacks
+        metrics.write(json.dumps(row) + "\n")
+        reporters.log(row)
     bar = progress(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     # Pipelined steps (LoRA with the candidate or LM loss, all on the device): step i's update is queued
     # with g still on the device, and the host reads step i's losses while step i+1 runs, so nothing
@@ -373,8 +419,9 @@ def train(cfg: TrainConfig) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}", g=f"{g_mean:+.3g}", s_step=f"{dt:.3f}", refresh=False)  # shown at the next refresh
         if main:
-            metrics.write(json.dumps({"step": r["step"] + 1, "loss": loss_val, "projected_grad": g_mean, "lr": r["lr"],
-                                      "seconds": round(now - t_start, 3), "step_seconds": round(dt, 4)}) + "\n")
+            emit({"step": r["step"] + 1, "loss": loss_val, "projected_grad": g_mean, "lr": r["lr"],
+                  "forwards": 2 * n * (r["step"] + 1),  # two perturbed passes per direction, every step so far
+                  "seconds": round(now - t_start, 3), "step_seconds": round(dt, 4)})
             if now - t_flush > 2:  # readable while the run goes on, without a write call per step
                 metrics.flush()
                 t_flush = now
@@ -435,7 +482,7 @@ def train(cfg: TrainConfig) -> dict:
             if main and rc.eval_every and step % rc.eval_every == 0 and enc["dev"]:
                 ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
                 dev, metric = ev["score"], ev["metric"]
-                metrics.write(json.dumps({"step": step, f"dev_{metric}": dev, **s.trainable.norms()}) + "\n")
+                emit({"step": step, f"dev_{metric}": dev, **s.trainable.norms()})
                 bar.write(file=sys.stderr, s=f"step {step}: dev {metric} {dev:.4f}" + (" (best)" if dev > best_dev else ""))
                 if dev > best_dev:
                     best_dev = dev
@@ -449,6 +496,8 @@ def train(cfg: TrainConfig) -> dict:
                     slog.sync()
                     save_checkpoint(s, ckpt, state(step))
                     slog.close()
+                    metrics.close()
+                    reporters.close()
                 dist.barrier()  # no rank exits before the checkpoint is written (torchrun would kill rank 0)
                 name = signal.Signals(got).name
                 bar.close()
@@ -460,6 +509,7 @@ def train(cfg: TrainConfig) -> dict:
         dist.barrier()
         return {}
     metrics.close()
+    reporters.close()
     slog.close()
 
     result = finish(s, engine, enc, splits, out, rc.eval_batch_size, best_dev)
@@ -468,6 +518,8 @@ def train(cfg: TrainConfig) -> dict:
                "seconds_per_step": round(train_seconds / max(1, rc.steps - first), 4),
                "path": s.path, "world_size": world, "output_dir": out, **engine.stats.summary(),
                **peak_memory(s.device)}
+    if s.loras is not None:
+        write_model_card(os.path.join(out, "adapter"), cfg, peft_base(s.source, s.folder), prepared[0].name, result)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     dist.barrier()
@@ -486,7 +538,7 @@ def finish(s: Session, engine, enc: dict, splits: dict, out: str, eval_batch_siz
         if ev["metric"] == "f1":
             result |= {"final_f1": ev["f1"], "final_em": ev["em"]}
     if s.loras is not None:
-        save_peft(s.loras, os.path.join(out, "adapter"), s.source, s.target_names, s.lora_args)
+        save_peft(s.loras, os.path.join(out, "adapter"), peft_base(s.source, s.folder), s.target_names, s.lora_args)
     return result
 
 

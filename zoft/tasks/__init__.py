@@ -1,7 +1,9 @@
-"""Tasks: loading, templates, sampling and tokenization. Built-ins register in TASKS; a .jsonl path works too.
+"""Tasks: loading, templates, sampling and tokenization. Built-ins register in TASKS; any other data goes
+through zoft.tasks.rows (files, saved datasets, hub ids).
 
 Usage:
     task = get_task("rotten_tomatoes")  # or get_task("my_data.jsonl", template="{input} It was")
+    task = load_task(task_config, chat)  # a TaskConfig: built-in, file, folder, hub id or separate files
     splits = sample_splits(task, n_train=1000, n_dev=500, n_test=1000, seed=0)
     encoded, n_truncated = encode(tokenizer, splits["train"], max_length=256)
 """
@@ -11,7 +13,8 @@ import os
 from collections.abc import Callable
 
 from zoft.errors import ZoftError
-from zoft.tasks.base import Example, Task, sample_splits
+from zoft.tasks import rows
+from zoft.tasks.base import Example, Task, check_splits, sample_splits
 from zoft.tasks.encode import Encoded, encode
 from zoft.tasks.jsonl import JsonlTask
 from zoft.tasks.qa import DROP, SQuAD
@@ -58,21 +61,40 @@ def describe_tasks() -> list[tuple[str, str, str, bool, str]]:
     return rows
 
 
-def get_task(name_or_path: str, data_dir: str | None = None, template: str | None = None) -> Task:
-    """A registered task by name, or a JsonlTask for a path ending in .jsonl (or any existing file)."""
+def get_task(name_or_path: str, data_dir: str | None = None, template: str | None = None,
+             columns: rows.Columns | None = None, chat: rows.ChatFn | None = None,
+             hub: tuple[str, str, str, str] = ("", "train", "validation", "test")) -> Task:
+    """A registered task by name; else a file, a folder or a hub id through zoft.tasks.rows."""
     if name_or_path in TASKS:
         return TASKS[name_or_path](data_dir=data_dir, template=template)
-    if name_or_path.endswith(".jsonl") or os.path.isfile(name_or_path):
-        if data_dir is not None:
-            raise ZoftError(
-                f"--data-dir is for built-in tasks; {name_or_path} is a file task, drop --data-dir"
-            )
-        return JsonlTask(name_or_path, template=template)
-    close = difflib.get_close_matches(name_or_path, list(TASKS), n=3)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    raise ZoftError(
-        f"unknown task {name_or_path!r}; {hint}known tasks: {', '.join(TASKS)}, or a path to a .jsonl file"
-    )
+    is_path = os.path.exists(name_or_path) or name_or_path.lower().endswith(rows.EXTENSIONS)
+    if not is_path and not rows.looks_like_hub_id(name_or_path):
+        close = difflib.get_close_matches(name_or_path, list(TASKS), n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ZoftError(f"unknown task {name_or_path!r}; {hint}known tasks: {', '.join(TASKS)}; or a data file "
+                        f"({', '.join(rows.EXTENSIONS)}), a folder, or a hub dataset id (owner/name)")
+    if data_dir is not None:
+        raise ZoftError(f"--data-dir is for built-in tasks; {name_or_path} is your own data, drop --data-dir")
+    columns = columns or rows.Columns()
+    if name_or_path.endswith(".jsonl") and columns == rows.Columns():  # zoft's rows keep their own reader
+        split = rows.read_file(name_or_path)  # a first row that is no object: JsonlTask says where and why
+        if not split.columns or rows.detect_format(split.columns, columns, template, name_or_path) == "zoft":
+            return JsonlTask(name_or_path, template=template)
+    splits = rows.open_source(name_or_path, {}, hub)
+    return rows.splits_task(name_or_path, splits, columns, template, chat)
+
+
+def load_task(tc, chat: rows.ChatFn | None = None) -> Task:
+    """The task a TaskConfig names: --train-file/--validation-file/--test-file, else --task."""
+    columns = rows.Columns(tc.text_column, tc.label_column, tc.prompt_column, tc.completion_column,
+                           tc.messages_column, list(tc.label_names))
+    template = tc.template or None
+    files = {k: v for k, v in (("train", tc.train_file), ("dev", tc.validation_file), ("test", tc.test_file)) if v}
+    if files:
+        return rows.splits_task(tc.train_file or "files", rows.open_source("", files, ("",) * 4), columns,
+                                template, chat)
+    hub = (tc.dataset_config, tc.train_split, tc.validation_split, tc.test_split)
+    return get_task(tc.task, tc.data_dir or None, template, columns, chat, hub)
 
 
 __all__ = [
@@ -85,5 +107,7 @@ __all__ = [
     "describe_tasks",
     "encode",
     "get_task",
+    "load_task",
+    "check_splits",
     "sample_splits",
 ]

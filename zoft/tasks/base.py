@@ -37,6 +37,8 @@ class Task:
     name: str = "task"
     kind: str = "mc"
     single_pool: bool = False
+    has_dev: bool = False  # a "dev" pool of its own (a validation split): dev is drawn from it, not from train
+    has_test: bool = True  # False: no test pool (and not a single pool), so the test split is empty
 
     def load_split(self, split: str) -> list[Example]:
         """The full raw pool for split "train" or "test" (unsampled, in the source's order)."""
@@ -100,15 +102,38 @@ def sample_splits(
         rest = sorted(fixed[n_test:])  # sorted so the train/dev draw depends only on `seed`
     else:
         pool = task.load_split("train")
-        test_pool = task.load_split("test")
+        test_pool = task.load_split("test") if task.has_test else []
         fixed = list(range(len(test_pool)))
         random.Random(TEST_SEED).shuffle(fixed)
         test = [test_pool[i] for i in fixed[:n_test]]
         rest = list(range(len(pool)))
 
     random.Random(seed).shuffle(rest)
+    if task.has_dev:  # a validation split of its own: train takes the train pool, dev comes from it
+        train, _ = _draw_train_dev(pool, rest, n_train, 0, k_shot)
+        dev_pool = task.load_split("dev")
+        order = list(range(len(dev_pool)))
+        random.Random(seed).shuffle(order)
+        return {"train": train, "dev": [dev_pool[i] for i in order[:n_dev]], "test": test}
     train, dev = _draw_train_dev(pool, rest, n_train, n_dev, k_shot)
     return {"train": train, "dev": dev, "test": test}
+
+
+def check_splits(task: Task, splits: dict[str, list[Example]], asked: dict[str, int], warn) -> None:
+    """Warn when a split comes out smaller than asked (or empty); an empty train split is an error."""
+    for split, n in asked.items():
+        got = len(splits[split])
+        if got < n:
+            none = split == "test" and not task.single_pool and not task.has_test
+            warn(f"zoft: warning: {task.name}: the {split} split has {got} examples"
+                 + (" (empty)" if got == 0 else "") + f", fewer than --n-{split} {n}"
+                 + ("; the data has no test split (pass --test-file), so there is no final test" if none else ""))
+    if not splits["train"]:
+        why = ""
+        if task.single_pool and splits["test"]:
+            why = (" (its one pool of rows went to the test set first: lower --n-test, or pass separate "
+                   "--train-file/--test-file)")
+        raise ZoftError(f"task {task.name} gave no training examples{why}; check --n-train / --k-shot and the data")
 
 
 def hub_rows(name: str, config: str | None, split: str, hint: str) -> list[dict]:

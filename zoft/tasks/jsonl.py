@@ -7,6 +7,7 @@ without one the prompt is the row's "input". Every problem is a ZoftError naming
 """
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from zoft.errors import ZoftError
@@ -52,14 +53,12 @@ def parse_row(row: object, template: str | None, where: str) -> Example:
     return Example(prompt, list(cands), answer, kind="mc")
 
 
-def read_jsonl(path: Path, template: str | None = None) -> list[Example]:
-    """All examples of a .jsonl file; all rows must be of one kind (mc or gen)."""
+def jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed JSON value) for each non-blank line; undecodable bytes or JSON are ZoftErrors."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise ZoftError(f"cannot read task file {path}: {e.strerror or e}") from e
-    examples: list[Example] = []
-    first_line = 0
     for n, bline in enumerate(raw.split(b"\n"), start=1):
         where = f"{path}:{n}"
         try:
@@ -71,21 +70,33 @@ def read_jsonl(path: Path, template: str | None = None) -> list[Example]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield where, json.loads(line)
         except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, huge ints
             raise ZoftError(f"{where}: invalid JSON ({e}); each line must be one JSON object") from e
+
+
+def parse_rows(rows: Iterable[tuple[str, object]], template: str | None, name: str) -> list[Example]:
+    """zoft's multiple-choice or generation rows -> Examples; all rows must be of one kind."""
+    examples: list[Example] = []
+    first = ""
+    for where, row in rows:
         ex = parse_row(row, template, where)
         if examples and ex.kind != examples[0].kind:
             raise ZoftError(
-                f"{where}: a '{ex.kind}' row in a file of '{examples[0].kind}' rows (see line {first_line}); "
+                f"{where}: a '{ex.kind}' row in a file of '{examples[0].kind}' rows (see {first}); "
                 "use one kind per file"
             )
         if not examples:
-            first_line = n
+            first = where
         examples.append(ex)
     if not examples:
-        raise ZoftError(f"{path} has no rows; each line must be one JSON object")
+        raise ZoftError(f"{name} has no rows; each line must be one JSON object")
     return examples
+
+
+def read_jsonl(path: Path, template: str | None = None) -> list[Example]:
+    """All examples of a .jsonl file; all rows must be of one kind (mc or gen)."""
+    return parse_rows(jsonl_rows(path), template, str(path))
 
 
 class JsonlTask(Task):

@@ -14,6 +14,7 @@ Test pools are validation splits (SuperGLUE's test labels are hidden); the BIG-b
 """
 
 import importlib.util
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,11 @@ def datasets_importable() -> bool:
     if "datasets" in sys.modules:
         return sys.modules["datasets"] is not None
     return importlib.util.find_spec("datasets") is not None
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: the hub is not to be reached."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 # what a row missing or mistyping a field raises while it is read or templated
@@ -92,9 +98,10 @@ class DatasetTask(Task):
             if self.offline and bigbench.task_file(self.name, self.data_dir):
                 return "bigbench", self.data_dir
             return "local", self.data_dir
-        if datasets_importable():
+        cached = self.offline and bigbench.task_file(self.name)
+        if datasets_importable() and not (cached and hub_offline()):  # offline: a fetched copy beats the hub
             return "hub", None
-        if self.offline and bigbench.task_file(self.name):
+        if cached:
             return "bigbench", bigbench.cache_root()
         return "none", None
 
