@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--model", default="opt-125m")
     ap.add_argument("--workload", default="sst2")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--mode", default="lora", choices=["lora", "full"],
+                    help="full: every parameter in --dtype, rows perturber, synchronous steps (as zoft train runs them)")
     ap.add_argument("--graphs", type=int, default=1)
     ap.add_argument("--varlen", type=int, default=-1, help="1: flash varlen attention, 0: the mask path, -1: auto")
     ap.add_argument("--fuse", type=int, default=1, help="0: q/k/v (gate/up) as separate GEMMs and OPT's ReLU "
@@ -40,8 +42,9 @@ def main():
     ref, folder = load_reference(a.model, getattr(torch, a.dtype), "cuda", tmp)
     del ref
     s = load_session(ModelConfig(model=folder, device="cuda", dtype=a.dtype))
-    zc = ZOConfig(mode="lora")
+    zc = ZOConfig(mode=a.mode)
     attach(s, zc)
+    lazy = a.mode == "lora"
     common.RELU_EPILOGUE = bool(a.fuse)
     eng = make_engine(s, cuda_graphs=bool(a.graphs), varlen=None if a.varlen < 0 else bool(a.varlen),
                       fuse=bool(a.fuse))
@@ -53,10 +56,11 @@ def main():
         seeds = direction_seeds(0, i, 1)
         lp, lm, g = step_losses(eng, s, batches[i % n], "candidate", seeds, zc.eps_value,
                                 packed=ahead.pop("packed", None), next_batch=batches[(i + 1) % n], ahead=ahead,
-                                lazy=True)
-        snapshot(s)
-        sgd_update_(s.trainable, seeds, g, 1e-4, 0.0)
-        return HostCopy(torch.cat([lp, lm, g]))
+                                lazy=lazy)
+        if lazy:
+            snapshot(s)
+        sgd_update_(s.trainable, seeds, g, zc.lr_value, 0.0)
+        return HostCopy(torch.cat([lp, lm, torch.as_tensor(g, dtype=lp.dtype, device=lp.device)]))
 
     def run(lo, hi, pipelined):
         pending = None
@@ -84,7 +88,7 @@ def main():
     run(3 * n, 4 * n, True)
     torch.cuda.synchronize()
     piped = (time.perf_counter() - t0) * 1e3 / n
-    print(f"{a.model} {a.workload} {a.dtype} graphs={bool(a.graphs)} varlen={eng.varlen} fused={eng.fused} relu_epilogue={common.RELU_EPILOGUE} on {torch.cuda.get_device_name()}: "
+    print(f"{a.model} {a.workload} {a.mode} {a.dtype} graphs={bool(a.graphs)} varlen={eng.varlen} fused={eng.fused} relu_epilogue={common.RELU_EPILOGUE} on {torch.cuda.get_device_name()}: "
           f"synchronous step median {statistics.median(sync_ms):.2f} ms, pipelined {piped:.2f} ms/step")
     if s.device.startswith("cuda") and eng.graphs is not None:
         g = eng.graphs
