@@ -129,6 +129,9 @@ def bench_recipes() -> dict[str, Recipe]:
         "lora-bench": Recipe("zoft bench, LoRA, bf16: opt-125m, opt-1.3b, smollm2-135m on sst2 and multirc",
                              [bench(a) for a in LORA6]),
         "full-bench": Recipe("zoft bench, full parameters, bf16", [bench(a) for a in FULL5]),
+        "full-scale": Recipe("zoft bench, full parameters, bf16: opt-13b against the reference, opt-30b alone", [
+            bench("--model opt-13b --workload sst2 --mode full --steps 3 --warmup 1", timeout=420),
+            bench("--model opt-30b --workload sst2 --mode full --steps 3 --warmup 1 --reference none", timeout=300)]),
         "full-rows": Recipe("full-parameter ZO on the top 4 blocks, --full-step inplace vs rows", [
             script(f"full_rows_{m}", f"bench/full_rows_bench.py --model {m} --workload sst2 --layers top4 "
                    "--device cuda", timeout=100) for m in ("opt-125m", "opt-1.3b")]),
@@ -293,6 +296,22 @@ def split500_recipes(lo: str, r: dict) -> dict[str, Recipe]:
     }
 
 
+def full_rt_recipes() -> dict[str, Recipe]:
+    """Full-parameter MeZO on every block of the real model: bf16 weights with stochastic rounding against a
+    float32 master on the same recipe, three seeds each, and backprop-full on the same blocks."""
+    zo = ("--mode full --layers top30 --dtype bfloat16 --eps 1e-3 --lr 1e-5 --schedule cosine --clip-grad 1 "
+          "--steps 5000 --eval-every 1000 --no-zero-shot")
+    bp = "--optimizer adamw --mode full --layers top30 --lr 1e-5 --steps 300 --eval-every 100 --no-zero-shot"
+    r = {"common": [*RT, "--log-every", "1000"], "threads": 4, "run_limit": 480, "fresh": True}
+    return {
+        "rt-full-bf16": Recipe("full mode, all 30 blocks: bf16 + stochastic rounding vs float32 master, three "
+                               "seeds each; backprop-full", [
+            *[train(f"full_bf16_sr_seed{s}", zo + f" --seed {s}", "a") for s in (0, 1, 2)],
+            *[train(f"full_fp32_master_seed{s}", zo + f" --master-dtype float32 --seed {s}", "b") for s in (0, 1, 2)],
+            *[train(f"bp_full_seed{s}", bp + f" --seed {s}", "c") for s in (0, 1, 2)]], **r),
+    }
+
+
 def other_recipes() -> dict[str, Recipe]:
     """SQuAD on the GPU, and the first Rotten Tomatoes table on the CPU (--device cpu)."""
     q = "--task squad --n-train 1000 --n-dev 200 --n-test 500 --eval-batch-size 32"
@@ -321,7 +340,7 @@ def other_recipes() -> dict[str, Recipe]:
 
 
 def recipes() -> dict[str, Recipe]:
-    return {**bench_recipes(), **early_rt_recipes(), **rt_recipes(), **other_recipes()}
+    return {**bench_recipes(), **early_rt_recipes(), **rt_recipes(), **full_rt_recipes(), **other_recipes()}
 
 
 # ---- running ----------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ Public calls (all in place, on a contiguous CUDA tensor of float32, bfloat16 or 
 
 Their PyTorch references (``*_reference_``) do the same math with z supplied: torch cannot produce
 Triton's Philox stream, so the tests take z from ``randn_triton`` and compare the kernels against them.
-With ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (Triton's interpreter, slow): a way to
-check them, or to regenerate a GPU run's z, without a GPU.
+z's Box-Muller transform uses the GPU's approximate special functions (inline PTX), so the kernels
+need an NVIDIA GPU; Triton's interpreter (``TRITON_INTERPRET=1``) cannot run them.
 
 Where they are used: ``zoft.zo.perturb_``/``sgd_update_`` (full mode's in-place passes and its update)
 when the run's z backend is "triton" (``zoft.session.resolve_z_backend``: CUDA with Triton installed).
@@ -62,27 +62,59 @@ SEED_LIMIT = 1 << 63  # seeds are non-negative int64 (zoft.perturb.param_seed gi
 
 if triton is not None:
 
+    # The GPU's special-function unit (PTX .approx): a few cycles where libdevice's accurate log, sqrt, sin
+    # and cos take tens of instructions; errors ~1e-6 relative, far below anything z needs.
+    @triton.jit
+    def _lg2(x):
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _sqrt(x):
+        return tl.inline_asm_elementwise("sqrt.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+    @triton.jit
+    def _sin(x):
+        return tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _cos(x):
+        return tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _normal4(seed, g):
+        """Four standard normals per counter g: Philox4x32-10, then Box-Muller on the two uniform pairs."""
+        i0, i1, i2, i3 = tl.randint4x(seed, g)
+        u0 = tl.maximum(tl.random.uint_to_uniform_float(i0), 1.0e-7)
+        u2 = tl.maximum(tl.random.uint_to_uniform_float(i2), 1.0e-7)
+        t1 = tl.random.uint_to_uniform_float(i1) * 6.283185307179586 - 3.141592653589793  # [-π, π): .approx range
+        t3 = tl.random.uint_to_uniform_float(i3) * 6.283185307179586 - 3.141592653589793
+        r0 = _sqrt(-1.3862943611198906 * _lg2(u0))  # sqrt(−2 ln u) = sqrt(−2 ln2 · log2 u)
+        r2 = _sqrt(-1.3862943611198906 * _lg2(u2))
+        return r0 * _cos(t1), r0 * _sin(t1), r2 * _cos(t3), r2 * _sin(t3)
+
     @triton.jit
     def _z_block(seed, start, BLOCK: tl.constexpr):
         """z for elements start … start + BLOCK − 1 (start a multiple of 4): element i is lane i % 4 of
-        the four normals Philox gives at counter i // 4, so one Philox call and two Box-Muller pairs
-        serve four elements (tl.randn spends a whole call on one)."""
+        the four normals _normal4 gives at counter i // 4, so one Philox call and two Box-Muller pairs
+        serve four elements (tl.randn spends a whole call, with accurate log and cos, on one)."""
         g = start // 4 + tl.arange(0, BLOCK // 4)
-        n0, n1, n2, n3 = tl.randn4x(seed, g)
+        n0, n1, n2, n3 = _normal4(seed, g)
         return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
 
     @triton.jit
     def _z_at(seed, idx):
         """z at arbitrary element indices: the values _z_block gives there."""
-        n0, n1, n2, n3 = tl.randn4x(seed, idx // 4)
+        n0, n1, n2, n3 = _normal4(seed, idx // 4)
         lane = idx % 4
         return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
 
     @triton.jit
     def _bits_block(seed, start, BLOCK: tl.constexpr):
-        """32 random bits per element of the block, four elements per Philox call."""
+        """32 random bits per element of the block, four elements per Philox call (4 rounds: the
+        rounding needs uniform bits, not a generator that resists statistical attack)."""
         g = start // 4 + tl.arange(0, BLOCK // 4)
-        a, b, c, d = tl.randint4x(seed, g)
+        a, b, c, d = tl.randint4x(seed, g, 4)
         return tl.interleave(tl.interleave(a, c), tl.interleave(b, d))
 
     @triton.jit
@@ -160,35 +192,29 @@ if triton is not None:
 
 
     @triton.jit
-    def _update_many_kernel(ptrs_ptr, starts_ptr, numels_ptr, ints_ptr, floats_ptr, n_tensors, n_dirs,
-                            ELT: tl.constexpr, HALF: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-        """The update of many tensors of one dtype in one launch: program b finds its tensor k by binary
-        search over starts (each tensor's first block), then does _axpz_multi_kernel's (HALF 0) or
-        _update_sr_kernel's (HALF 1, 2) arithmetic on block b − starts[k] of it. ints: the (tensors,
-        directions) seed table, then each tensor's rounding seed; floats: each tensor's decay, then the
-        directions' coefficients."""
+    def _update_many_kernel(ptrs_ptr, map_ptr, starts_ptr, numels_ptr, ints_ptr, floats_ptr, n_tensors, n_dirs,
+                            ELT: tl.constexpr, HALF: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr):
+        """The update of many tensors of one dtype in one launch: program b does SUB blocks of tensor
+        k = map[b] (each tensor's programs start at starts[k]), with _axpz_multi_kernel's (HALF 0) or
+        _update_sr_kernel's (HALF 1, 2) arithmetic. ints: the (tensors, directions) seed table, then each
+        tensor's rounding seed; floats: each tensor's decay, then the directions' coefficients."""
         b = tl.program_id(0)
-        lo = 0
-        hi = n_tensors
-        for _ in tl.static_range(STEPS):
-            mid = (lo + hi) // 2
-            go = tl.load(starts_ptr + mid) <= b
-            lo = tl.where(go, mid, lo)
-            hi = tl.where(go, hi, mid)
-        k = lo
+        k = tl.load(map_ptr + b)
         base = tl.load(ptrs_ptr + k).to(tl.pointer_type(ELT))
-        local = (b - tl.load(starts_ptr + k)).to(tl.int64) * BLOCK
-        offs = local + tl.arange(0, BLOCK)
-        mask = offs < tl.load(numels_ptr + k)
-        acc = tl.load(base + offs, mask=mask).to(tl.float32) * tl.load(floats_ptr + k)
-        for j in range(n_dirs):
-            seed = tl.load(ints_ptr + k * n_dirs + j)
-            acc = acc + tl.load(floats_ptr + n_tensors + j) * _z_block(seed, local, BLOCK)
-        if HALF == 0:
-            tl.store(base + offs, acc.to(ELT), mask=mask)
-        else:
-            sr = tl.load(ints_ptr + n_tensors * n_dirs + k)
-            if HALF == 1:
+        n = tl.load(numels_ptr + k)
+        decay = tl.load(floats_ptr + k)
+        sr = tl.load(ints_ptr + n_tensors * n_dirs + k)
+        for sub in tl.static_range(SUB):
+            local = ((b - tl.load(starts_ptr + k)).to(tl.int64) * SUB + sub) * BLOCK
+            offs = local + tl.arange(0, BLOCK)
+            mask = offs < n
+            acc = tl.load(base + offs, mask=mask).to(tl.float32) * decay
+            for j in range(n_dirs):
+                acc = acc + tl.load(floats_ptr + n_tensors + j) * _z_block(tl.load(ints_ptr + k * n_dirs + j),
+                                                                          local, BLOCK)
+            if HALF == 0:
+                tl.store(base + offs, acc.to(ELT), mask=mask)
+            elif HALF == 1:
                 r = (_bits_block(sr, local, BLOCK) & 0xFFFF).to(tl.int32)
                 out = ((acc.to(tl.int32, bitcast=True) + r) & -65536).to(tl.float32, bitcast=True)
                 tl.store(base + offs, out.to(tl.bfloat16), mask=mask)
@@ -199,6 +225,9 @@ if triton is not None:
                 p = (acc - tf) / (up.to(tl.float32) - tf)
                 u = (_bits_block(sr, local, BLOCK) >> 8).to(tl.float32) * (1.0 / 16777216.0)
                 tl.store(base + offs, tl.where(u < p, up, t), mask=mask)
+
+
+SUB = 4  # blocks per program of the many-tensor update: fewer programs, each a larger share of one tensor
 
 
 class UpdatePlan:
@@ -213,16 +242,17 @@ class UpdatePlan:
         if any(t.dtype != self.dtype for t in tensors):
             raise ValueError("UpdatePlan takes tensors of one dtype")
         self.ptrs = [t.data_ptr() for t in tensors]
-        blocks = [triton.cdiv(t.numel(), BLOCK) for t in tensors]
+        programs = [triton.cdiv(t.numel(), BLOCK * SUB) for t in tensors]
         starts = [0]
-        for nb in blocks:
+        for nb in programs:
             starts.append(starts[-1] + nb)
         self.n_blocks = starts[-1]
         dev = tensors[0].device
         self.ptrs_t = torch.tensor(self.ptrs, dtype=torch.int64, device=dev)
-        self.starts_t = torch.tensor(starts[:-1] + [self.n_blocks + 1], dtype=torch.int64, device=dev)
+        self.starts_t = torch.tensor(starts[:-1], dtype=torch.int64, device=dev)
+        self.map_t = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32),
+                                             torch.tensor(programs)).to(dev)  # program -> tensor
         self.numels_t = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=dev)
-        self.steps = max(1, (len(tensors)).bit_length())
 
     def valid(self, tensors: list[torch.Tensor]) -> bool:
         return len(tensors) == len(self.ptrs) and all(t.data_ptr() == p for t, p in zip(tensors, self.ptrs))
@@ -234,9 +264,8 @@ class UpdatePlan:
         half = {torch.bfloat16: 1, torch.float16: 2}.get(self.dtype, 0)
         elt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[self.dtype]
         if self.n_blocks:
-            _update_many_kernel[(self.n_blocks,)](self.ptrs_t, self.starts_t, self.numels_t, ints, floats,
-                                                  len(self.ptrs), n_dirs, ELT=elt, HALF=half, STEPS=self.steps,
-                                                  BLOCK=BLOCK)
+            _update_many_kernel[(self.n_blocks,)](self.ptrs_t, self.map_t, self.starts_t, self.numels_t, ints, floats,
+                                                  len(self.ptrs), n_dirs, ELT=elt, HALF=half, SUB=SUB, BLOCK=BLOCK)
 
 
 def _check(t: torch.Tensor) -> torch.Tensor:
