@@ -521,6 +521,9 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
                 raise Interrupted(f"{name} at step {step}: checkpoint saved in {ckpt}; resume with the same "
                                   f"command plus --resume", 128 + got)
     bar.close()
+    if main and rc.resume and first >= rc.steps:  # every step came from the log (the last save failed or was
+        slog.sync()  # killed): the loop never ran, so write the final checkpoint it would have written
+        save_checkpoint(s, ckpt, state(step))
     train_seconds = time.time() - t_loop
     if not main:
         dist.barrier()
