@@ -83,8 +83,12 @@ def cmd_eval(ns) -> None:
     if ns.adapter:
         ac = read_adapter_config(ns.adapter)
         layers = ac.get("layers_to_transform")
-        zc = ZOConfig(mode="lora", lora_r=ac["r"], lora_alpha=ac["lora_alpha"], lora_targets=list(ac["target_modules"]),
-                      layers=",".join(map(str, layers)) if layers else "")
+        try:
+            zc = ZOConfig(mode="lora", lora_r=ac["r"], lora_alpha=ac["lora_alpha"],
+                          lora_targets=list(ac["target_modules"]), layers=",".join(map(str, layers)) if layers else "")
+        except (KeyError, TypeError) as e:
+            raise ZoftError(f"{ns.adapter}/adapter_config.json lacks or mistypes {e}; pass a LoRA adapter folder "
+                            "saved by zoft or peft") from None
         attach(s, zc)
         load_peft_weights(s.loras, ns.adapter)
     engine = make_engine(s)
