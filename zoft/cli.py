@@ -24,6 +24,7 @@ from zoft.config import (
     read_config_file,
 )
 from zoft.errors import Interrupted, ZoftError
+from zoft.files import check_output_dir, check_output_file, describe_os_error, os_error_of
 
 DEMO = dict(  # the embedded default: real SmolLM2 weights, real Rotten Tomatoes data, ~5 min on 2 CPU cores
     mode="lora", layers="top4", lr=5e-3, eps=1e-2, batch_size=16,
@@ -65,6 +66,10 @@ def cmd_eval(ns) -> None:
     from zoft.tasks.encode import encode
     from zoft.train import model_chat
 
+    if ns.output:
+        check_output_file(ns.output, "--output")
+    if ns.eval_batch_size < 1:
+        raise ZoftError(f"--eval-batch-size must be at least 1, got {ns.eval_batch_size}")
     mc, tc = from_namespace(ModelConfig, ns), from_namespace(TaskConfig, ns)
     task = load_task(tc, model_chat(mc))  # before the model: bad data fails in a second
     splits = sample_splits(task, ns.icl_k, 0 if ns.split == "test" else tc.n_dev, tc.n_test, ns.seed)
@@ -78,8 +83,12 @@ def cmd_eval(ns) -> None:
     if ns.adapter:
         ac = read_adapter_config(ns.adapter)
         layers = ac.get("layers_to_transform")
-        zc = ZOConfig(mode="lora", lora_r=ac["r"], lora_alpha=ac["lora_alpha"], lora_targets=list(ac["target_modules"]),
-                      layers=",".join(map(str, layers)) if layers else "")
+        try:
+            zc = ZOConfig(mode="lora", lora_r=ac["r"], lora_alpha=ac["lora_alpha"],
+                          lora_targets=list(ac["target_modules"]), layers=",".join(map(str, layers)) if layers else "")
+        except (KeyError, TypeError) as e:
+            raise ZoftError(f"{ns.adapter}/adapter_config.json lacks or mistypes {e}; pass a LoRA adapter folder "
+                            "saved by zoft or peft") from None
         attach(s, zc)
         load_peft_weights(s.loras, ns.adapter)
     engine = make_engine(s)
@@ -99,6 +108,7 @@ def cmd_eval(ns) -> None:
 def cmd_export(ns) -> None:
     from zoft.export import export_merged
 
+    check_output_dir(ns.output_dir)
     dtype = export_merged(ns.run_dir, ns.output_dir, merge=ns.merge, dtype=ns.dtype)
     print(json.dumps({"output_dir": ns.output_dir, "dtype": dtype}))
 
@@ -106,6 +116,7 @@ def cmd_export(ns) -> None:
 def cmd_replay(ns) -> None:
     from zoft.train import replay
 
+    check_output_dir(ns.output_dir)
     print(json.dumps(replay(ns.model, ns.log, ns.output_dir, ns.device)))
 
 
@@ -133,6 +144,9 @@ def cmd_tasks(ns) -> None:
 def cmd_plot(ns) -> None:
     from zoft.plot import plot
 
+    if ns.window < 1:
+        raise ZoftError(f"--window must be at least 1, got {ns.window}")
+    check_output_file(ns.output, "--output")
     print(json.dumps({"output": plot(ns.run_dirs, ns.output, ns.window, ns.x)}))
 
 
@@ -232,7 +246,7 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    parser = build_parser()
+    parser, ns = build_parser(), None
     try:
         apply_config_file(parser, argv)
         ns = parser.parse_args(argv)
@@ -246,6 +260,27 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("zoft: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # disk full, a read-only folder: the environment, not a bug; anything else propagates
+        oe = os_error_of(e)
+        if oe is None:
+            raise
+        hint = _resume_hint(ns.output_dir) if getattr(ns, "command", "") in ("train", "demo") else ""
+        print(f"zoft: error: {describe_os_error(oe)}{hint}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _resume_hint(out: str) -> str:
+    """After a failed write mid-run: which checkpoint survived it, and how to go on from there."""
+    for name in ("checkpoint", "checkpoint.old"):  # .old: the failure hit between a save's two renames
+        state = os.path.join(out, name, "state.json")
+        try:
+            with open(state) as f:
+                step = json.load(f)["next_step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return (f"; the run stopped, its last checkpoint (step {step}) and step log in {out} are intact: "
+                "continue with the same command plus --resume")
+    return ""
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
+import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +25,37 @@ def arg(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw}) if not isinstance(default, list) else field(
         default_factory=lambda: list(default), metadata={"help": help, **kw}
     )
+
+
+def check_finite(cfg) -> None:
+    """Every float field of a config must be a number: nan and inf are never a meaningful setting."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ZoftError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+
+
+MAX_FORMAT_NUMBER = 1000  # "{input:>999999999999}" would try to build a terabyte string per prompt
+
+
+def check_template(template: str) -> None:
+    """A --template must be a format string whose widths and precisions are small and literal."""
+    try:
+        template.encode("utf-8")
+        parts = list(string.Formatter().parse(template))
+    except UnicodeEncodeError as e:
+        raise ZoftError(f"--template {template!r} is not valid Unicode ({e.reason}); pass UTF-8 text") from None
+    except ValueError as e:
+        raise ZoftError(f"--template {template!r} is not a format string ({e}); write fields as {{name}}, "
+                        "literal braces as {{{{ and }}}}") from None
+    for _, name, spec, _ in parts:
+        if spec and "{" in spec:
+            raise ZoftError(f"--template {template!r}: field {{{name}}} has a nested field in its format spec "
+                            f"{spec!r}; use a literal width, e.g. {{{name}:.200}}")
+        big = [n for n in re.findall(r"\d+", spec or "") if int(n) > MAX_FORMAT_NUMBER]
+        if big:
+            raise ZoftError(f"--template {template!r}: width or precision {big[0]} in {{{name}:{spec}}} is over "
+                            f"{MAX_FORMAT_NUMBER}; a prompt field needs no more")
 
 
 @dataclass
@@ -82,6 +116,8 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.template:
+            check_template(self.template)
 
 
 @dataclass
@@ -126,8 +162,13 @@ class ZOConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-        if self.eps < 0 or self.lr < 0:
-            raise ZoftError("--eps and --lr must be positive")
+        check_finite(self)  # after validate, which makes ints of float fields floats
+        if self.eps < 0 or self.lr < 0:  # 0 is documented as "the mode's default"
+            raise ZoftError(f"--eps and --lr must be positive (0: the mode's default), got {self.eps} and {self.lr}")
+        if self.lora_alpha <= 0:
+            raise ZoftError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if self.warmup < 0:
+            raise ZoftError(f"--warmup must be >= 0, got {self.warmup}")
         if self.directions < 1 or self.batch_size < 1:
             raise ZoftError("--directions and --batch-size must be at least 1")
         if self.weight_decay < 0:
@@ -169,11 +210,18 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-        for name in ("steps", "eval_every", "save_every", "log_every", "fsync_every", "guard_strikes"):
+        check_finite(self)
+        if not self.output_dir:
+            raise ZoftError("--output-dir is empty; pass a folder")
+        for name in ("steps", "eval_every", "save_every", "log_every", "fsync_every", "guard_strikes", "cache_mb"):
             if getattr(self, name) < 0:
                 raise ZoftError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.eval_batch_size < 1 or self.pack_tokens < 1:
             raise ZoftError("--eval-batch-size and --pack-tokens must be at least 1")
+        if 0 < self.guard_threshold <= 1 or self.guard_threshold < 0:  # ≤ 1× the median would flag ordinary steps
+            raise ZoftError(f"--guard-threshold must be above 1 (0: only non-finite losses), got {self.guard_threshold}")
+        if not 0 < self.guard_lr_factor <= 1:
+            raise ZoftError(f"--guard-lr-factor must be in (0, 1], got {self.guard_lr_factor}")
     fsync_every: int = arg(50, "fsync the step log every N steps (it is flushed every step)")
     guard_threshold: float = arg(0.0, "divergence guard: a loss above this × the running median undoes the "
                                  "last update (non-finite losses always do); 0: only non-finite")
@@ -199,7 +247,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        return cls(ModelConfig(**d["model"]), TaskConfig(**d["task"]), ZOConfig(**d["zo"]), RunConfig(**d["run"]))
+        """The config a run saved (its config.json, its step log's header); damaged is a ZoftError."""
+        try:
+            return cls(ModelConfig(**d["model"]), TaskConfig(**d["task"]), ZOConfig(**d["zo"]), RunConfig(**d["run"]))
+        except (KeyError, TypeError) as e:  # a missing section, an unknown or missing field
+            raise ZoftError(f"not a zoft run config ({type(e).__name__}: {e}); was it written by zoft train, "
+                            "by this version?") from None
 
 
 def _base_type(tp):

@@ -7,10 +7,11 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from zoft.config import TrainConfig
 from zoft.errors import ZoftError
+from zoft.files import load_tensors, read_json
 from zoft.lora import load_peft_weights, merge_lora
 from zoft.session import attach, load_session, resolve_alias
 
@@ -19,8 +20,7 @@ def load_run_config(run_dir: str) -> TrainConfig:
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise ZoftError(f"{run_dir} is not a zoft run folder (no config.json); pass the --output-dir of a zoft train run")
-    with open(path) as f:
-        d = json.load(f)
+    d = read_json(path, "run config", "pass the --output-dir of a zoft train run")
     base = d.pop("resolved", {}).get("base")
     cfg = TrainConfig.from_dict(d)
     if base and not os.path.exists(resolve_alias(cfg.model.model)) and os.path.isdir(base):
@@ -66,7 +66,7 @@ def export_merged(run_dir: str, output_dir: str, merge: bool = True, dtype: str 
         load_peft_weights(s.loras, src)
         merge_lora(s.model)
     else:
-        tensors = load_file(os.path.join(src, "trained.safetensors"))
+        tensors = load_tensors(os.path.join(src, "trained.safetensors"), f"the run's {src} is damaged")
         with torch.no_grad():
             for n, t in zip(s.trainable.names, s.trainable.tensors):
                 t.copy_(tensors[n])

@@ -10,12 +10,14 @@ import glob
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import sys
 
 import torch
 
 from zoft.errors import ZoftError
+from zoft.files import load_tensors, read_json
 from zoft.models.llama import MODEL_TYPES as LLAMA_TYPES
 from zoft.models.llama import Llama, LlamaArgs
 from zoft.models.opt import OPT, OPTArgs
@@ -32,6 +34,10 @@ def resolve(spec: str) -> str:
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise ZoftError(f"GGUF file {spec} does not exist")
+        with open(spec, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ZoftError(f"{spec} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                                "pass a .gguf model, a Hugging Face model folder or a hub id")
         return gguf_to_folder(spec)
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
@@ -80,6 +86,8 @@ def gguf_to_folder(path: str) -> str:
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     except ImportError as e:
         raise ZoftError(f"loading GGUF needs the gguf and accelerate packages: pip install gguf accelerate ({e})") from None
+    except (ValueError, KeyError, IndexError, EOFError, OSError) as e:  # a truncated or foreign file (magic checked)
+        raise ZoftError(f"could not read {path} as a GGUF model ({type(e).__name__}: {e}); is the file complete?") from None
     from safetensors.torch import save_file
 
     tmp = f"{out}.tmp-{os.getpid()}"  # per process: several runs started at once each convert, one wins
@@ -106,8 +114,8 @@ def gguf_to_folder(path: str) -> str:
 
 
 def read_config(folder: str) -> dict:
-    with open(os.path.join(folder, "config.json")) as f:
-        return json.load(f)
+    return read_json(os.path.join(folder, "config.json"), "model config",
+                     "the model folder is damaged: download or convert it again")
 
 
 def native_class(cfg: dict):
@@ -121,19 +129,21 @@ def native_class(cfg: dict):
 
 def load_state_dict(folder: str) -> dict[str, torch.Tensor]:
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    fix = "the model folder is damaged: download or convert it again"
     if files:
-        from safetensors.torch import load_file
-
         sd = {}
         for f in files:
-            sd.update(load_file(f))
+            sd.update(load_tensors(f, fix))
         return sd
     files = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
     if not files:
         raise ZoftError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
     sd = {}
     for f in files:
-        sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        try:
+            sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise ZoftError(f"{f} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); {fix}") from None
     return sd
 
 

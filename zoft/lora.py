@@ -305,12 +305,12 @@ def save_peft(
 
 def load_peft_weights(loras: dict[str, LoRALinear], adapter_dir: str) -> None:
     """Load a PEFT adapter (ours or peft's) into already-injected LoRALinear modules."""
-    from safetensors.torch import load_file
+    from zoft.files import load_tensors
 
     f = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.exists(f):
         raise ZoftError(f"{adapter_dir} holds no adapter_model.safetensors; pass a folder saved by zoft or peft")
-    sd = load_file(f)
+    sd = load_tensors(f, "the adapter is damaged")
     sd = {k.replace(".default.weight", ".weight"): v for k, v in sd.items()}
     for path, m in loras.items():
         for which in ("lora_A", "lora_B"):
@@ -328,8 +328,9 @@ def read_adapter_config(adapter_dir: str) -> dict:
     f = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.exists(f):
         raise ZoftError(f"{adapter_dir} holds no adapter_config.json; pass a folder saved by zoft or peft")
-    with open(f) as fh:
-        return json.load(fh)
+    from zoft.files import read_json
+
+    return read_json(f, "adapter config", "the adapter is damaged")
 
 
 def merge_lora(model: nn.Module) -> None:

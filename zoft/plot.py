@@ -18,8 +18,13 @@ def read_metrics(run_dir: str, x: str = "steps") -> tuple[list, list, list, list
     key = AXES[x][0]
     at, xs, losses, dsteps, dev = {}, [], [], [], []
     with open(path) as f:
-        for line in f:
-            r = json.loads(line)
+        for n, line in enumerate(f, start=1):
+            try:
+                r = json.loads(line)
+            except ValueError:
+                if not line.endswith("\n"):
+                    break  # a run killed mid-write: its last line is half there
+                raise ZoftError(f"{path}:{n} is not JSON; the metrics file is damaged") from None
             if "loss" in r:
                 if key not in r:
                     raise ZoftError(f"{path} has no {key!r} in its step rows (an older run); use --x steps")

@@ -13,8 +13,10 @@ records with exactly the floating-point operations training performed, so a repl
 from __future__ import annotations
 
 import json
+import math
 import os
 
+from zoft.errors import ZoftError
 from zoft.zo import Trainable, perturb_, sgd_update_
 
 
@@ -49,26 +51,81 @@ class StepLog:
             self.f.close()
 
 
+def _whole_lines_end(data: bytes) -> int:
+    """Where the log's whole lines end. What a crash leaves after them is dropped: half a line (killed
+    mid-write) and a NUL-filled tail (a file extended by the filesystem before its data reached the disk)."""
+    body = data.rstrip(b"\0")
+    if len(body) < len(data):  # the NULs may have eaten the last lines' newlines too: keep whole lines only
+        body = body.rstrip(b"\n\0")
+        if len(body) < len(data) and data[len(body) : len(body) + 1] == b"\n":
+            return len(body) + 1
+    return body.rfind(b"\n") + 1
+
+
 def _truncate_partial_tail(path: str) -> None:
-    """A kill mid-write can leave half a line: drop it (that step never reached its update)."""
+    """Drop a torn or NUL tail before appending (those steps never reached their update)."""
     with open(path, "rb+") as f:
         data = f.read()
-        end = data.rfind(b"\n") + 1
+        end = _whole_lines_end(data)
         if end != len(data):
             f.truncate(end)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+def _problem(r, n: int, prev_step: int, held: int) -> str | None:
+    """What is wrong with record `r` on line n (None: nothing), given the step before it and the updates held."""
+    if not isinstance(r, dict):
+        return f"a JSON {type(r).__name__}, not an object"
+    if "header" in r:
+        return None if n == 1 and isinstance(r["header"], dict) else "a header line that is not the first line"
+    if not _is_int(r.get("step")) or r["step"] <= prev_step:
+        return f"step {r.get('step')!r} after step {prev_step} (steps only go up: two writers, or a spliced log?)"
+    if "revert_to" in r:
+        ok = _is_int(r["revert_to"]) and 0 <= r["revert_to"] <= held
+        return None if ok else f"revert_to {r['revert_to']!r} with {held} updates held"
+    seeds, grads = r.get("seeds"), r.get("grads")
+    if not (isinstance(seeds, list) and seeds and all(_is_int(x) for x in seeds)):
+        return "no list of integer 'seeds'"
+    if not (isinstance(grads, list) and len(grads) == len(seeds) and all(_is_num(x) for x in grads)):
+        return f"'grads' is not a list of {len(seeds)} finite numbers"
+    if not _is_num(r.get("lr")):
+        return f"'lr' is {r.get('lr')!r}, not a finite number"
+    return None
+
+
 def read(path: str) -> tuple[dict | None, list[dict]]:
-    header, records = None, []
-    with open(path) as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # partial tail
+    """(header, records) of a step log. A torn or NUL tail is ignored; any other damaged line is a ZoftError
+    naming the line and the last good step, since replaying around a hole would silently mix two runs."""
+    with open(path, "rb") as f:
+        data = f.read()
+    header, records, held, prev = None, [], 0, -1
+    lines = data[: _whole_lines_end(data)].split(b"\n")[:-1]
+    for n, line in enumerate(lines, start=1):
+        try:
             r = json.loads(line)
-            if "header" in r:
-                header = r["header"]
-            else:
-                records.append(r)
+            why = _problem(r, n, prev, held)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+            why = f"not JSON ({e})"
+        if why:
+            last = f"step {prev}" if prev >= 0 else "none (no step before it)"
+            raise ZoftError(
+                f"step log {path} is damaged at line {n} of {len(lines)}: {why}; the last good record is {last}. "
+                f"To use the log up to there, keep its first {n - 1} lines (head -n {n - 1} {path} > fixed.jsonl, "
+                "then move fixed.jsonl in its place): replay rebuilds those steps, and --resume recomputes the "
+                "rest when the checkpoint is not past them")
+        if "header" in r:
+            header = r["header"]
+            continue
+        held = min(held, r["revert_to"]) if "revert_to" in r else held + 1
+        prev = r["step"]
+        records.append(r)
     return header, records
 
 

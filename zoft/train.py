@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from zoft import distributed as dist
@@ -30,6 +30,7 @@ from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import Interrupted, ZoftError
 from zoft.evaluate import answers_of, evaluate_split, write_predictions
+from zoft.files import check_output_dir, load_tensors, read_json, sha256
 from zoft.loading import load_tokenizer, resolve
 from zoft.lora import load_peft_weights, save_peft
 from zoft.session import (
@@ -172,6 +173,8 @@ def save_checkpoint(s: Session, path: str, state: dict) -> None:
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_trained(s, tmp)
+    # checksums of what was just written: a checkpoint damaged later is refused on load, not resumed from
+    state = state | {"sha256": {name: sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}}
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f)
         f.flush()
@@ -191,16 +194,29 @@ def recover_checkpoint(path: str) -> None:
         os.replace(old, path)
 
 
-def load_checkpoint(s: Session, path: str) -> dict:
+def load_checkpoint(s: Session, path: str, need: tuple[str, ...] = ()) -> dict:
+    """Load a checkpoint's parameters; returns its state. A damaged checkpoint (state.json missing, malformed,
+    lacking a key in `need`, or a file whose checksum differs) is a ZoftError: resuming from it would be wrong."""
+    fix = (f"the checkpoint is damaged; zoft replay --model MODEL --log {os.path.join(os.path.dirname(path), 'steps.jsonl')} "
+           "--output-dir NEW_FOLDER rebuilds the trained parameters from the step log")
+    state = read_json(os.path.join(path, "state.json"), "checkpoint state", fix)
+    for k in need:
+        if not (isinstance(state.get(k), int) and state[k] >= 0):
+            raise ZoftError(f"checkpoint state {path}/state.json has no valid {k!r} ({state.get(k)!r}); {fix}")
+    for name, digest in state.get("sha256", {}).items():
+        f = os.path.join(path, name)
+        if not os.path.isfile(f) or sha256(f) != digest:
+            raise ZoftError(f"{f} is {'missing' if not os.path.isfile(f) else 'not the file that was saved (checksum)'}; {fix}")
     if s.loras is not None:
         load_peft_weights(s.loras, path)
     else:
-        tensors = load_file(os.path.join(path, "trained.safetensors"))
+        tensors = load_tensors(os.path.join(path, "trained.safetensors"), fix)
         with torch.no_grad():
             for n, t in zip(s.trainable.names, s.trainable.tensors):
+                if n not in tensors or tensors[n].shape != t.shape:
+                    raise ZoftError(f"{path}/trained.safetensors lacks {n} or has another shape; {fix}")
                 t.copy_(tensors[n])
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
+    return state
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -260,6 +276,7 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
     """Train as `cfg` says; `data`: a task already in hand (the Python API) instead of cfg.task's source;
     `callbacks` see every metrics row (zoft.tracking.Callback)."""
     rc, zc = cfg.run, cfg.zo
+    check_output_dir(rc.output_dir)  # a file, under a file, read-only: before loading anything
     prepared = prepare_data(cfg, model_chat(cfg.model), data)  # before the model: bad data fails in a second
     tracking.check(rc.report_to)
     if zc.optimizer == "adamw":
@@ -306,7 +323,7 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
     log_path = os.path.join(out, "steps.jsonl")
     step, best_dev, zero_shot, lr_scale, applied = 0, -1.0, None, 1.0, 0
     if rc.resume:
-        state = load_checkpoint(s, ckpt)
+        state = load_checkpoint(s, ckpt, need=("next_step", "applied"))
         best_dev, zero_shot = state.get("best_dev", -1.0), state.get("zero_shot_accuracy")
         lr_scale = state.get("lr_scale", 1.0)
         _, records = steplog.read(log_path) if os.path.exists(log_path) else (None, [])
@@ -504,6 +521,9 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
                 raise Interrupted(f"{name} at step {step}: checkpoint saved in {ckpt}; resume with the same "
                                   f"command plus --resume", 128 + got)
     bar.close()
+    if main and rc.resume and first >= rc.steps:  # every step came from the log (the last save failed or was
+        slog.sync()  # killed): the loop never ran, so write the final checkpoint it would have written
+        save_checkpoint(s, ckpt, state(step))
     train_seconds = time.time() - t_loop
     if not main:
         dist.barrier()

@@ -12,6 +12,7 @@ import difflib
 import os
 from collections.abc import Callable
 
+from zoft.config import check_template
 from zoft.errors import ZoftError
 from zoft.tasks import rows
 from zoft.tasks.base import Example, Task, check_splits, sample_splits
@@ -65,6 +66,8 @@ def get_task(name_or_path: str, data_dir: str | None = None, template: str | Non
              columns: rows.Columns | None = None, chat: rows.ChatFn | None = None,
              hub: tuple[str, str, str, str] = ("", "train", "validation", "test")) -> Task:
     """A registered task by name; else a file, a folder or a hub id through zoft.tasks.rows."""
+    if template:
+        check_template(template)  # TaskConfig checks it too; library callers come straight here
     if name_or_path in TASKS:
         return TASKS[name_or_path](data_dir=data_dir, template=template)
     is_path = os.path.exists(name_or_path) or name_or_path.lower().endswith(rows.EXTENSIONS)

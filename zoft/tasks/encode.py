@@ -26,6 +26,17 @@ def _truncate(prompt_ids: list[int], keep: int, bos_id: int | None) -> list[int]
     return prompt_ids[len(prompt_ids) - keep :]
 
 
+def check_unicode(ex: Example, where: str) -> None:
+    """Text the tokenizer can take: a lone surrogate (JSON's "\\ud800" escape, or bytes that were never UTF-8)
+    is not valid Unicode, and tokenizers reject it with an unreadable error."""
+    for text in (ex.prompt, *ex.candidates):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ZoftError(f"{where}: {text[max(0, e.start - 20) : e.end + 20]!r} holds a lone surrogate "
+                            f"{text[e.start : e.end]!r}, which is not valid Unicode; fix the data") from None
+
+
 def encode(
     tokenizer, examples: list[Example], max_length: int | None, truncation: str = "left"
 ) -> tuple[list[Encoded], int]:
@@ -38,6 +49,8 @@ def encode(
         raise ZoftError(f"truncation must be 'left' or 'error', got {truncation!r}")
     if max_length is not None and max_length < 2:
         raise ZoftError(f"--max-length must be >= 2, got {max_length}")
+    for i, ex in enumerate(examples):
+        check_unicode(ex, f"example {i}")
     bos_id = getattr(tokenizer, "bos_token_id", None)
     prompts = tokenizer([ex.prompt for ex in examples])["input_ids"] if examples else []
     unique = sorted({c for ex in examples for c in ex.candidates})  # " terrible"/" great" once, not per row

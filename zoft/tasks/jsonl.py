@@ -12,6 +12,7 @@ from pathlib import Path
 
 from zoft.errors import ZoftError
 from zoft.tasks.base import Example, Task
+from zoft.tasks.encode import check_unicode
 
 
 def _prompt(row: dict, template: str | None, where: str) -> str:
@@ -40,7 +41,9 @@ def parse_row(row: object, template: str | None, where: str) -> Example:
     if "output" in row:
         if not isinstance(row["output"], str) or not row["output"]:
             raise ZoftError(f"{where}: field 'output' must be a non-empty string, got {row['output']!r:.80}")
-        return Example(prompt, [row["output"]], 0, kind="gen")
+        ex = Example(prompt, [row["output"]], 0, kind="gen")
+        check_unicode(ex, where)
+        return ex
     cands, answer = row["candidates"], row.get("answer")
     if not isinstance(cands, list) or not cands or not all(isinstance(c, str) and c for c in cands):
         raise ZoftError(
@@ -50,7 +53,9 @@ def parse_row(row: object, template: str | None, where: str) -> Example:
         raise ZoftError(
             f"{where}: field 'answer' must be an int index in [0, {len(cands)}), got {answer!r:.80}"
         )
-    return Example(prompt, list(cands), answer, kind="mc")
+    ex = Example(prompt, list(cands), answer, kind="mc")
+    check_unicode(ex, where)
+    return ex
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
