@@ -53,7 +53,8 @@ from zoft.config import ModelConfig, ZOConfig
 from zoft.models.opt import PRESETS
 from zoft.session import attach, load_session, make_engine
 from zoft.train import HostCopy, snapshot, step_losses
-from zoft.zo import direction_seeds, sgd_update_
+from zoft.zo.trainable import direction_seeds
+from zoft.zo.update import sgd_update_
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64,
             vocab_size=1024, max_position_embeddings=512)

@@ -23,7 +23,8 @@ from zoft.bench import WORKLOADS, load_reference, make_batch
 from zoft.config import ModelConfig, ZOConfig
 from zoft.session import attach, load_session, make_engine, pick_device
 from zoft.train import step_losses
-from zoft.zo import direction_seeds, sgd_update_
+from zoft.zo.trainable import direction_seeds
+from zoft.zo.update import sgd_update_
 
 
 def time_mode(folder, dtype, device, full_step, layers, batches, warmup, steps) -> dict:

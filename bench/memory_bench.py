@@ -18,11 +18,12 @@ import random
 import torch
 
 from zoft.config import parse_layers
-from zoft.engine import NativeEngine, row_losses
+from zoft.engine.native import NativeEngine, row_losses
 from zoft.lora import LoraArgs, inject_lora
 from zoft.models.llama import PRESETS, Llama, LlamaArgs
 from zoft.tasks.encode import Encoded
-from zoft.zo import direction_seeds, full_trainable, inplace_step, lora_trainable, rows_step, sgd_update_
+from zoft.zo.trainable import direction_seeds, full_trainable, inplace_step, lora_trainable, rows_step
+from zoft.zo.update import sgd_update_
 
 PRESETS = PRESETS | {"tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2)}
@@ -117,7 +118,7 @@ def offloaded_lora_peak(a, dev, lo, hi):
     """A MeZO-LoRA step with the blocks' frozen weights streamed from CPU memory and the vocabulary
     tables kept there (zoft --offload cpu): on the GPU, the LoRA factors, the final norm, the batch's
     activations, the head rows the loss reads and one or two blocks at a time."""
-    from zoft.offload import offload_to_host, stream_blocks
+    from zoft.engine.offload import offload_to_host, stream_blocks
 
     model, loras, tr = build(a.preset, getattr(torch, a.dtype), torch.device("cpu"), "lora", a.layers)
     for m in loras.values():  # trained: on the device before the streamer takes the rest of the blocks

@@ -20,12 +20,13 @@ import time
 
 import torch
 
-from zoft.engine import NativeEngine, row_losses
+from zoft.engine.native import NativeEngine, row_losses
+from zoft.engine.offload import offload_to_host, stream_blocks
 from zoft.lora import LoraArgs, inject_lora
 from zoft.models.opt import OPT, PRESETS, OPTArgs
-from zoft.offload import offload_to_host, stream_blocks
 from zoft.tasks.encode import Encoded
-from zoft.zo import direction_seeds, lora_trainable, rows_step, sgd_update_
+from zoft.zo.trainable import direction_seeds, lora_trainable, rows_step
+from zoft.zo.update import sgd_update_
 
 PRESETS = PRESETS | {"tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_dim=256,
                                   word_embed_proj_dim=64)}

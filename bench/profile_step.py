@@ -23,7 +23,8 @@ from zoft.config import ModelConfig, ZOConfig
 from zoft.models import common
 from zoft.session import attach, load_session, make_engine
 from zoft.train import HostCopy, snapshot, step_losses
-from zoft.zo import direction_seeds, sgd_update_
+from zoft.zo.trainable import direction_seeds
+from zoft.zo.update import sgd_update_
 
 
 def main():

@@ -25,12 +25,12 @@ from zoft.bench import (
 )
 from zoft.cli import main
 from zoft.config import ModelConfig, ZOConfig
-from zoft.engine import row_losses
+from zoft.engine.native import row_losses
 from zoft.loading import native_class
 from zoft.models import llama, opt
 from zoft.session import attach, load_session, make_engine
 from zoft.train import step_losses
-from zoft.zo import direction_seeds, directions
+from zoft.zo.trainable import direction_seeds, directions
 
 SMALL = Workload(prompt_len=(5, 20, 8), cand_len=(1, 3), n_cands=3, fixed_cands=False)  # ragged: padding matters
 KEYS = ["reference_step_ms", "forward_ms", "zoft_step_ms", "reference_peak_mb", "zoft_peak_mb",

@@ -435,7 +435,8 @@ def test_pipelined_lora_run_equals_a_synchronous_loop(root, model, device):
     from zoft.config import TrainConfig
     from zoft.session import attach, load_session, make_engine
     from zoft.train import batch_indices, load_data, step_losses
-    from zoft.zo import direction_seeds, lr_at, sgd_update_
+    from zoft.zo.trainable import direction_seeds
+    from zoft.zo.update import lr_at, sgd_update_
 
     out = root / f"pipelined-{device}"
     run = [x if x != "cpu" else device for x in RUN]

@@ -8,7 +8,8 @@ from tests.tiny import make_tiny
 from zoft.config import ModelConfig, ZOConfig
 from zoft.lora import bank_views
 from zoft.session import attach, load_session
-from zoft.zo import Trainable, direction_seeds, sgd_update_
+from zoft.zo.trainable import Trainable, direction_seeds
+from zoft.zo.update import sgd_update_
 
 
 def session(tmp_path, device="cpu", dtype="float32"):

@@ -7,13 +7,13 @@ same float32 arithmetic, z and the rounding draws taken from the kernels' own Ph
 import pytest
 import torch
 
-from tests.tiny import make_tiny
 from tests.test_zo import examples
+from tests.tiny import make_tiny
 from zoft.config import ModelConfig, ZOConfig
-from zoft.engine import row_losses
-from zoft.perturb import param_seed, perturbed_pair, round_stochastic, rounding_draw, update_half_
-from zoft.perturbers import InPlacePerturber, estimate
+from zoft.engine.native import row_losses
 from zoft.session import attach, load_session, make_engine
+from zoft.zo.noise import param_seed, perturbed_pair, round_stochastic, rounding_draw, update_half_
+from zoft.zo.perturbers import InPlacePerturber, estimate
 
 
 def neighbours(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +97,7 @@ def test_bf16_full_mode_keeps_one_copy_and_moves_weights(tmp_path):
     lp, lm, g = estimate(lambda rows: row_losses(eng.scores(b, rows), b, "candidate"), s.perturber, [5], 1e-3)
     assert all(torch.equal(a, t) for a, t in zip(before, s.trainable.tensors))
     assert torch.isfinite(g).all() and lp.item() != lm.item()
-    from zoft.zo import sgd_update_
+    from zoft.zo.update import sgd_update_
 
     sgd_update_(s.trainable, [5], [1.0], 1e-3, 0.0)
     moved = sum((a != t).sum().item() for a, t in zip(before, s.trainable.tensors))
@@ -120,7 +120,7 @@ def test_inplace_in_half_precision_keeps_a_float32_master(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_perturbed_pair_kernels_equal_the_torch_arithmetic(dtype):
-    from zoft.kernels import perturb_triton as pt
+    from zoft.zo.kernels import perturb_triton as pt
 
     g = torch.Generator("cuda").manual_seed(0)
     w = (torch.randn(300, 257, device="cuda", generator=g) * 0.05).to(dtype)
@@ -141,7 +141,7 @@ def test_perturbed_pair_kernels_equal_the_torch_arithmetic(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sr_update_kernel_is_unbiased_and_deterministic(dtype):
-    from zoft.kernels import perturb_triton as pt
+    from zoft.zo.kernels import perturb_triton as pt
 
     n = 1 << 22
     base = torch.full((n,), 0.0312345, device="cuda").to(dtype)
@@ -187,8 +187,9 @@ def test_full_rows_on_cuda_equal_inplace(tmp_path, backend):
 def test_one_launch_update_equals_the_per_tensor_kernels():
     """zoft.zo's Triton update (one launch per dtype, each program finding its tensor by binary search)
     gives the per-tensor kernels' bits, for tensors of every size (empty, smaller than a block, several)."""
-    from zoft.kernels import perturb_triton as pt
-    from zoft.zo import Trainable, rounding_seed, sgd_update_
+    from zoft.zo.kernels import perturb_triton as pt
+    from zoft.zo.trainable import Trainable
+    from zoft.zo.update import rounding_seed, sgd_update_
 
     g = torch.Generator("cuda").manual_seed(0)
     shapes = [(7,), (0,), (1024,), (3, 1000), (2049,), (64, 64)]

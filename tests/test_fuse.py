@@ -13,7 +13,8 @@ from zoft.session import attach, load_session, make_engine
 from zoft.tasks import get_task, sample_splits
 from zoft.tasks.encode import encode
 from zoft.train import step_losses
-from zoft.zo import direction_seeds, sgd_update_
+from zoft.zo.trainable import direction_seeds
+from zoft.zo.update import sgd_update_
 
 
 def steps(folder, fuse, device="cpu", dtype="float32", n=3):
@@ -107,10 +108,10 @@ def test_relu_epilogue(dtype):
 
 def _full_rows_vs_inplace(device, dtype, fuse):
     from tests.test_zo import examples
-    from zoft.engine import NativeEngine, row_losses
+    from zoft.engine.native import NativeEngine, row_losses
     from zoft.loading import build_native, read_config
-    from zoft.perturbers import FullRowsPerturber, InPlacePerturber, estimate
-    from zoft.zo import full_trainable
+    from zoft.zo.perturbers import FullRowsPerturber, InPlacePerturber, estimate
+    from zoft.zo.trainable import full_trainable
 
     def go(root):
         folder = make_tiny("opt", root)

@@ -12,7 +12,8 @@ from zoft.session import attach, load_session, make_engine
 from zoft.tasks import get_task, sample_splits
 from zoft.tasks.encode import encode
 from zoft.train import step_losses
-from zoft.zo import direction_seeds, sgd_update_
+from zoft.zo.trainable import direction_seeds
+from zoft.zo.update import sgd_update_
 
 
 def trajectory(folder, mode, layers, graphs, device="cuda", steps=6):
@@ -58,8 +59,8 @@ def test_no_graphs_on_cpu(tmp_path):
 def test_triton_z_backend_is_wired_into_full_mode(tmp_path):
     """auto picks the Triton kernel on CUDA; the update moves each tensor by −lr·g·z(param_seed(seed, i))
     with the kernel's own z, and the ±ε passes of a step put the parameters back."""
-    from zoft.kernels.perturb_triton import randn_triton
-    from zoft.perturb import param_seed
+    from zoft.zo.kernels.perturb_triton import randn_triton
+    from zoft.zo.noise import param_seed
 
     folder = make_tiny("llama", str(tmp_path))
     s = load_session(ModelConfig(model=folder, device="cuda"))

@@ -8,7 +8,8 @@ from zoft.session import attach, load_session, make_engine
 from zoft.tasks import get_task, sample_splits
 from zoft.tasks.encode import encode
 from zoft.train import batch_indices, step_losses
-from zoft.zo import direction_seeds, sgd_update_
+from zoft.zo.trainable import direction_seeds
+from zoft.zo.update import sgd_update_
 
 
 def trainer(folder, seed, layers):

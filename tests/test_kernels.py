@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from zoft.kernels import perturb_triton as pt
-from zoft.perturb import param_seed
+from zoft.zo.kernels import perturb_triton as pt
+from zoft.zo.noise import param_seed
 
 DEVICE = "cpu" if pt.INTERPRET else "cuda"
 N_STATS = 1 << 22  # 4M elements: the mean's standard error is 5e-4
@@ -21,7 +21,7 @@ N_STATS = 1 << 22  # 4M elements: the mean's standard error is 5e-4
 
 def _available_in_fresh_process(env_extra: dict) -> str:
     env = {**os.environ, **env_extra}
-    code = "import zoft.kernels as k, zoft.kernels.perturb_triton; print(k.AVAILABLE)"
+    code = "import zoft.zo.kernels as k, zoft.zo.kernels.perturb_triton; print(k.AVAILABLE)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip()
 

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from zoft.engine import NativeEngine, row_losses
+from zoft.engine.native import NativeEngine, row_losses
 from zoft.lora import LoraArgs, inject_lora
 from zoft.models.llama import Llama, LlamaArgs
-from zoft.perturb import CHUNK
 from zoft.tasks.encode import Encoded
-from zoft.perturbers import InPlacePerturber, LoRAPerturber, estimate
-from zoft.zo import direction_seeds, full_trainable, lora_trainable, sgd_update_
+from zoft.zo.noise import CHUNK
+from zoft.zo.perturbers import InPlacePerturber, LoRAPerturber, estimate
+from zoft.zo.trainable import direction_seeds, full_trainable, lora_trainable
+from zoft.zo.update import sgd_update_
 
 
 def model_on_cuda(mode):

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from tests.tiny import make_tiny
-from zoft.engine import build_batch
+from zoft.engine.packing import build_batch
 from zoft.loading import build_native, read_config
 from zoft.tasks.encode import Encoded
 
@@ -38,7 +38,7 @@ def test_packed_shared_prompt_equals_separate_sequences(root, kind):
     exs = [Encoded(rnd(5), [rnd(1), rnd(3)], 1, "mc"), Encoded(rnd(9), [rnd(2), rnd(1), rnd(4)], 0, "mc")]
     b = build_batch(exs, "cpu", pack_tokens=64)
     assert b.packs.ids.shape[0] == 1  # both examples in one pack row
-    from zoft.engine import NativeEngine
+    from zoft.engine.native import NativeEngine
 
     got = NativeEngine(model).scores(b).cand_sum[0]
     want = []

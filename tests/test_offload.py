@@ -6,12 +6,13 @@ import torch.nn.functional as F
 
 from tests.tiny import make_tiny
 from zoft.config import ModelConfig, ZOConfig
-from zoft.offload import HostEmbedding, head_logits
+from zoft.engine.offload import HostEmbedding, head_logits
 from zoft.session import attach, load_session, make_engine
 from zoft.tasks import get_task, sample_splits
 from zoft.tasks.encode import encode
 from zoft.train import step_losses
-from zoft.zo import direction_seeds, sgd_update_
+from zoft.zo.trainable import direction_seeds
+from zoft.zo.update import sgd_update_
 
 
 def run(folder, offload, mode, layers, steps=3, dtype="float32"):

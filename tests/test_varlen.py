@@ -11,11 +11,12 @@ import torch
 
 from tests.tiny import make_tiny
 from zoft.config import ModelConfig, ZOConfig
-from zoft.engine import make_segment, pack
+from zoft.engine.packing import make_segment, pack
 from zoft.session import attach, load_session, make_engine
 from zoft.tasks.encode import Encoded
 from zoft.train import step_losses
-from zoft.zo import direction_seeds, sgd_update_
+from zoft.zo.trainable import direction_seeds
+from zoft.zo.update import sgd_update_
 
 
 def random_examples(n, seed, max_prompt=20, vocab=100):

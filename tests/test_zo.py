@@ -12,14 +12,15 @@ from safetensors.torch import load_file
 
 from tests.tiny import make_tiny
 from zoft.config import ModelConfig, ZOConfig
-from zoft.engine import NativeEngine, row_losses
+from zoft.engine.native import NativeEngine, row_losses
 from zoft.loading import build_native, read_config
 from zoft.lora import LoraArgs, inject_lora
-from zoft.perturb import add_noise_, noise
 from zoft.session import attach, load_session
 from zoft.tasks.encode import Encoded
-from zoft.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber, estimate
-from zoft.zo import directions, full_trainable, lora_trainable, perturb_, sgd_update_
+from zoft.zo.noise import add_noise_, noise
+from zoft.zo.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber, estimate
+from zoft.zo.trainable import directions, full_trainable, lora_trainable, perturb_
+from zoft.zo.update import sgd_update_
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def test_bfloat16_base_trained_dtype(root, mode, layers, master, trained):
     """A bf16 base runs (the CPU path too). LoRA factors are float32; full mode trains the bf16 weights
     themselves (the only copy), or a float32 master with --master-dtype float32."""
     from zoft.train import step_losses
-    from zoft.zo import direction_seeds
+    from zoft.zo.trainable import direction_seeds
 
     s = load_session(ModelConfig(model=make_tiny("opt", root), dtype="bfloat16"))
     attach(s, ZOConfig(mode=mode, layers=layers, master_dtype=master))
@@ -208,7 +209,8 @@ def test_next_batch_packed_during_the_step_changes_nothing(root):
     each batch when its step starts, and the packed batch handed over is the next step's."""
     from zoft.session import make_engine
     from zoft.train import step_losses
-    from zoft.zo import direction_seeds, sgd_update_
+    from zoft.zo.trainable import direction_seeds
+    from zoft.zo.update import sgd_update_
 
     batches = [examples(1), examples(2), examples(3)]
 

@@ -13,7 +13,7 @@ import torch
 from zoft import tracking
 from zoft.card import write_model_card
 from zoft.config import TrainConfig
-from zoft.engine import row_losses
+from zoft.engine.native import row_losses
 from zoft.errors import ZoftError
 from zoft.evaluate import evaluate_split
 from zoft.session import attach, describe, load_session, log, make_engine, peft_base, progress
@@ -60,7 +60,7 @@ def train_backprop(cfg: TrainConfig, prepared: tuple | None = None, callbacks=()
         t.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": [t for t, d in trained if d], "weight_decay": zc.weight_decay},
                              {"params": [t for t, d in trained if not d], "weight_decay": 0.0}], lr=lr)
-    from zoft.zo import lr_at
+    from zoft.zo.update import lr_at
 
     if str(s.device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(s.device)

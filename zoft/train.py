@@ -27,12 +27,13 @@ from zoft import steplog, tracking
 from zoft.backprop import peak_memory
 from zoft.card import write_model_card
 from zoft.config import TrainConfig
-from zoft.engine import row_losses
+from zoft.engine.native import row_losses
 from zoft.errors import Interrupted, ZoftError
 from zoft.evaluate import answers_of, evaluate_split, write_predictions
 from zoft.files import check_output_dir, load_tensors, read_json, sha256
 from zoft.loading import load_tokenizer, resolve
 from zoft.lora import load_peft_weights, save_peft
+from zoft.models.common import Rows
 from zoft.session import (
     Session,
     attach,
@@ -47,11 +48,11 @@ from zoft.session import (
 )
 from zoft.tasks import Task, check_splits, load_task, sample_splits
 from zoft.tasks.encode import Encoded, encode
-from zoft.models.common import Rows
-from zoft.perturbers import estimate
 from zoft.tasks.rows import ChatFn, chat_renderer
 from zoft.tracking import Callback
-from zoft.zo import direction_seeds, lr_at, sgd_update_
+from zoft.zo.perturbers import estimate
+from zoft.zo.trainable import direction_seeds
+from zoft.zo.update import lr_at, sgd_update_
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:

@@ -17,7 +17,7 @@ perturbation row, and compute logits only where the loss reads them.
 Every stage also takes ``rows``, a ``Rows``: how the step's perturbations apply. The batch is stacked
 ``rows.P`` times along dim 0 (row block p holds perturbation p), and each parametrised layer runs through
 ``rows.linear`` / ``rows.norm`` / ``rows.embedding`` / ``rows.logits``. ``Rows`` itself is the
-unperturbed forward (evaluation, frozen layers, in-place perturbations); ``zoft.perturbers`` holds the
+unperturbed forward (evaluation, frozen layers, in-place perturbations); ``zoft.zo.perturbers`` holds the
 LoRA and full-parameter ones. Nothing is written onto modules and no forward is replaced: a layer sees
 its perturbation only through the argument.
 """
@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from zoft.engine.offload import head_logits, stream_blocks
 from zoft.lora import LoRALinear
-from zoft.offload import head_logits, stream_blocks
+
 
 class Rows:
-    """P unperturbed copies of the batch: each layer applied as it is. Subclasses (zoft.perturbers)
+    """P unperturbed copies of the batch: each layer applied as it is. Subclasses (zoft.zo.perturbers)
     give row block p its own perturbed parameters."""
 
     perturbs_embeddings = False  # True: embed() must see the P stacked copies of the ids (zoft.engine)
@@ -299,7 +300,7 @@ class NativeModel(nn.Module):
     family: str
     lora_targets: dict[str, str]  # short name -> module name, e.g. {"q": "q_proj"}
     embed_path: str  # the token embedding's module path, e.g. "model.embed_tokens"
-    streamer = None  # zoft.offload.LayerStreamer when --offload cpu keeps the frozen weights in CPU memory
+    streamer = None  # zoft.engine.offload.LayerStreamer when --offload cpu keeps the frozen weights in CPU memory
     offload_device = None  # the compute device when --offload cpu keeps blocks and vocabulary on the host
 
     @property

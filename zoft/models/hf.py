@@ -1,6 +1,6 @@
 """The fallback for causal LMs with no native implementation: transformers' AutoModelForCausalLM.
 
-It keeps the training features that don't need a native model (LoRA rows batched in one forward,
+zoft.engine.hf.HFEngine runs it. It keeps the training features that don't need a native model (LoRA rows batched in one forward,
 frozen weights read once, seeded z, every estimator and optimizer) but not the engine's packing,
 prompt sharing or logit selection: each (example, candidate) is its own right-padded sequence and the
 model computes full logits. `zoft` prints which path it took.
@@ -11,11 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from zoft.engine import Batch, Scores, Stats, build_batch, score_table
 from zoft.errors import ZoftError
-from zoft.lora import FALLBACK_ROWS
-from zoft.models.common import Rows
-from zoft.tasks.encode import Encoded
 
 LORA_TARGETS = {  # short name -> module name, by model_type, where it isn't q_proj/v_proj
     "gpt_neox": {"q": "query_key_value", "v": "query_key_value", "qkv": "query_key_value"},
@@ -47,48 +43,3 @@ def block_prefix(model: nn.Module) -> str:
     if best is None:
         raise ZoftError(f"could not find the transformer blocks of {type(model).__name__}")
     return best[0]
-
-
-class HFEngine:
-    """Same interface as NativeEngine, over a transformers model (no packing, full logits)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.first_trained = 0
-        self.cache = None
-        self.stats = Stats()
-        self.n_layers = len(model.get_submodule(block_prefix(model)))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def batch(self, encoded: list[Encoded], gold_only: bool = False) -> Batch:
-        return build_batch(encoded, self.device, pack_tokens=0, share_prompt=False, gold_only=gold_only,
-                           one_per_row=True)
-
-    def scores(self, b: Batch, rows: Rows | int = 1, logits_only: bool = False, grad: bool = False,
-               graph: bool = False) -> Scores:
-        """grad=True keeps the autograd graph (the first-order baseline); ZO never needs it. `graph` is
-        accepted for the engines' common interface: the fallback never records CUDA graphs. The
-        transformers forward takes no rows argument: LoRA rows reach LoRALinear through FALLBACK_ROWS
-        for the length of this call (zoft.lora); full-parameter rows are refused at attach."""
-        rows = Rows(rows) if isinstance(rows, int) else rows
-        token = FALLBACK_ROWS.set(rows if hasattr(rows, "views") else None)
-        try:
-            with torch.set_grad_enabled(grad):
-                return self._scores(b, rows.P, logits_only)
-        finally:
-            FALLBACK_ROWS.reset(token)
-
-    def _scores(self, b: Batch, rows: int, logits_only: bool) -> Scores:
-        p = b.packs
-        ids, att = p.ids.repeat(rows, 1), p.valid.long().repeat(rows, 1)
-        logits = self.model(input_ids=ids, attention_mask=att).logits.float()  # (P*N, L, V)
-        N, L = p.ids.shape
-        self.stats.computed += rows * N * L * self.n_layers
-        self.stats.naive += rows * b.naive_tokens * self.n_layers
-        lp = logits.view(rows, N * L, -1)[:, b.src].log_softmax(-1)
-        token_lp = lp.gather(-1, b.tgt.expand(rows, -1)[..., None])[..., 0]
-        return score_table(b, token_lp, False)
-

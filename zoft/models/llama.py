@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoft.models.common import PLAIN, Rows, Fused, NativeModel, attention, extend_cache, run_linears
+from zoft.models.common import PLAIN, Fused, NativeModel, Rows, attention, extend_cache, run_linears
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 

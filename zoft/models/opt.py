@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoft.models.common import PLAIN, Fused, NativeModel, Rows, attention, extend_cache, linear_relu, run_linears
+from zoft.models.common import (
+    PLAIN,
+    Fused,
+    NativeModel,
+    Rows,
+    attention,
+    extend_cache,
+    linear_relu,
+    run_linears,
+)
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 

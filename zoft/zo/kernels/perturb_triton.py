@@ -1,7 +1,7 @@
 """Seeded perturbations in one pass over memory: x ← decay·x + Σ_j c_j·z_j, z_j = Philox(seed_j, index).
 
 MeZO touches every trained parameter four times a step (+εz, −2εz, +εz, update). The torch path
-(``zoft.perturb``) generates z chunk by chunk with a ``torch.Generator`` and then adds it: per chunk one
+(``zoft.zo.noise``) generates z chunk by chunk with a ``torch.Generator`` and then adds it: per chunk one
 write of z and two reads, plus the launch of each. Here one kernel reads x once, computes z in registers
 from a counter-based generator (Philox via ``tl.randn4x(seed, counters)``, as in Triton's low-memory dropout
 tutorial; element i takes lane i % 4 of counter i // 4, so one Philox call serves four elements) and
@@ -28,7 +28,7 @@ when the run's z backend is "triton" (``zoft.session.resolve_z_backend``: CUDA w
 z differs between the torch and Triton backends (as it already differs between CPU and CUDA generators),
 so the step log records the backend and replay uses the same one.
 
-Full mode's rows perturbation (``zoft.perturbers.FullRows``) adds two more calls, with the seed read
+Full mode's rows perturbation (``zoft.zo.perturbers.FullRows``) adds two more calls, with the seed read
 from a device tensor so that a CUDA graph replays them with each step's seeds:
 
     perturbed_pair_triton(w, seed_t, eps)            (w + εz, w − εz), each rounded once to w's dtype
@@ -50,14 +50,14 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the torch path (zoft.perturb) needs none of this
+except ImportError:  # the torch path (zoft.zo.noise) needs none of this
     triton = None
     tl = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 BLOCK = 1024  # elements per program; memory-bound, so the exact value matters little
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SEED_LIMIT = 1 << 63  # seeds are non-negative int64 (zoft.perturb.param_seed gives 63 bits)
+SEED_LIMIT = 1 << 63  # seeds are non-negative int64 (zoft.zo.noise.param_seed gives 63 bits)
 
 
 if triton is not None:
@@ -270,7 +270,7 @@ class UpdatePlan:
 
 def _check(t: torch.Tensor) -> torch.Tensor:
     if triton is None:
-        raise RuntimeError("zoft.kernels.perturb_triton needs triton (pip install triton); use zoft.perturb instead")
+        raise RuntimeError("zoft.zo.kernels.perturb_triton needs triton (pip install triton); use zoft.zo.noise instead")
     if not (t.is_cuda or INTERPRET):
         raise ValueError(f"Triton kernels need a CUDA tensor, got one on {t.device} (or set TRITON_INTERPRET=1)")
     if t.dtype not in DTYPES:

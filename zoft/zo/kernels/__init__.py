@@ -4,7 +4,7 @@
 the environment sets ``ZOFT_DISABLE_TRITON=1`` (tests and comparisons force the fallback with it).
 Importing this package never raises on a machine without Triton or CUDA.
 
-* ``zoft.kernels.perturb_triton``: x += scale·z and the fused ZO update, z from Philox(seed, index).
+* ``zoft.zo.kernels.perturb_triton``: x += scale·z and the fused ZO update, z from Philox(seed, index).
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from torch import nn
 
 from zoft.lora import LoRALinear, RowBank, _half_plan, bank_views
 from zoft.models.common import PLAIN, Rows
-from zoft.perturb import param_seeds, perturbed_pair
-from zoft.zo import Trainable, _flat_z, perturb_, tensor_z
+from zoft.zo.noise import param_seeds, perturbed_pair
+from zoft.zo.trainable import Trainable, _flat_z, perturb_, tensor_z
 
 LossFn = Callable[[Rows], torch.Tensor]
 
@@ -118,7 +118,7 @@ class FullRows(Rows):
         """(θ_i + εz_j, θ_i − εz_j) in θ_i's dtype."""
         t = self.owner.tr.tensors[i]
         if self.table is not None:
-            from zoft.kernels.perturb_triton import perturbed_pair_triton
+            from zoft.zo.kernels.perturb_triton import perturbed_pair_triton
 
             return perturbed_pair_triton(t.data, self.table[i, j : j + 1], self.eps)
         return perturbed_pair(t.data, tensor_z(self.owner.tr, i, self.seeds[j]), self.eps)
@@ -127,7 +127,7 @@ class FullRows(Rows):
         """Rows idx of a 2-D θ_i, perturbed both ways (z generated only there with Triton)."""
         t = self.owner.tr.tensors[i]
         if self.table is not None:
-            from zoft.kernels.perturb_triton import perturbed_rows_triton
+            from zoft.zo.kernels.perturb_triton import perturbed_rows_triton
 
             return perturbed_rows_triton(t.data, idx, self.table[i, j : j + 1], self.eps)
         z = tensor_z(self.owner.tr, i, self.seeds[j])

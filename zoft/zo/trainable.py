@@ -4,7 +4,7 @@ SPSA (MeZO): for direction j with seed s_j, z_j ~ N(0, I) regenerated from s_j,
     g_j = (L(θ + εz_j) − L(θ − εz_j)) / 2ε,      θ ← θ − lr·( (1/n) Σ_j g_j z_j + wd·θ )
 where wd applies only to weights of Linear/Embedding modules and LoRA factors, never to norms or biases.
 
-How L(θ ± εz) is evaluated is the perturber's business (zoft.perturbers); this module holds what the
+How L(θ ± εz) is evaluated is the perturber's business (zoft.zo.perturbers); this module holds what the
 perturbers and the update share: the trained tensors (``Trainable``), z regenerated from seeds, and
 ZO-SGD's update. Half-precision tensors (full mode's bf16/fp16 weights, kept as the only copy) are
 updated in float32 and stochastically rounded, the rounding drawn from (step seed, tensor index), so
@@ -13,14 +13,13 @@ an update far below half an ulp still moves θ in expectation, and a replay repe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from zoft.lora import LoRALinear, z_mask
-from zoft.perturb import HALF, add_noise_, noise, param_seed, param_seeds, update_half_
+from zoft.zo.noise import add_noise_, noise, param_seed
 
 
 @dataclass
@@ -31,7 +30,7 @@ class Trainable:
     tensors: list[torch.Tensor]
     decay: list[bool]
     flat: bool = False  # small (LoRA): one z draw for all tensors per direction, instead of one per tensor
-    z_backend: str = "torch"  # per-tensor z (full mode): "torch" (zoft.perturb) or "triton" (zoft.kernels)
+    z_backend: str = "torch"  # per-tensor z (full mode): "torch" (zoft.zo.noise) or "triton" (zoft.zo.kernels)
     store: torch.Tensor | None = None  # LoRA: the flat buffer the tensors were laid out in (zoft.lora.flatten_lora_)
     fixed: list[bool] | None = None  # per tensor: held at its initial value (LoRA-FA's A factors)
     z_mask: torch.Tensor | None = None  # flat sets with fixed tensors: z is multiplied by this (0 on them)
@@ -94,7 +93,7 @@ def tensor_z(tr: Trainable, i: int, seed: int) -> torch.Tensor:
     """All of tensor i's z at direction seed `seed` (float32): the values the in-place passes add."""
     t = tr.tensors[i]
     if tr.z_backend == "triton":
-        from zoft.kernels.perturb_triton import randn_triton
+        from zoft.zo.kernels.perturb_triton import randn_triton
 
         return randn_triton(t.numel(), param_seed(seed, i), t.device).view_as(t)
     return noise(t, param_seed(seed, i))
@@ -152,7 +151,7 @@ def perturb_(tr: Trainable, seed: int, scale: float) -> None:
         _foreach_add(tr, directions(tr, seed), scale)
         return
     if tr.z_backend == "triton":
-        from zoft.kernels.perturb_triton import add_noise_triton_
+        from zoft.zo.kernels.perturb_triton import add_noise_triton_
 
         for i, t in enumerate(tr.tensors):
             add_noise_triton_(t.data, param_seed(seed, i), scale)
@@ -161,103 +160,8 @@ def perturb_(tr: Trainable, seed: int, scale: float) -> None:
         add_noise_(t.data, param_seed(seed, i), scale)
 
 
-@torch.no_grad()
-def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tensor, lr: float,
-                weight_decay: float) -> None:
-    """θ ← θ − lr·((1/n) Σ_j g_j z_j + wd·θ), z regenerated from the seeds (chunk by chunk in full mode).
-
-    LoRA (flat) sets take g as a list or as a float64 tensor on the parameters' device, and do the same
-    arithmetic either way (a replay from the step log repeats a pipelined run's update bitwise). A
-    tensor g is never read on the host: a non-finite g makes the whole update, decay included, a no-op
-    on the device, and the caller, who reads g later, treats the step as rejected."""
-    if tr.flat:
-        _flat_update_(tr, seeds, grads, lr, weight_decay)
-        return
-    grads = grads.tolist() if isinstance(grads, torch.Tensor) else grads
-    n = len(seeds)
-    coefs = [-lr * g / n for g in grads]
-    if tr.z_backend == "triton":  # decay and every direction in one pass per tensor
-        _triton_update_(tr, seeds, coefs, lr, weight_decay)
-        return
-    for i, t in enumerate(tr.tensors):  # half precision: the sum in float32, one stochastic rounding
-        if t.dtype in HALF:
-            decay = 1 - lr * weight_decay if weight_decay and tr.decay[i] else 1.0
-            update_half_(t.data, [param_seed(s, i) for s in seeds], coefs, decay, rounding_seed(seeds, i))
-    wide = [i for i, t in enumerate(tr.tensors) if t.dtype not in HALF]
-    decayed = [tr.tensors[i].data for i in wide if tr.decay[i]]
-    if weight_decay and decayed:
-        torch._foreach_mul_(decayed, 1 - lr * weight_decay)
-    for s, c in zip(seeds, coefs):
-        for i in wide:
-            add_noise_(tr.tensors[i].data, param_seed(s, i), c)
-
-
-def rounding_seed(seeds: list[int], i: int) -> int:
-    """The stochastic rounding's seed for tensor i at a step: a pure function of the step's first
-    direction seed and i, apart from every z stream."""
-    return param_seed(param_seed(seeds[0], 1 << 40), i)
-
-
-def _triton_update_(tr: Trainable, seeds: list[int], coefs: list[float], lr: float, weight_decay: float) -> None:
-    """The update with the Triton kernels: one launch per dtype for every tensor (a launch per tensor costs
-    more host time than the GPU spends on most of them), seeds and coefficients copied to the device once."""
-    from zoft.kernels.perturb_triton import UpdatePlan
-
-    n = len(tr.tensors)
-    table = param_seeds(seeds, n)  # (n, directions)
-    rounding = param_seeds([param_seed(seeds[0], 1 << 40)], n)[:, 0]  # = rounding_seed(seeds, i)
-    decay = torch.tensor([1 - lr * weight_decay if weight_decay and d else 1.0 for d in tr.decay], dtype=torch.float32)
-    plans = tr.__dict__.setdefault("update_plans", {})
-    for dtype in {t.dtype for t in tr.tensors}:
-        idx = [i for i, t in enumerate(tr.tensors) if t.dtype == dtype]
-        group = [tr.tensors[i].data for i in idx]
-        plan = plans.get(dtype)
-        if plan is None or not plan.valid(group):
-            plan = plans[dtype] = UpdatePlan(group)
-        sel = torch.tensor(idx)
-        ints = torch.cat([table[sel].reshape(-1), rounding[sel]]).to(group[0].device)
-        floats = torch.cat([decay[sel], torch.tensor(coefs, dtype=torch.float32)]).to(group[0].device)
-        plan.run(ints, floats, len(seeds))
-
-
-def _flat_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tensor, lr: float,
-                  weight_decay: float) -> None:
-    """The LoRA update in a fixed number of launches: Δ = Σ_j (−lr·g_j/n)·z_j over the flat parameter
-    vector, then θ_i += Δ_i for every tensor in one foreach kernel."""
-    t0 = tr.tensors[0]
-    dt = torch.promote_types(t0.dtype, torch.float32)  # float32, or float64 for float64 parameters
-    g = grads if isinstance(grads, torch.Tensor) else torch.tensor(grads, dtype=torch.float64)
-    g = g.to(t0.device, torch.float64)
-    ok = torch.isfinite(g).all()
-    alpha = torch.where(ok, g * -lr / len(seeds), 0.0).to(dt)  # the same double arithmetic as -lr * g / n
-    z = torch.stack([_flat_z(tr, s) for s in seeds]).to(dt)  # (n, D)
-    delta = (alpha[:, None] * z).sum(0) if len(seeds) > 1 else alpha * z[0]
-    decayed = [t.data for t, d in zip(tr.tensors, tr.decay) if d]
-    if weight_decay and decayed:
-        factor = torch.full((), 1 - lr * weight_decay, dtype=torch.float64, device=t0.device)
-        torch._foreach_mul_(decayed, torch.where(ok, factor, 1.0).to(t0.dtype))
-    flat = tr.flat_buffer()
-    if flat is not None:  # one add, the same arithmetic as the per-tensor one below
-        flat.add_(delta.to(flat.dtype))
-        return
-    parts = delta.split([t.numel() for t in tr.tensors])
-    torch._foreach_add_([t.data for t in tr.tensors], [d.view_as(t).to(t.dtype) for d, t in zip(parts, tr.tensors)])
-
-
 def _foreach_add(tr: Trainable, zs: list[torch.Tensor], alpha: float) -> None:
     """θ_i += alpha·z_i for every tensor in one fused kernel launch where torch can."""
     torch._foreach_add_([t.data for t in tr.tensors], [z.to(t.dtype) for z, t in zip(zs, tr.tensors)], alpha=alpha)
 
 
-def lr_at(step: int, total: int, base: float, schedule: str, warmup: int) -> float:
-    """Learning rate for 0-based `step`: linear warm-up, then constant | linear | cosine decay to 0."""
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    if schedule == "constant":
-        return base
-    frac = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return base * max(0.0, 1 - frac)
-    if schedule == "cosine":
-        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-    raise ValueError(f"unknown schedule {schedule!r}")
