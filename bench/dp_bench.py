@@ -17,7 +17,7 @@ packed batch on the CPU (``batch_build_ms``) and one all-reduce of the step's th
 Model: the shapes of a published OPT (``zoft.models.opt.PRESETS``; default opt-1.3b) with random weights
 built on the device (``load_session(..., random_weights=True)`` on a temporary folder holding only the
 config and a stub tokenizer; the same seed on every rank), LoRA r=8, α=16 on q and v, one direction.
-Batches: synthetic token ids of the workloads of ``zoft bench`` (``zoft.bench.WORKLOADS``): sst2 (prompts
+Batches: synthetic token ids of the workloads of ``zoft bench`` (``zoft.bench.harness.WORKLOADS``): sst2 (prompts
 of 10–60 tokens, two one-token candidates) and multirc (prompts of 350–450 tokens, candidates of 1–3).
 
     # one GPU, then two (a 2×H100 host), both workloads, then the speed-up table. OMP_NUM_THREADS is
@@ -48,7 +48,7 @@ import time
 import torch
 
 from zoft import distributed as dist
-from zoft.bench import WORKLOADS, make_batch, write_stub_tokenizer
+from zoft.bench.harness import WORKLOADS, make_batch, write_stub_tokenizer
 from zoft.config import ModelConfig, ZOConfig
 from zoft.models.opt import PRESETS
 from zoft.session import attach, load_session, make_engine

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from zoft.bench import WORKLOADS, load_reference, make_batch
+from zoft.bench.harness import WORKLOADS, load_reference, make_batch
 from zoft.config import ModelConfig, ZOConfig
 from zoft.session import attach, load_session, make_engine, pick_device
 from zoft.train import step_losses

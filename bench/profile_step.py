@@ -6,7 +6,7 @@ Runs the step `zoft train` runs (``step_losses`` with the next batch packed ahea
 update queued with g on the device, the losses read one step later), first timed synchronously and
 pipelined, then 10 pipelined steps under the profiler: GPU kernel time per step (the floor a pipelined
 step cannot beat), CPU time per step, kernel launches per step, and the top ops by GPU time. Random
-weights of the preset's shapes (zoft.bench.load_reference).
+weights of the preset's shapes (zoft.bench.harness.load_reference).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from zoft.bench import WORKLOADS, load_reference, make_batch
+from zoft.bench.harness import WORKLOADS, load_reference, make_batch
 from zoft.config import ModelConfig, ZOConfig
 from zoft.models import common
 from zoft.session import attach, load_session, make_engine

@@ -9,20 +9,16 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from tests.tiny import VOCAB, make_tiny
-from zoft.bench import (
+from zoft.bench.harness import (
     LOW_ID,
     WORKLOADS,
     Workload,
-    inject_mezo_lora,
     make_batch,
-    mezo_collate,
-    mezo_loss,
-    mezo_params,
-    mezo_step,
     preset_config,
     run_bench,
     write_stub_tokenizer,
 )
+from zoft.bench.reference import inject_mezo_lora, mezo_collate, mezo_loss, mezo_params, mezo_step
 from zoft.cli import main
 from zoft.config import ModelConfig, ZOConfig
 from zoft.engine.native import row_losses

@@ -121,7 +121,7 @@ def cmd_replay(ns) -> None:
 
 
 def cmd_bench(ns) -> None:
-    from zoft.bench import report, run_bench
+    from zoft.bench.harness import report, run_bench
 
     report(run_bench(ns.model, ns.workload, ns.mode, ns.dtype, ns.device, ns.steps, ns.warmup, ns.batch_size, ns.seed,
                      reference=ns.reference == "mezo", full_step=ns.full_step, master_dtype=ns.master_dtype,

