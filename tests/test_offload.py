@@ -111,3 +111,25 @@ def test_generation_with_streamed_blocks(tmp_path, family):
     got = {o: load_session(ModelConfig(model=folder, offload=o)).model.generate_batch(prompts, 6, set())
            for o in ("none", "cpu")}
     assert got["none"] == got["cpu"]
+
+
+def test_weights_beyond_host_memory_are_refused_before_allocating(tmp_path, monkeypatch):
+    """--offload cpu (and any CPU run) keeps the weights in host memory: a model larger than what the host has
+    available is one zoft: error line, before anything is allocated, not the OOM killer's silent kill."""
+    import contextlib
+    import io
+
+    from zoft import loading
+    from zoft.cli import main
+
+    model = make_tiny("opt", str(tmp_path))
+    monkeypatch.setattr(loading, "available_host_memory", lambda: 1024)  # the host has 1 KiB to spare
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        main(["train", "--model", model, "--device", "cpu", "--offload", "cpu", "--mode", "full", "--layers", "1",
+              "--task", "rotten_tomatoes", "--n-train", "8", "--n-test", "4", "--n-dev", "4", "--steps", "1",
+              "--output-dir", str(tmp_path / "run")])
+    assert e.value.code == 2
+    lines = [x for x in err.getvalue().splitlines() if x.startswith("zoft: error:")]
+    assert len(lines) == 1 and "GiB of host memory" in lines[0] and "available" in lines[0], err.getvalue()
+    assert not (tmp_path / "run" / "checkpoint").exists()

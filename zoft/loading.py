@@ -177,6 +177,27 @@ def map_name(family: str, name: str) -> str | None:
     return name
 
 
+def available_host_memory() -> int | None:
+    """Bytes of host memory the kernel says are available now (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(need: int, what: str) -> None:
+    """Refuse before allocating: weights that do not fit the host's available memory would end in the
+    kernel's OOM killer (a dead process, no message), not in an error."""
+    have = available_host_memory()
+    if have is not None and need > have:
+        raise ZoftError(f"{what} needs {need / 2**30:.1f} GiB of host memory for its weights, and {have / 2**30:.1f} "
+                        "GiB are available: free memory, use a smaller --dtype, or run on a GPU without --offload cpu")
+
+
 def build_native(folder: str, cfg: dict, dtype: torch.dtype, device: str, weights: bool = True):
     cls, make_args = native_class(cfg)
     try:
@@ -185,6 +206,8 @@ def build_native(folder: str, cfg: dict, dtype: torch.dtype, device: str, weight
         raise ZoftError(f"config of {folder} is not supported natively ({e}); use --engine hf") from None
     with torch.device("meta"):
         model = cls(args)
+    if torch.device(device).type == "cpu":  # the weights live in host memory (CPU runs, --offload cpu)
+        check_host_memory(sum(p.numel() for p in model.parameters()) * dtype.itemsize, folder)
     model = model.to(dtype).to_empty(device=device)
     if not weights:
         for p in model.parameters():  # random weights of the real shapes, for benchmarks
