@@ -5,8 +5,7 @@
 """
 
 from zoft.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, ZOConfig
-
-__version__ = "0.1.0"
+from zoft.version import __version__
 __all__ = ["Callback", "ModelConfig", "RunConfig", "TaskConfig", "TrainConfig", "Trainer", "ZOConfig", "__version__"]
 
 

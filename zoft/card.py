@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from zoft import __version__
+from zoft.version import __version__
 from zoft.config import TrainConfig
 
 
