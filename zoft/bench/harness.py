@@ -361,6 +361,12 @@ def run_bench(
         zo = zoft_phase(folder, dtype, batches, zc, seed, warmup, steps, device, not reference, offload)
         _free(device)
 
+    return summarize(model, workload, mode, dtype, device, steps, warmup, batch_size, batches, fwd, refp, zo)
+
+
+def summarize(model: str, workload: str, mode: str, dtype: str, device: str, steps: int, warmup: int,
+              batch_size: int, batches: list, fwd: Phase | None, refp: Phase | None, zo: Phase) -> dict:
+    """The result dict `report` prints: the medians, their ratios, the token counts, the versions."""
     counts = token_counts(batches[-1])
     sync_ms = statistics.median(zo.times)
     ref_ms, fwd_ms = (statistics.median(p.times) if p else None for p in (refp, fwd))
