@@ -16,9 +16,9 @@ run(){ name=$1; shift; mkdir -p /tmp/zx/logs; timeout ${RUN_LIMIT:-9999} /usr/bi
   python -m zoft train --model $G --device cuda --task rotten_tomatoes --n-train 1000 --n-dev 200 --n-test 500 \
   --batch-size 16 --output-dir /tmp/zx/runs/$name --log-every 1000 "$@" > /tmp/zx/$name.json 2> /tmp/zx/logs/$name.txt;
   summary $name; }
-summary(){ python -c "import json,sys;r=json.load(open('/tmp/zx/runs/$1/results.json'));d=[json.loads(l) for l in open('/tmp/zx/runs/$1/metrics.jsonl') if 'dev_' in l];print('$1', {k:r.get(k) for k in ('zero_shot_accuracy','best_dev_accuracy','final_accuracy','seconds_per_step','peak_memory_mb')}, [(x['step'],x.get('dev_accuracy',x.get('dev_f1'))) for x in d])"; }
+summary(){ python -c "import json,sys;r=json.load(open('/tmp/zx/runs/$1/results.json'));d=[json.loads(l) for l in open('/tmp/zx/runs/$1/metrics.jsonl') if 'dev_' in l];print('$1', {k:r.get(k) for k in ('zero_shot_accuracy','best_dev_accuracy','final_accuracy','zero_shot_f1','best_dev_f1','final_f1','final_exact_match','seconds_per_step','peak_memory_mb')}, [(x['step'],x.get('dev_accuracy',x.get('dev_f1'))) for x in d])"; }
 tails(){ for f in /tmp/zx/logs/$1*.txt; do echo "$(basename $f): $(tr '\r' '\n' < $f | grep -E 'step|train' | tail -1)"; done; }
-collect(){ for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/config.json $OUT/runs/$n/ 2>/dev/null; done; }
+collect(){ for d in /tmp/zx/runs/*/; do n=$(basename $d); mkdir -p $OUT/runs/$n; cp $d/results.json $d/metrics.jsonl $d/zoft_config.json $OUT/runs/$n/ 2>/dev/null; done; }
 if [ "$1" = rt ]; then
   run mezo_lora_900 --mode lora --layers top4 --lr 5e-3 --eps 1e-2 --steps 900 --eval-every 300
   run bp_lora --optimizer adamw --mode lora --layers top4 --lr 1e-3 --steps 300 --eval-every 100 --no-zero-shot

@@ -154,7 +154,7 @@ def test_train(runs, kind, mode):
     if mode == "full":  # opt-full runs MeZO's in-place passes, llama-full the one-forward rows
         assert ("±ε as rows of one forward" if kind == "llama" else "perturbed in place") in p.stderr
 
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "zoft_config.json").read_text())
     assert cfg["zo"]["mode"] == mode and cfg["run"]["steps"] == 6
     assert cfg["resolved"]["path"] == PATHS[kind] and cfg["resolved"]["trainable_parameters"] > 0
     assert cfg["resolved"]["layers"] == ([1, 2] if mode == "full" else None)

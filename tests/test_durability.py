@@ -436,7 +436,7 @@ def test_pipelined_lora_run_equals_a_synchronous_loop(root, model, device):
     code, err, _ = zoft("train", "--model", model, *run, "--lr", "0.05", "--directions", "2", "--clip-grad", "0.05",
                         "--weight-decay", "0.1", "--schedule", "cosine", "--output-dir", out)
     assert code == 0, err
-    cfg = TrainConfig.from_dict({k: v for k, v in json.loads((out / "config.json").read_text()).items()
+    cfg = TrainConfig.from_dict({k: v for k, v in json.loads((out / "zoft_config.json").read_text()).items()
                                  if k != "resolved"})
     rc, zc = cfg.run, cfg.zo
     with one_thread():

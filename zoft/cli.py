@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 from zoft.config import (
@@ -53,55 +52,114 @@ def cmd_demo(ns) -> None:
         for k, v in values.items():
             if k not in given:
                 setattr(getattr(cfg, section), k, v)
-    if not cfg.run.resume and os.path.isdir(os.path.join(cfg.run.output_dir, "checkpoint")) and "output_dir" not in given:
-        shutil.rmtree(cfg.run.output_dir)  # the demo's own folder: start fresh each time
+    if "output_dir" not in given and not cfg.run.resume:
+        cfg.run.overwrite_output_dir = True  # the demo's own folder: start fresh each time
     result = train(cfg)
-    print(json.dumps({k: result[k] for k in ("zero_shot_accuracy", "final_accuracy", "steps", "seconds")} | result))
+    print(json.dumps({k: result.get(k) for k in ("zero_shot_accuracy", "final_accuracy", "steps", "seconds")} | result))
+
+
+def run_of(adapter: str) -> str:
+    """The run folder an adapter belongs to (RUN/adapter, RUN/best, RUN/checkpoint), or ""."""
+    from zoft import rundir
+
+    parent = os.path.dirname(os.path.normpath(adapter))
+    is_run = adapter and rundir.read_run_config(parent) and os.path.isfile(os.path.join(parent, rundir.SPLITS))
+    return parent if is_run else ""
+
+
+def eval_setup(ns) -> tuple[TaskConfig, dict | None, str]:
+    """The task, the run's recorded splits (None: draw them) and the model to evaluate.
+
+    With a run (--run, or an --adapter inside a run folder) the model and task default to the run's and
+    the splits are the ones it recorded; a task or size flag draws new ones (still never a training row)."""
+    from zoft import rundir
+
+    if ns.run and not rundir.read_run_config(ns.run):
+        raise ZoftError(f"--run {ns.run} is not a zoft run folder (no {rundir.CONFIG}); pass a zoft train --output-dir")
+    run = ns.run or run_of(ns.adapter)
+    saved = rundir.read_run_config(run) if run else None
+    given = {k: getattr(ns, k) for k in ("task", "data_dir", "template", "n_dev", "n_test") if getattr(ns, k) is not None}
+    task = {k: saved["task"][k] for k in ("task", "data_dir", "template")} if saved else {}
+    recorded = None
+    if saved and not given and os.path.isfile(os.path.join(run, rundir.SPLITS)):
+        with open(os.path.join(run, rundir.SPLITS)) as f:
+            recorded = json.load(f)
+    model = ns.model or (saved["model"]["model"] if saved else ModelConfig().model)
+    return TaskConfig(**task | given), recorded, model
 
 
 def cmd_eval(ns) -> None:
     from zoft.evaluate import evaluate_split, with_demonstrations, write_predictions
-    from zoft.lora import load_peft_weights, read_adapter_config
-    from zoft.session import attach, describe, load_session, log, make_engine
-    from zoft.tasks import get_task, sample_splits
+    from zoft.session import describe, load_session, log, make_engine
+    from zoft.tasks import draw_splits, get_task, recorded_splits
     from zoft.tasks.encode import encode
 
+    tc, recorded, ns.model = eval_setup(ns)
+    task = get_task(tc.task, data_dir=tc.data_dir or None, template=tc.template or None)
+    if recorded is not None:  # before the model loads: changed data fails in a second
+        splits = recorded_splits(task, recorded, os.path.join(ns.run or run_of(ns.adapter), "splits.json"))
+    else:
+        splits = draw_splits(task, ns.icl_k, tc.n_dev, tc.n_test, ns.seed).examples
+    exs = splits[ns.split]
+    if not exs:
+        raise ZoftError(f"the {ns.split} split of {tc.task} is empty (--n-{ns.split} "
+                        f"{tc.n_test if ns.split == 'test' else tc.n_dev}); ask for examples or check the data")
     s = load_session(from_namespace(ModelConfig, ns))
-    if ns.adapter:
-        ac = read_adapter_config(ns.adapter)
-        layers = ac.get("layers_to_transform")
-        zc = ZOConfig(mode="lora", lora_r=ac["r"], lora_alpha=ac["lora_alpha"], lora_targets=list(ac["target_modules"]),
-                      layers=",".join(map(str, layers)) if layers else "")
-        attach(s, zc)
-        load_peft_weights(s.loras, ns.adapter)
+    load_trained(s, ns)
     engine = make_engine(s)
     log(describe(s, engine))
-    tc = from_namespace(TaskConfig, ns)
-    task = get_task(tc.task, data_dir=tc.data_dir or None, template=tc.template or None)
-    splits = sample_splits(task, ns.icl_k, 0 if ns.split == "test" else tc.n_dev, tc.n_test, ns.seed)
-    exs = with_demonstrations(splits[ns.split], splits["train"][: ns.icl_k]) if ns.icl_k else splits[ns.split]
+    exs = with_demonstrations(exs, splits["train"][: ns.icl_k]) if ns.icl_k else exs
     enc, n_trunc = encode(s.tokenizer, exs, s.max_length, ns.truncation)
     if n_trunc:
         log(f"zoft: {n_trunc} of {len(exs)} prompts truncated from the left to {s.max_length} tokens")
     ev = evaluate_split(engine, s, enc, exs, ns.eval_batch_size, desc="eval")
     if ns.output:
         write_predictions(ns.output, ev["rows"], exs)
-    extra = {"em": ev["em"]} if ev["metric"] == "f1" else {}  # generation: exact match beside F1
+    extra = {"exact_match": ev["em"]} if ev["metric"] == "f1" else {}  # generation: exact match beside F1
     print(json.dumps({ev["metric"]: ev["score"], **extra, "n": ev["n"], "task": tc.task, "split": ns.split,
-                      "icl_k": ns.icl_k, "path": s.path}))
+                      "splits": "the run's" if recorded is not None else "drawn", "icl_k": ns.icl_k, "path": s.path}))
+
+
+def load_trained(s, ns) -> None:
+    """Apply what is evaluated: --adapter, or the trained parameters of --run (its adapter, else best/ or
+    checkpoint/ of a full-parameter run)."""
+    from zoft.export import load_run_config, trained_dir
+    from zoft.lora import load_peft_weights, read_adapter_config
+    from zoft.session import attach
+
+    adapter = ns.adapter
+    if not adapter and ns.run:
+        cfg = load_run_config(ns.run)
+        src = trained_dir(ns.run)
+        if cfg.zo.mode == "full":
+            from safetensors.torch import load_file
+
+            attach(s, cfg.zo)
+            tensors = load_file(os.path.join(src, "trained.safetensors"))
+            for n, t in zip(s.trainable.names, s.trainable.tensors):
+                t.data.copy_(tensors[n])
+            return
+        adapter = src
+    if adapter:
+        ac = read_adapter_config(adapter)
+        layers = ac.get("layers_to_transform")
+        zc = ZOConfig(mode="lora", lora_r=ac["r"], lora_alpha=ac["lora_alpha"], lora_targets=list(ac["target_modules"]),
+                      layers=",".join(map(str, layers)) if layers else "")
+        attach(s, zc)
+        load_peft_weights(s.loras, adapter)
 
 
 def cmd_export(ns) -> None:
     from zoft.export import export_merged
 
-    export_merged(ns.run_dir, ns.output_dir, merge=ns.merge)
+    export_merged(ns.run_dir, ns.output_dir, merge=ns.merge, overwrite=ns.overwrite_output_dir)
     print(json.dumps({"output_dir": ns.output_dir}))
 
 
 def cmd_replay(ns) -> None:
     from zoft.train import replay
 
-    print(json.dumps(replay(ns.model, ns.log, ns.output_dir, ns.device)))
+    print(json.dumps(replay(ns.model, ns.log, ns.output_dir, ns.device, ns.overwrite_output_dir)))
 
 
 def cmd_bench(ns) -> None:
@@ -140,29 +198,36 @@ def build_parser() -> argparse.ArgumentParser:
             add_arguments(sp, cls)
         sp.set_defaults(fn=fn)
 
-    sp = sub.add_parser("eval", help="accuracy by candidate log-likelihood")
+    sp = sub.add_parser("eval", help="accuracy by candidate log-likelihood (F1 and exact match for generation)")
     add_arguments(sp, ModelConfig)
     add_arguments(sp, TaskConfig, skip=("n_train", "k_shot", "loss"))
-    sp.add_argument("--adapter", default="", help="a PEFT/zoft LoRA adapter folder to apply")
+    # unset, these come from the run (--run, or an --adapter inside a run folder), else the defaults
+    sp.set_defaults(model=None, task=None, data_dir=None, template=None, n_dev=None, n_test=None)
+    sp.add_argument("--run", default="", help="a zoft run folder: evaluate its trained parameters on the splits it "
+                    "recorded (its test split unless --split dev), with its model and task")
+    sp.add_argument("--adapter", default="", help="a PEFT/zoft LoRA adapter folder to apply (RUN/adapter: the run's "
+                    "recorded splits, as with --run)")
     sp.add_argument("--split", default="test", choices=["test", "dev"])
     sp.add_argument("--icl-k", type=int, default=0,
                     help="in-context learning baseline: prepend k solved training examples to every prompt")
     sp.add_argument("--output", default="", help="write one JSON row per example here")
     sp.add_argument("--eval-batch-size", type=int, default=32)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="draws the dev split (and the --icl-k examples)")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("export", help="write a merged Hugging Face model folder from a run")
     sp.add_argument("run_dir")
-    sp.add_argument("--output-dir", required=True)
+    sp.add_argument("--output-dir", required=True, help="a new or empty folder (written aside, then renamed)")
     sp.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
+    sp.add_argument("--overwrite-output-dir", action="store_true", help="replace an earlier export in --output-dir")
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("replay", help="rebuild a run's adapter or weights from the base model and its step log")
     sp.add_argument("--model", required=True, help="the base model the run started from")
     sp.add_argument("--log", required=True, help="the run's steps.jsonl")
-    sp.add_argument("--output-dir", required=True)
+    sp.add_argument("--output-dir", required=True, help="a new or empty folder (written aside, then renamed)")
     sp.add_argument("--device", default="", help="default: the device type the run used (z depends on it)")
+    sp.add_argument("--overwrite-output-dir", action="store_true", help="replace an earlier replay in --output-dir")
     sp.set_defaults(fn=cmd_replay)
 
     sp = sub.add_parser("bench", help="time zoft's step against the MeZO reference step and a plain forward",

@@ -8,11 +8,11 @@ import os
 from zoft.errors import ZoftError
 
 
-def read_metrics(run_dir: str) -> tuple[list, list, list, list]:
+def read_metrics(run_dir: str) -> tuple[list, list, list, list, str]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ZoftError(f"{run_dir} has no metrics.jsonl; pass the --output-dir of a zoft train run")
-    steps, losses, dsteps, dev = [], [], [], []
+    steps, losses, dsteps, dev, name = [], [], [], [], ""
     with open(path) as f:
         for line in f:
             r = json.loads(line)
@@ -23,7 +23,8 @@ def read_metrics(run_dir: str) -> tuple[list, list, list, list]:
             if key:
                 dsteps.append(r["step"])
                 dev.append(r[key])
-    return steps, losses, dsteps, dev
+                name = key.removeprefix("dev_")
+    return steps, losses, dsteps, dev, name
 
 
 def smooth(xs: list[float], k: int) -> list[float]:
@@ -45,14 +46,17 @@ def plot(run_dirs: list[str], output: str, window: int = 20) -> str:
     except ImportError:
         raise ZoftError("zoft plot needs matplotlib: pip install matplotlib") from None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = set()
     for d in run_dirs:
-        steps, losses, dsteps, dev = read_metrics(d)
+        steps, losses, dsteps, dev, name = read_metrics(d)
         label = os.path.basename(os.path.normpath(d))
         ax1.plot(steps, smooth(losses, window), label=label)
         if dev:
+            names.add(name)
             ax2.plot(dsteps, dev, marker="o", label=label)
     ax1.set(xlabel="step", ylabel=f"training loss (moving average of {window})", title="loss")
-    ax2.set(xlabel="step", ylabel="dev metric", title="dev accuracy / F1")
+    metric = " / ".join(sorted(names)) or "accuracy"  # what the runs measured: accuracy, or F1 for generation
+    ax2.set(xlabel="step", ylabel=f"dev {metric}", title=f"dev {metric}")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

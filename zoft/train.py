@@ -22,15 +22,16 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from zoft import distributed as dist
-from zoft import steplog
+from zoft import rundir, steplog
 from zoft.backprop import peak_memory
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import Interrupted, ZoftError
 from zoft.evaluate import answers_of, evaluate_split, write_predictions
 from zoft.lora import load_peft_weights, save_peft
+from zoft.resume import Plan, check_loaded, model_fingerprint, prepare
 from zoft.session import Session, attach, describe, load_session, log, make_engine, progress
-from zoft.tasks import get_task, sample_splits
+from zoft.tasks import Splits, draw_splits, get_task
 from zoft.tasks.encode import Encoded, encode
 from zoft.zo import direction_seeds, full_rows_step, inplace_step, lr_at, rows_step, sgd_update_
 
@@ -48,10 +49,13 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def load_data(cfg: TrainConfig, s: Session) -> tuple[dict[str, list[Encoded]], dict, str]:
+def load_data(cfg: TrainConfig, s: Session, drawn: Splits | None = None) -> tuple[dict[str, list[Encoded]], dict, str]:
+    """The splits (`drawn`, or drawn now from cfg), tokenized; and the loss the task trains with."""
     tc = cfg.task
-    task = get_task(tc.task, data_dir=tc.data_dir or None, template=tc.template or None)
-    splits = sample_splits(task, tc.n_train, tc.n_dev, tc.n_test, cfg.run.seed, tc.k_shot or None)
+    if drawn is None:
+        task = get_task(tc.task, data_dir=tc.data_dir or None, template=tc.template or None)
+        drawn = draw_splits(task, tc.n_train, tc.n_dev, tc.n_test, cfg.run.seed, tc.k_shot or None)
+    splits = drawn.examples
     enc = {}
     for name, exs in splits.items():
         enc[name], n_trunc = encode(s.tokenizer, exs, s.max_length, cfg.model.truncation)
@@ -59,12 +63,23 @@ def load_data(cfg: TrainConfig, s: Session) -> tuple[dict[str, list[Encoded]], d
             log(f"zoft: {name}: {n_trunc} of {len(exs)} prompts truncated from the left to {s.max_length} tokens")
     if not enc["train"]:
         raise ZoftError(f"task {tc.task} gave no training examples; check --n-train / --k-shot and the data")
-    loss = tc.loss if tc.loss != "auto" else ("candidate" if task.kind == "mc" else "lm")
-    if loss == "candidate" and task.kind != "mc":
+    kind = splits["train"][0].kind
+    loss = tc.loss if tc.loss != "auto" else ("candidate" if kind == "mc" else "lm")
+    if loss == "candidate" and kind != "mc":
         raise ZoftError(f"--loss candidate needs a multiple-choice task; {tc.task} is generation: use --loss lm")
-    if loss == "f1" and (task.kind != "gen" or not s.native):
+    if loss == "f1" and (kind != "gen" or not s.native):
         raise ZoftError("--loss f1 needs a generation task and a native model (OPT, Llama family)")
     return enc, splits, loss
+
+
+def write_splits(out: str, cfg: TrainConfig, plan: Plan) -> None:
+    """RUN/splits.json: which examples the run trains, selects and tests on, and the data they came from."""
+    tc = cfg.task
+    source = os.path.abspath(tc.task) if os.path.isfile(tc.task) else tc.task
+    about = {"task": source, "kind": plan.task.kind, "data_dir": os.path.abspath(tc.data_dir) if tc.data_dir else "",
+             "template": tc.template, "seed": cfg.run.seed, "k_shot": tc.k_shot,
+             "asked": {"train": tc.n_train, "dev": tc.n_dev, "test": tc.n_test}}
+    rundir.write_json(os.path.join(out, rundir.SPLITS), plan.drawn.manifest(**about))
 
 
 def f1_row_losses(s: Session, batch: list[Encoded], golds: list[list[str]], rows: int) -> torch.Tensor:
@@ -131,31 +146,44 @@ def save_trained(s: Session, folder: str) -> None:
         save_file(tensors, os.path.join(folder, "trained.safetensors"))
 
 
-def save_checkpoint(s: Session, path: str, state: dict) -> None:
-    """Atomically replace `path` with the trained parameters and `state` (write aside, then rename)."""
+def save_checkpoint(s: Session, path: str, state: dict, undo: torch.Tensor | None = None) -> None:
+    """Atomically replace `path` with the trained parameters and `state` (write aside, then rename).
+    undo (LoRA): the parameters before the last update, which the divergence guard restores."""
     for t in s.trainable.tensors:
         if not torch.isfinite(t).all():
             raise ZoftError(f"refusing to save non-finite parameters to {path}; the last good checkpoint is kept")
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_trained(s, tmp)
+    if undo is not None:
+        save_file({"flat": undo.detach().cpu().contiguous()}, os.path.join(tmp, "undo.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f)
         f.flush()
         os.fsync(f.fileno())
+    swap_in(tmp, path)
+
+
+def swap_in(tmp: str, path: str) -> None:
+    """Put the complete folder `tmp` in place of `path`: path → path.old, tmp → path, remove path.old.
+    A kill leaves path whole, or only path.old whole (recover_checkpoint puts it back)."""
     old = path + ".old"
     if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)  # left by a kill during an earlier swap's cleanup
         os.replace(path, old)
     os.replace(tmp, path)
+    rundir.fsync_dir(os.path.dirname(os.path.abspath(path)))
     shutil.rmtree(old, ignore_errors=True)
 
 
 def recover_checkpoint(path: str) -> None:
-    """A kill between save_checkpoint's two renames leaves only `path`.old: put it back (the step log
-    replays whatever came after it)."""
+    """Finish or undo a swap that a kill interrupted (swap_in). path whole: drop the leftovers. Only
+    path.old: it is the last whole one, put it back (the step log replays whatever came after it)."""
     old = path + ".old"
     if not os.path.isdir(path) and os.path.isdir(old):
         os.replace(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
 
 
 def load_checkpoint(s: Session, path: str) -> dict:
@@ -168,6 +196,59 @@ def load_checkpoint(s: Session, path: str) -> dict:
                 t.copy_(tensors[n])
     with open(os.path.join(path, "state.json")) as f:
         return json.load(f)
+
+
+def load_undo(s: Session, path: str) -> torch.Tensor | None:
+    """The copy the guard restores (LoRA), as the checkpoint saved it; None if it saved none."""
+    f = os.path.join(path, "undo.safetensors")
+    if s.loras is None or not os.path.isfile(f):
+        return None
+    return load_file(f)["flat"].to(s.trainable.tensors[0].device)
+
+
+def logged_since(log_path: str, ckpt: str, applied: int, next_step: int, model: str) -> list[dict]:
+    """--resume: the step log's records from `next_step` on (what the checkpoint doesn't hold), after checking
+    that the log and the checkpoint tell one story: the checkpoint's `applied` updates plus those records
+    must be exactly the updates the whole log holds."""
+    _, records = steplog.read(log_path) if os.path.exists(log_path) else (None, [])
+    since = [r for r in records if r["step"] >= next_step]
+    n = applied
+    for r in since:
+        n = r["revert_to"] if "revert_to" in r else n + 1
+    held = len(steplog.effective(records))
+    if n == held:
+        return since
+    if held < applied:
+        raise ZoftError(f"{log_path} holds {held} updates but {ckpt} holds {applied}: the step log was deleted or "
+                        "cut short, and the checkpoint can't be continued exactly without it. Restore the log, or take "
+                        f"the checkpoint's parameters as they are with: zoft export {os.path.dirname(ckpt)} "
+                        "--output-dir NEW_DIR")
+    raise ZoftError(f"{log_path} does not continue {ckpt} ({held} updates logged, {n} expected from the checkpoint "
+                    f"on); rebuild the parameters from the log alone with: zoft replay --model {model} --log "
+                    f"{log_path} --output-dir NEW_DIR")
+
+
+def open_metrics(path: str, keep_to: int | None):
+    """metrics.jsonl for appending. keep_to (--resume): keep the rows up to the checkpoint's step; the
+    steps replayed from the log write theirs again, so no step has two rows and none is missing."""
+    if keep_to is None:
+        return open(path, "w")
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= keep_to:
+                        rows.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass  # a row torn by the kill
+    rundir.write_atomic(path, "".join(rows))
+    return open(path, "a")
+
+
+def guard_stop(why: str, step: int, strikes: int, ckpt: str) -> str:
+    return (f"{why} at step {step + 1} ({strikes} strike(s)); the parameters before it are in {ckpt}: continue "
+            "with --resume and a lower --lr (every other flag as it was)")
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -224,21 +305,36 @@ class HostCopy:
 
 
 def train(cfg: TrainConfig) -> dict:
-    rc, zc = cfg.run, cfg.zo
-    if zc.optimizer == "adamw":
-        from zoft.backprop import train_backprop
+    """Check the output folder (and, on --resume, the run) before writing anything, hold the folder's lock
+    while training, then train with MeZO (or the adamw baseline)."""
+    plan = prepare(cfg)
+    main = dist.world()[0] == 0
+    out = cfg.run.output_dir
+    lock = rundir.RunLock(out).acquire() if main else None
+    try:
+        if lock is not None and lock.stale:
+            log(f"zoft: took over the lock of pid {lock.stale.get('pid')} on {lock.stale.get('host')} in {out}: "
+                "that process ended without releasing it")
+        if main and plan.how == "overwrite" and (gone := rundir.clear_run(out)):
+            log(f"zoft: replacing the zoft run in {out} (removed {', '.join(gone)})")
+        for note in plan.notes if main else ():
+            log(note)
+        if cfg.zo.optimizer == "adamw":
+            from zoft.backprop import train_backprop
 
-        return train_backprop(cfg)
+            return train_backprop(cfg, plan)
+        return _train(cfg, plan)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, plan: Plan) -> dict:
+    rc, zc = cfg.run, cfg.zo
     rank, world = dist.world()
     main = rank == 0
     out = rc.output_dir
     ckpt = os.path.join(out, "checkpoint")
-    if rc.resume:
-        recover_checkpoint(ckpt)
-    if os.path.isdir(ckpt) and not rc.resume:
-        raise ZoftError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --output-dir")
-    if rc.resume and not os.path.isdir(ckpt):
-        raise ZoftError(f"--resume: no checkpoint in {out}; run without --resume to start")
     if zc.batch_size < world:
         raise ZoftError(f"--batch-size {zc.batch_size} is smaller than the {world} ranks; each needs an example")
     t_start = time.time()
@@ -246,53 +342,56 @@ def train(cfg: TrainConfig) -> dict:
 
     cfg.model.device = dist.local_device(cfg.model.device)
     s = load_session(cfg.model)
+    fingerprint = model_fingerprint(s.model)  # before LoRA changes the module tree
     attach(s, zc, rc.seed)
-    os.makedirs(out, exist_ok=True)  # only once the model loaded: a failed start leaves no empty run folder
     engine = make_engine(s, rc.cache_mb, rc.pack_tokens, rc.cuda_graphs)
     eps, base_lr = zc.eps_value, zc.lr_value
     resolved = cfg.to_dict() | {"resolved": {"eps": eps, "lr": base_lr, "path": s.path, "device": s.device,
                                              "trainable_parameters": s.trainable.n_trained(), "layers": s.layers,
-                                             "world_size": world, "z_backend": s.trainable.z_backend}}
-    if main:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=2)
+                                             "world_size": world, "z_backend": s.trainable.z_backend,
+                                             "model_fingerprint": fingerprint}}
+    if plan.saved is not None:
+        check_loaded(plan.saved, resolved, out)
+    if main:  # every check passed: from here on the run folder is written, each file whole or not at all
+        for name in ("checkpoint", "best", "adapter"):
+            recover_checkpoint(os.path.join(out, name))
+        rundir.write_json(os.path.join(out, rundir.CONFIG), resolved)
+        if plan.how != "resume" or not os.path.isfile(os.path.join(out, rundir.SPLITS)):
+            write_splits(out, cfg, plan)
     say(describe(s, engine) + (f"; data parallel over {world} ranks" if world > 1 else ""))
     say(f"zoft: training {s.trainable.n_trained():,} parameters ({zc.mode}{', A frozen' if s.trainable.fixed else ''}), "
         f"ε={eps:g}, lr={base_lr:g}")
 
-    enc, splits, loss = load_data(cfg, s)
+    enc, splits, loss = load_data(cfg, s, plan.drawn)
     say(f"zoft: task {cfg.task.task}: {len(enc['train'])} train / {len(enc['dev'])} dev / {len(enc['test'])} test, loss={loss}")
 
     log_path = os.path.join(out, "steps.jsonl")
     step, best_dev, zero_shot, lr_scale, applied = 0, -1.0, None, 1.0, 0
+    recent, strikes, undo, post = [], 0, None, []  # the guard's window and strikes; the copy it restores
+    metric = metric_of(splits)
+    if rc.resume and plan.state is not None:
+        st = load_checkpoint(s, ckpt)
+        step, applied, best_dev, zero_shot = st["next_step"], st["applied"], st.get("best_dev", -1.0), st.get("zero_shot")
+        zero_shot = st.get("zero_shot_accuracy") if zero_shot is None else zero_shot  # older checkpoints
+        lr_scale, guard = st.get("lr_scale", 1.0), st.get("guard", {})
+        recent, strikes = list(guard.get("recent", [])), 0 if st.get("stopped") else guard.get("strikes", 0)
+        undo = load_undo(s, ckpt)
     if rc.resume:
-        state = load_checkpoint(s, ckpt)
-        best_dev, zero_shot = state.get("best_dev", -1.0), state.get("zero_shot_accuracy")
-        lr_scale = state.get("lr_scale", 1.0)
-        _, records = steplog.read(log_path) if os.path.exists(log_path) else (None, [])
-        held = steplog.effective(records)  # the updates the parameters should hold
-        if state["applied"] > len(held):
-            raise ZoftError(f"{ckpt} is ahead of a divergence-guard revert in {log_path} (killed between the two); "
-                            f"rebuild the parameters with: zoft replay --model {cfg.model.model} --log {log_path}")
-        todo, applied = held[state["applied"] :], len(held)
-        for r in todo:  # logged after the checkpoint: redo their arithmetic, no forwards needed
-            steplog.apply(s.trainable, r, zc.mode, eps, zc.weight_decay)
-        lr_scale = min([lr_scale] + [r.get("lr_scale", 1.0) for r in records if "revert_to" in r])
-        step = max(state["next_step"], steplog.next_step(records))
-        say(f"zoft: resumed from {ckpt} (step {state['next_step']}), replayed {len(todo)} logged steps; next step {step}")
-    elif rc.zero_shot and enc["test"] and main:
+        post = logged_since(log_path, ckpt, applied, step, cfg.model.model)
+        say(f"zoft: resumed from {ckpt if plan.state is not None else 'the base weights'} (step {step}); "
+            f"replaying {len(post)} logged records")
+    if (not rc.resume or plan.state is None) and rc.zero_shot and enc["test"] and main:
         zero_shot = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="zero-shot eval")["score"]
-        say(f"zoft: zero-shot test accuracy {zero_shot:.4f}")
+        say(f"zoft: zero-shot test {metric} {zero_shot:.4f}")
     slog = steplog.StepLog(log_path, resolved, rc.fsync_every, fresh=not rc.resume) if main else None
 
     def state(next_step: int) -> dict:
-        return {"next_step": next_step, "applied": applied, "best_dev": best_dev, "zero_shot_accuracy": zero_shot,
-                "lr_scale": lr_scale}
+        return {"next_step": next_step, "applied": applied, "best_dev": best_dev, "zero_shot": zero_shot,
+                "metric": metric, "lr_scale": lr_scale, "guard": {"recent": recent[-100:], "strikes": strikes}}
 
-    if main and not rc.resume:
+    if main and plan.state is None:
         save_checkpoint(s, ckpt, state(0))  # the starting point: what the guard falls back to in full mode
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a" if rc.resume else "w") if main else None
-    bar = progress(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
+    metrics = open_metrics(os.path.join(out, "metrics.jsonl"), step if rc.resume else None) if main else None
     # Pipelined steps (LoRA with the candidate or LM loss, all on the device): step i's update is queued
     # with g still on the device, and the host reads step i's losses while step i+1 runs, so nothing
     # waits for the GPU between steps. A non-finite g makes the queued update a no-op; a rejected step
@@ -301,7 +400,7 @@ def train(cfg: TrainConfig) -> dict:
     # checks before it updates. Every boundary (eval, save, log, signals, the end) first reads every
     # queued step, so what is evaluated and saved is exactly the accepted updates.
     lazy = rc.pipeline and s.loras is not None and loss != "f1" and not zc.spread_directions
-    ema, t_loop, recent, strikes, first, undo = None, time.time(), [], 0, step, None
+    ema, t_loop = None, time.time()
     train_set, ahead = enc["train"], {}  # ahead["packed"]: this step's batch, packed during the previous step
     inflight: list[dict] = []  # lazy: steps whose update is queued and whose losses the host has not read
     signalled = 0  # data parallel: a signal some rank got, learnt through the step's all-reduce
@@ -319,20 +418,21 @@ def train(cfg: TrainConfig) -> dict:
         """Step r is rejected: undo the update before it, lower the lr, and go on from the step after r."""
         nonlocal applied, undo, lr_scale, strikes, step
         strikes += 1
-        nothing_to_undo = applied == 0
-        if applied > 0:  # the update before this loss is the suspect: undo it exactly
+        undoing = applied > 0
+        stop = strikes > rc.guard_strikes or not undoing
+        if undoing:  # the update before this loss is the suspect: undo it exactly
             applied, undo = _undo_last(s, ckpt, undo, applied), None
             dist.barrier()  # every rank has read the checkpoint before rank 0 replaces it below
             lr_scale *= rc.guard_lr_factor
             if main:
                 slog.write({"step": r["step"], "revert_to": applied, "reason": why, "lr_scale": lr_scale})
-                save_checkpoint(s, ckpt, state(r["step"] + 1))
-        if strikes > rc.guard_strikes or nothing_to_undo:
+        if main and (undoing or stop):  # a stop is marked: its --resume may lower --lr, with fresh strikes
+            save_checkpoint(s, ckpt, state(r["step"] + 1) | ({"stopped": "guard"} if stop else {}), undo)
+        if stop:
             if main:
                 slog.close()
             bar.close()
-            raise ZoftError(f"{why} at step {r['step'] + 1} ({strikes} strike(s)); the parameters before it are in "
-                            f"{ckpt}: lower --lr or --eps and continue with --resume")
+            raise ZoftError(guard_stop(why, r["step"], strikes, ckpt))
         if main:
             bar.write(file=sys.stderr, s=f"step {r['step'] + 1}: {why}; undid the last update, lr × {rc.guard_lr_factor} "
                       f"(strike {strikes}/{rc.guard_strikes})")
@@ -341,6 +441,50 @@ def train(cfg: TrainConfig) -> dict:
         step = r["step"] + 1
         bar.n = step
         bar.refresh()
+
+    def checkpoints(at: int) -> None:
+        """After `at` accepted steps: the dev evaluation and the checkpoint that are due then."""
+        nonlocal best_dev
+        if not main:
+            return
+        metrics.flush()
+        if rc.eval_every and at % rc.eval_every == 0 and enc["dev"]:
+            ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
+            dev = ev["score"]
+            metrics.write(json.dumps({"step": at, f"dev_{ev['metric']}": dev, **s.trainable.norms()}) + "\n")
+            bar.write(file=sys.stderr, s=f"step {at}: dev {ev['metric']} {dev:.4f}" + (" (best)" if dev > best_dev else ""))
+            if dev > best_dev:
+                best_dev = dev
+                save_checkpoint(s, os.path.join(out, "best"), {"step": at, "dev_score": dev})
+        if (rc.save_every and at % rc.save_every == 0) or at == rc.steps:
+            metrics.flush()  # a checkpoint never runs ahead of the metrics rows it covers
+            slog.sync()
+            save_checkpoint(s, ckpt, state(at), undo)
+
+    def catch_up(records: list[dict]) -> None:
+        """--resume: redo the steps logged after the checkpoint as the run did them, without their forwards:
+        the updates and guard reverts, the metrics rows, and the dev evaluations and checkpoints due."""
+        nonlocal applied, undo, strikes, lr_scale, step
+        for r in records:
+            step = r["step"] + 1
+            if "revert_to" in r:  # logged by reject(), which then saved a checkpoint
+                applied, undo = _undo_last(s, ckpt, undo, applied), None
+                dist.barrier()
+                strikes, lr_scale = strikes + 1, r["lr_scale"]
+                stop = strikes > rc.guard_strikes
+                if main:
+                    save_checkpoint(s, ckpt, state(step) | ({"stopped": "guard"} if stop else {}), undo)
+                if stop:
+                    raise ZoftError(guard_stop(r["reason"], r["step"], strikes, ckpt))
+                continue
+            undo = snapshot(s)
+            steplog.apply(s.trainable, r, zc.mode, eps, zc.weight_decay)
+            applied += 1
+            recent.append(r["loss"])
+            if main:
+                metrics.write(json.dumps({"step": step, "loss": r["loss"], "projected_grad": sum(r["grads"]) / len(r["grads"]),
+                                          "lr": r["lr"], "replayed": True}) + "\n")
+            checkpoints(step)
 
     def accept(r: dict) -> bool:
         """Read step r's losses; log and count it, or reject it. (Synchronous steps update here.)"""
@@ -381,6 +525,10 @@ def train(cfg: TrainConfig) -> dict:
                 t_flush = now
         return True
 
+    bar = progress(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
+    catch_up(post)
+    bar.n = first = step
+    t_loop = time.time()
     with _Signals() as sig:
         while step < rc.steps:
             lr = lr_at(step, rc.steps, base_lr, zc.schedule, zc.warmup) * lr_scale
@@ -431,24 +579,13 @@ def train(cfg: TrainConfig) -> dict:
                 rejected = not accept(inflight.pop(0))
             if inflight or rejected or not (flush or signalled):
                 continue  # steps still queued, or a step was rejected: no boundary work now
-            if main:
-                metrics.flush()
-            if main and rc.eval_every and step % rc.eval_every == 0 and enc["dev"]:
-                ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
-                dev, metric = ev["score"], ev["metric"]
-                metrics.write(json.dumps({"step": step, f"dev_{metric}": dev, **s.trainable.norms()}) + "\n")
-                bar.write(file=sys.stderr, s=f"step {step}: dev {metric} {dev:.4f}" + (" (best)" if dev > best_dev else ""))
-                if dev > best_dev:
-                    best_dev = dev
-                    save_checkpoint(s, os.path.join(out, "best"), {"step": step, "dev_score": dev})
-            if main and ((rc.save_every and step % rc.save_every == 0) or step == rc.steps):
-                slog.sync()
-                save_checkpoint(s, ckpt, state(step))
+            checkpoints(step)
             got = (sig.got or 0) if world == 1 else signalled  # ranks must stop at the same step, or the others
             if got:  # wait forever in the next all-reduce
                 if main:
+                    metrics.flush()
                     slog.sync()
-                    save_checkpoint(s, ckpt, state(step))
+                    save_checkpoint(s, ckpt, state(step), undo)
                     slog.close()
                 dist.barrier()  # no rank exits before the checkpoint is written (torchrun would kill rank 0)
                 name = signal.Signals(got).name
@@ -464,30 +601,36 @@ def train(cfg: TrainConfig) -> dict:
     slog.close()
 
     result = finish(s, engine, enc, splits, out, rc.eval_batch_size, best_dev)
-    result |= {"zero_shot_accuracy": zero_shot, "steps": rc.steps, "seconds": round(time.time() - t_start, 1),
+    result |= {f"zero_shot_{metric}": zero_shot, "steps": rc.steps, "seconds": round(time.time() - t_start, 1),
                "train_seconds": round(train_seconds, 1),
                "seconds_per_step": round(train_seconds / max(1, rc.steps - first), 4),
                "path": s.path, "world_size": world, "output_dir": out, **engine.stats.summary(),
                **peak_memory(s.device)}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    rundir.write_json(os.path.join(out, "results.json"), result)
     dist.barrier()
     return result
+
+
+def metric_of(splits: dict) -> str:
+    """What a run's evaluations report: accuracy (multiple choice) or F1 (generation; exact match beside it)."""
+    return "f1" if splits["train"] and splits["train"][0].kind == "gen" else "accuracy"
 
 
 def finish(s: Session, engine, enc: dict, splits: dict, out: str, eval_batch_size: int, best_dev: float) -> dict:
     """After training: the best dev checkpoint (if any) on the test set, predictions and the adapter."""
     if best_dev >= 0:
         load_checkpoint(s, os.path.join(out, "best"))
-    result = {"best_dev_accuracy": best_dev if best_dev >= 0 else None}
+    metric = metric_of(splits)
+    result = {f"best_dev_{metric}": best_dev if best_dev >= 0 else None, "metric": metric}
     if enc["test"]:
         ev = evaluate_split(engine, s, enc["test"], splits["test"], eval_batch_size, desc="test eval")
         write_predictions(os.path.join(out, "test_predictions.jsonl"), ev["rows"])
-        result |= {"final_accuracy": ev["score"], "metric": ev["metric"]}
-        if ev["metric"] == "f1":
-            result |= {"final_f1": ev["f1"], "final_em": ev["em"]}
+        result |= {"final_f1": ev["f1"], "final_exact_match": ev["em"]} if metric == "f1" else {"final_accuracy": ev["score"]}
     if s.loras is not None:
-        save_peft(s.loras, os.path.join(out, "adapter"), s.source, s.target_names, s.lora_args)
+        tmp = os.path.join(out, "adapter.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_peft(s.loras, tmp, s.source, s.target_names, s.lora_args)
+        swap_in(tmp, os.path.join(out, "adapter"))
     return result
 
 
@@ -502,23 +645,61 @@ def _undo_last(s: Session, ckpt: str, prev: torch.Tensor | None, applied: int) -
     return load_checkpoint(s, ckpt)["applied"]
 
 
-def replay(model: str, log_path: str, output_dir: str, device: str = "") -> dict:
-    """Rebuild a run's trained parameters from the base weights and its step log alone."""
+def replay(model: str, log_path: str, output_dir: str, device: str = "", overwrite: bool = False) -> dict:
+    """Rebuild a run's trained parameters from the base weights and its step log alone, after checking that
+    the log's header describes its records and `model` is the model the run trained. Written whole, and
+    never with non-finite values."""
     if not os.path.isfile(log_path):
         raise ZoftError(f"step log {log_path} does not exist")
+    rundir.check_target(output_dir, overwrite=overwrite, marker=rundir.CONFIG, what="replay", model=model,
+                        run=os.path.dirname(os.path.abspath(log_path)))
     header, records = steplog.read(log_path)
     if header is None:
         raise ZoftError(f"{log_path} has no header line; is it a zoft steps.jsonl?")
     resolved = header.pop("resolved", {})
     cfg = TrainConfig.from_dict(header)
+    check_log_records(cfg, resolved, records, log_path)
     cfg.model.model = model
     cfg.model.device = device or resolved.get("device", "cpu").split(":")[0]
     s = load_session(cfg.model)
+    found = {"model_fingerprint": model_fingerprint(s.model)}
     attach(s, cfg.zo, cfg.run.seed)
+    found |= {"path": s.path, "trainable_parameters": s.trainable.n_trained()}
+    for key, value in found.items():
+        if key in resolved and resolved[key] != value:
+            raise ZoftError(f"{log_path} was written by a run of another model ({key} {resolved[key]!r}, --model {model} "
+                            f"gives {value!r}); pass the base model the run trained ({header['model']['model']})")
     todo = steplog.effective(records)
     for r in tqdm(todo, desc="replay", unit="step", disable=not sys.stderr.isatty()):
         steplog.apply(s.trainable, r, cfg.zo.mode, cfg.zo.eps_value, cfg.zo.weight_decay)
-    save_trained(s, output_dir)
-    with open(os.path.join(output_dir, "config.json"), "w") as f:
-        json.dump(header | {"resolved": resolved}, f, indent=2)
+    if not all(torch.isfinite(t).all() for t in s.trainable.tensors):
+        raise ZoftError(f"replaying {log_path} gives non-finite parameters; nothing was saved (the log records a "
+                        "diverged run: replay a copy cut before the divergence)")
+    tmp = rundir.staging(output_dir)
+    try:
+        save_trained(s, tmp)
+        rundir.write_json(os.path.join(tmp, rundir.CONFIG), header | {"resolved": resolved})
+        rundir.publish(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"steps_replayed": len(todo), "output_dir": output_dir}
+
+
+def check_log_records(cfg: TrainConfig, resolved: dict, records: list[dict], log_path: str) -> None:
+    """The records must be the ones the header's run draws: each step's direction seeds follow from the run
+    seed, and each learning rate is the header's schedule times a guard factor in (0, 1]."""
+    zc, rc = cfg.zo, cfg.run
+    n_dirs = zc.directions * (resolved.get("world_size", 1) if zc.spread_directions else 1)
+    for r in records:
+        if "revert_to" in r:
+            continue
+        want = direction_seeds(rc.seed, r["step"], n_dirs)
+        if r["seeds"] != want:
+            raise ZoftError(f"{log_path}: the record of step {r['step']} has seeds {r['seeds']}, but its header's run "
+                            f"(--seed {rc.seed}, --directions {zc.directions}) draws {want}: the header comes from "
+                            "another run")
+        top = lr_at(r["step"], rc.steps, zc.lr_value, zc.schedule, zc.warmup)
+        if not (math.isfinite(r["lr"]) and 0 <= r["lr"] <= top * (1 + 1e-9)):
+            raise ZoftError(f"{log_path}: the record of step {r['step']} has lr {r['lr']!r}, which its header's "
+                            f"schedule (--lr {zc.lr_value:g}, {zc.schedule}) can't give: the header comes from "
+                            "another run, or the log was edited")

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 
 from zoft.errors import ZoftError
-from zoft.tasks.base import Example, Task, sample_splits
+from zoft.tasks.base import Example, Splits, Task, draw_splits, recorded_splits, sample_splits
 from zoft.tasks.encode import Encoded, encode
 from zoft.tasks.jsonl import JsonlTask
 from zoft.tasks.qa import DROP, SQuAD
@@ -80,10 +80,13 @@ __all__ = [
     "Encoded",
     "Example",
     "JsonlTask",
+    "Splits",
     "Task",
     "ZoftError",
     "describe_tasks",
+    "draw_splits",
     "encode",
     "get_task",
+    "recorded_splits",
     "sample_splits",
 ]

@@ -1,0 +1,128 @@
+"""What `zoft train` checks before it writes anything: the output folder, the data, and on --resume the run.
+
+`prepare` runs before the model loads and writes nothing: it decides whether the folder may be used
+(zoft.rundir), draws the splits (so bad data fails in a second), and on --resume compares the run's
+saved config and recorded splits with the new flags. `check_loaded` repeats the comparison for what
+only the loaded model knows (its weights' fingerprint, the device type, z's backend), still before
+the first write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from zoft import rundir, steplog
+from zoft.config import TrainConfig
+from zoft.errors import ZoftError
+from zoft.tasks import Splits, Task, draw_splits, get_task
+
+
+@dataclass
+class Plan:
+    how: str  # "new", "resume" or "overwrite" (rundir.check_output_dir)
+    task: Task
+    drawn: Splits
+    saved: dict | None = None  # resume: the run's resolved config
+    state: dict | None = None  # resume: its checkpoint's state.json; None: rebuilt from the step log alone
+    notes: tuple[str, ...] = ()  # warnings to print once (rank 0)
+
+
+def prepare(cfg: TrainConfig) -> Plan:
+    rc, tc, out = cfg.run, cfg.task, cfg.run.output_dir
+    how = rundir.check_output_dir(out, resume=rc.resume, overwrite=rc.overwrite_output_dir, model=cfg.model.model)
+    if rc.resume and cfg.zo.optimizer == "adamw":
+        raise ZoftError("--resume supports zo-sgd runs (their step log replays exactly); rerun the adamw baseline")
+    task = get_task(tc.task, data_dir=tc.data_dir or None, template=tc.template or None)
+    drawn = draw_splits(task, tc.n_train, tc.n_dev, tc.n_test, rc.seed, tc.k_shot or None)
+    sizes = {k: len(v) for k, v in drawn.examples.items()}
+    if not sizes["train"]:
+        raise ZoftError(f"task {tc.task} gave no training examples; check --n-train / --k-shot and the data")
+    if rc.eval_every and not sizes["dev"]:
+        raise ZoftError(f"--eval-every {rc.eval_every} needs dev examples, but task {tc.task} gave none (--n-dev "
+                        f"{tc.n_dev}); pass --n-dev > 0 or --eval-every 0")
+    asked = {"train": None if tc.k_shot else tc.n_train, "dev": tc.n_dev, "test": tc.n_test}
+    notes = tuple(f"zoft: warning: the {k} split holds {sizes[k]} examples, fewer than --n-{k} {asked[k]} (each "
+                  "held-out region of a pool holds at most a fifth of it, and at most 1000)"
+                  for k in asked if asked[k] and sizes[k] < asked[k])
+    plan = Plan(how, task, drawn, notes=notes)
+    if how == "resume":
+        plan.state = checkpoint_state(out)
+        plan.saved = rundir.read_run_config(out) or steplog_header(out)
+        if plan.saved is None:
+            raise ZoftError(f"--resume: {out} holds neither {rundir.CONFIG} nor a step log header; the run "
+                            "can't be checked or continued: start a new run with --overwrite-output-dir")
+        allow = {"zo.lr"} if (plan.state or {}).get("stopped") else set()  # the guard's stop advises a lower lr
+        diffs = rundir.resume_differences(plan.saved, cfg, allow)
+        if diffs:
+            raise ZoftError(f"--resume: {out} was trained with other settings ({'; '.join(diffs)}); resume with the "
+                            f"run's own flags (see {os.path.join(out, rundir.CONFIG)}), or start a new run in "
+                            "another --output-dir")
+        check_recorded_splits(out, drawn)
+    return plan
+
+
+def steplog_header(out: str) -> dict | None:
+    path = os.path.join(out, "steps.jsonl")
+    if not os.path.isfile(path):
+        return None
+    header, _ = steplog.read(path)
+    return header if rundir.is_run_config(header) else None
+
+
+def checkpoint_state(out: str) -> dict | None:
+    """The state.json that resuming starts from: checkpoint/, or checkpoint.old/ when a kill interrupted a
+    swap (train.recover_checkpoint puts it back). None when neither is whole: the run is rebuilt from its
+    step log, from the base weights on."""
+    for name in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(out, name, "state.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
+
+
+def check_recorded_splits(out: str, drawn: Splits) -> None:
+    """The data drawn now must be the examples the run recorded (an edited file is another trajectory)."""
+    path = os.path.join(out, rundir.SPLITS)
+    if not os.path.isfile(path):
+        return  # a run from before splits were recorded
+    with open(path) as f:
+        recorded = json.load(f)["splits"]
+    for name, rec in recorded.items():
+        if rec["hashes"] != drawn.hashes.get(name):
+            raise ZoftError(f"--resume: the {name} split drawn now differs from the one {path} records (the data, "
+                            "template or sizes changed); resume with the data the run used, or start a new run")
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap identity of the base weights: every tensor's name, shape, dtype and 64 strided values.
+    Tells apart two checkpoints of one architecture without hashing gigabytes."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_loaded(saved: dict, resolved: dict, out: str) -> None:
+    """--resume, once the model is loaded: the weights, the device type, the z backend and the number of
+    trained parameters must be the run's."""
+    was, now = saved.get("resolved", {}), resolved["resolved"]
+    diffs = []
+    if was.get("model_fingerprint") and was["model_fingerprint"] != now["model_fingerprint"]:
+        diffs.append(f"--model {saved['model']['model']!r} → {resolved['model']['model']!r} (other weights)")
+    if "device" in was and str(was["device"]).split(":")[0] != str(now["device"]).split(":")[0]:
+        diffs.append(f"device {was['device']} → {now['device']} (z is drawn per device type)")
+    for key in ("z_backend", "trainable_parameters", "path"):
+        if key in was and was[key] != now[key]:
+            diffs.append(f"{key} {was[key]!r} → {now[key]!r}")
+    if diffs:
+        raise ZoftError(f"--resume: {out} was trained with another setup ({'; '.join(diffs)}); resume it where and "
+                        "how it ran, or start a new run in another --output-dir")
