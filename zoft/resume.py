@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ class Plan:
     saved: dict | None = None  # resume: the run's resolved config
     state: dict | None = None  # resume: its checkpoint's state.json; None: rebuilt from the step log alone
     notes: tuple[str, ...] = ()  # warnings to print once (rank 0)
+    logged: list[dict] = field(default_factory=list)  # resume: the step log's records past the checkpoint
 
 
 def prepare(cfg: TrainConfig) -> Plan:
@@ -37,6 +38,19 @@ def prepare(cfg: TrainConfig) -> Plan:
     how = rundir.check_output_dir(out, resume=rc.resume, overwrite=rc.overwrite_output_dir, model=cfg.model.model)
     if rc.resume and cfg.zo.optimizer == "adamw":
         raise ZoftError("--resume supports zo-sgd runs (their step log replays exactly); rerun the adamw baseline")
+    saved = state = None
+    if how == "resume":  # the flags first: a changed --task or --model is named before it is loaded
+        state = checkpoint_state(out)
+        saved = rundir.read_run_config(out) or steplog_header(out)
+        if saved is None:
+            raise ZoftError(f"--resume: {out} holds neither {rundir.CONFIG} nor a step log header; the run "
+                            "can't be checked or continued: start a new run with --overwrite-output-dir")
+        allow = {"zo.lr"} if (state or {}).get("stopped") else set()  # the guard's stop advises a lower lr
+        diffs = rundir.resume_differences(saved, cfg, allow)
+        if diffs:
+            raise ZoftError(f"--resume: {out} was trained with other settings ({'; '.join(diffs)}); resume with the "
+                            f"run's own flags (see {os.path.join(out, rundir.CONFIG)}), or start a new run in "
+                            "another --output-dir")
     task = get_task(tc.task, data_dir=tc.data_dir or None, template=tc.template or None)
     drawn = draw_splits(task, tc.n_train, tc.n_dev, tc.n_test, rc.seed, tc.k_shot or None)
     sizes = {k: len(v) for k, v in drawn.examples.items()}
@@ -45,25 +59,39 @@ def prepare(cfg: TrainConfig) -> Plan:
     if rc.eval_every and not sizes["dev"]:
         raise ZoftError(f"--eval-every {rc.eval_every} needs dev examples, but task {tc.task} gave none (--n-dev "
                         f"{tc.n_dev}); pass --n-dev > 0 or --eval-every 0")
+    if how == "resume":
+        check_recorded_splits(out, drawn)
     asked = {"train": None if tc.k_shot else tc.n_train, "dev": tc.n_dev, "test": tc.n_test}
     notes = tuple(f"zoft: warning: the {k} split holds {sizes[k]} examples, fewer than --n-{k} {asked[k]} (each "
                   "held-out region of a pool holds at most a fifth of it, and at most 1000)"
                   for k in asked if asked[k] and sizes[k] < asked[k])
-    plan = Plan(how, task, drawn, notes=notes)
+    plan = Plan(how, task, drawn, saved, state, notes)
     if how == "resume":
-        plan.state = checkpoint_state(out)
-        plan.saved = rundir.read_run_config(out) or steplog_header(out)
-        if plan.saved is None:
-            raise ZoftError(f"--resume: {out} holds neither {rundir.CONFIG} nor a step log header; the run "
-                            "can't be checked or continued: start a new run with --overwrite-output-dir")
-        allow = {"zo.lr"} if (plan.state or {}).get("stopped") else set()  # the guard's stop advises a lower lr
-        diffs = rundir.resume_differences(plan.saved, cfg, allow)
-        if diffs:
-            raise ZoftError(f"--resume: {out} was trained with other settings ({'; '.join(diffs)}); resume with the "
-                            f"run's own flags (see {os.path.join(out, rundir.CONFIG)}), or start a new run in "
-                            "another --output-dir")
-        check_recorded_splits(out, drawn)
+        st = state or {"applied": 0, "next_step": 0}  # no checkpoint: every logged step is redone from the base
+        plan.logged = logged_since(out, st["applied"], st["next_step"], cfg.model.model)
     return plan
+
+
+def logged_since(out: str, applied: int, next_step: int, model: str) -> list[dict]:
+    """--resume: the step log's records from `next_step` on (what the checkpoint doesn't hold), after checking
+    that the log and the checkpoint tell one story: the checkpoint's `applied` updates plus those records
+    must be exactly the updates the whole log holds."""
+    log_path, ckpt = os.path.join(out, "steps.jsonl"), os.path.join(out, "checkpoint")
+    _, records = steplog.read(log_path) if os.path.exists(log_path) else (None, [])
+    since = [r for r in records if r["step"] >= next_step]
+    n = applied
+    for r in since:
+        n = r["revert_to"] if "revert_to" in r else n + 1
+    held = len(steplog.effective(records))
+    if n == held:
+        return since
+    if held < applied:
+        raise ZoftError(f"{log_path} holds {held} updates but {ckpt} holds {applied}: the step log was deleted or "
+                        "cut short, and the checkpoint can't be continued exactly without it. Restore the log, or take "
+                        f"the checkpoint's parameters as they are with: zoft export {out} --output-dir NEW_DIR")
+    raise ZoftError(f"{log_path} does not continue {ckpt} ({held} updates logged, {n} expected from the checkpoint "
+                    f"on); rebuild the parameters from the log alone with: zoft replay --model {model} --log "
+                    f"{log_path} --output-dir NEW_DIR")
 
 
 def steplog_header(out: str) -> dict | None:

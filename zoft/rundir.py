@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -277,11 +278,27 @@ def check_target(out: str, *, overwrite: bool, marker: str, what: str, model: st
 
 
 def staging(out: str) -> str:
-    """A fresh temporary folder beside `out` (same filesystem, so publish() is a rename)."""
-    tmp = f"{os.path.normpath(out)}.tmp-{os.getpid()}"
+    """A fresh temporary folder beside `out` (same filesystem, so publish() is a rename). Folders left there
+    by a killed export or replay (their process is gone) are removed first."""
+    out = os.path.normpath(out)
+    for left in glob.glob(glob.escape(out) + ".tmp-*") + glob.glob(glob.escape(out) + ".old-*"):
+        pid = left.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def publish(tmp: str, out: str) -> None:

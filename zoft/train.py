@@ -206,28 +206,6 @@ def load_undo(s: Session, path: str) -> torch.Tensor | None:
     return load_file(f)["flat"].to(s.trainable.tensors[0].device)
 
 
-def logged_since(log_path: str, ckpt: str, applied: int, next_step: int, model: str) -> list[dict]:
-    """--resume: the step log's records from `next_step` on (what the checkpoint doesn't hold), after checking
-    that the log and the checkpoint tell one story: the checkpoint's `applied` updates plus those records
-    must be exactly the updates the whole log holds."""
-    _, records = steplog.read(log_path) if os.path.exists(log_path) else (None, [])
-    since = [r for r in records if r["step"] >= next_step]
-    n = applied
-    for r in since:
-        n = r["revert_to"] if "revert_to" in r else n + 1
-    held = len(steplog.effective(records))
-    if n == held:
-        return since
-    if held < applied:
-        raise ZoftError(f"{log_path} holds {held} updates but {ckpt} holds {applied}: the step log was deleted or "
-                        "cut short, and the checkpoint can't be continued exactly without it. Restore the log, or take "
-                        f"the checkpoint's parameters as they are with: zoft export {os.path.dirname(ckpt)} "
-                        "--output-dir NEW_DIR")
-    raise ZoftError(f"{log_path} does not continue {ckpt} ({held} updates logged, {n} expected from the checkpoint "
-                    f"on); rebuild the parameters from the log alone with: zoft replay --model {model} --log "
-                    f"{log_path} --output-dir NEW_DIR")
-
-
 def open_metrics(path: str, keep_to: int | None):
     """metrics.jsonl for appending. keep_to (--resume): keep the rows up to the checkpoint's step; the
     steps replayed from the log write theirs again, so no step has two rows and none is missing."""
@@ -377,7 +355,7 @@ def _train(cfg: TrainConfig, plan: Plan) -> dict:
         recent, strikes = list(guard.get("recent", [])), 0 if st.get("stopped") else guard.get("strikes", 0)
         undo = load_undo(s, ckpt)
     if rc.resume:
-        post = logged_since(log_path, ckpt, applied, step, cfg.model.model)
+        post = plan.logged
         say(f"zoft: resumed from {ckpt if plan.state is not None else 'the base weights'} (step {step}); "
             f"replaying {len(post)} logged records")
     if (not rc.resume or plan.state is None) and rc.zero_shot and enc["test"] and main:
@@ -427,6 +405,7 @@ def _train(cfg: TrainConfig, plan: Plan) -> dict:
             if main:
                 slog.write({"step": r["step"], "revert_to": applied, "reason": why, "lr_scale": lr_scale})
         if main and (undoing or stop):  # a stop is marked: its --resume may lower --lr, with fresh strikes
+            metrics.flush()  # a checkpoint never runs ahead of the metrics rows it covers
             save_checkpoint(s, ckpt, state(r["step"] + 1) | ({"stopped": "guard"} if stop else {}), undo)
         if stop:
             if main:
@@ -473,6 +452,7 @@ def _train(cfg: TrainConfig, plan: Plan) -> dict:
                 strikes, lr_scale = strikes + 1, r["lr_scale"]
                 stop = strikes > rc.guard_strikes
                 if main:
+                    metrics.flush()
                     save_checkpoint(s, ckpt, state(step) | ({"stopped": "guard"} if stop else {}), undo)
                 if stop:
                     raise ZoftError(guard_stop(r["reason"], r["step"], strikes, ckpt))
