@@ -329,14 +329,15 @@ def test_empty_candidate(zoft_here, models, tmp_path):
 
 def test_existing_checkpoint_needs_resume(zoft_here, tmp_path):
     (tmp_path / "o" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "o" / "checkpoint" / "state.json").write_text('{"next_step": 3, "applied": 3}')
     p = zoft_here("train", "--model", tmp_path / "not-even-loaded", "--output-dir", tmp_path / "o")
-    assert_user_error(p, "already holds a checkpoint", "--resume")
+    assert_user_error(p, "already holds a zoft run", "--resume", "--overwrite-output-dir")
 
 
 def test_resume_without_checkpoint(zoft_here, tmp_path):
     p = zoft_here("train", "--model", tmp_path / "not-even-loaded", "--resume",
                   "--output-dir", tmp_path / "o")
-    assert_user_error(p, "--resume", "no checkpoint")
+    assert_user_error(p, "--resume", "no run to continue")
 
 
 @pytest.mark.parametrize("flags,needle", [(["--layers", "99"], "--layers"),
