@@ -25,6 +25,9 @@ def test_generation_task_trains_with_lm_loss_and_reports_f1(tmp_path):
     assert saved["final_f1"] == result["final_f1"] and {"zero_shot_f1", "best_dev_f1"} <= saved.keys()
     assert not [k for k in saved if "accuracy" in k]
     assert any("dev_f1" in x for x in open(out / "metrics.jsonl")) and "accuracy" not in (out / "metrics.jsonl").read_text()
+    from zoft.plot import read_metrics
+
+    assert read_metrics(str(out))[4] == "f1"  # the plot's dev axis says F1
     rows = [json.loads(x) for x in open(out / "test_predictions.jsonl")]
     assert len(rows) == 8 and all("\n" not in r["prediction"] for r in rows)
     assert qa_scores([r["prediction"] for r in rows], [r["answers"] for r in rows])["f1"] == result["final_f1"]
