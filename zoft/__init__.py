@@ -6,6 +6,7 @@
 
 from zoft.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, ZOConfig
 from zoft.version import __version__
+
 __all__ = ["Callback", "ModelConfig", "RunConfig", "TaskConfig", "TrainConfig", "Trainer", "ZOConfig", "__version__"]
 
 
