@@ -15,7 +15,7 @@ OUT/summary.txt. OUT gets at most seven files, whatever the recipes:
     gpu_tests.txt   the GPU tests' output
     bench.jsonl     the JSON line of every benchmark (zoft bench and the bench/*.py programs)
     logs.tgz        every job's log
-    runs.tgz        every training run under WORK/runs: results.json, metrics.jsonl, config.json and
+    runs.tgz        every training run under WORK/runs: results.json, metrics.jsonl, zoft_config.json and
                     the stdout JSON (no checkpoints or step logs: 50k-step logs outgrow one returned file)
     state_gpu0.tgz, state_gpu1.tgz   with --keep-state (or a recipe that needs it): the runs of the lanes
                     on each GPU whole, checkpoints and step logs included, to --resume on a fresh machine
@@ -482,11 +482,13 @@ def run_digest(run: Path, log_text: str) -> list[str]:
     if not (run / "results.json").exists():
         return progress or log_text.splitlines()[-4:]
     r = json.loads((run / "results.json").read_text())
-    keys = ("zero_shot_accuracy", "best_dev_accuracy", "final_accuracy", "seconds_per_step", "peak_memory_mb")
+    # a generation task's scores are f1 and exact_match, a classification task's accuracy
+    keys = ("zero_shot_accuracy", "best_dev_accuracy", "final_accuracy", "zero_shot_f1", "best_dev_f1", "final_f1",
+            "final_exact_match", "seconds_per_step", "peak_memory_mb")
     dev = [d for d in json_lines((run / "metrics.jsonl").read_text()) if any(k.startswith("dev_") for k in d)] \
         if (run / "metrics.jsonl").exists() else []
     curve = [(d.get("step"), d.get("dev_accuracy", d.get("dev_f1"))) for d in dev]
-    return [str({k: r.get(k) for k in keys}), f"dev: {curve}"]
+    return [str({k: r[k] for k in keys if k in r}), f"dev: {curve}"]
 
 
 def run_recipe(name: str, rcp: Recipe, ctx: Ctx, ngpu: int) -> None:

@@ -57,7 +57,7 @@ def run_config(a: argparse.Namespace, name: str, zo: ZOConfig, zero_shot: bool) 
 
 
 def row(name: str, result: dict) -> dict:
-    with open(os.path.join(result["output_dir"], "config.json")) as f:
+    with open(os.path.join(result["output_dir"], "zoft_config.json")) as f:
         resolved = json.load(f)["resolved"]
     return {"run": name, "accuracy": result.get("final_accuracy"), "seconds": result["seconds"],
             "seconds_per_step": result["seconds_per_step"], "work_saved": result["work_saved"],

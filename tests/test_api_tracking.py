@@ -52,6 +52,10 @@ def test_readme_example_runs(opt, tmp_path):
     assert tb["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in steps]
     assert [s for s, _ in tb["eval/accuracy"]] == [10, 20]
     assert [v for _, v in tb["train/forwards"]] == [2 * r["step"] for r in steps]
+    # the in-memory splits are used as given and recorded, like separate split files
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits["name"] == "datasets" and [len(splits["splits"][k]["indices"]) for k in ("dev", "test")] == [8, 8]
+    assert {splits["splits"][k]["pool"] for k in ("train", "dev", "test")} == {"train", "dev", "test"}
 
 
 def test_trainer_from_list_with_callbacks(opt, tmp_path):

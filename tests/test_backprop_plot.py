@@ -24,9 +24,9 @@ def test_adamw_baseline_lowers_training_loss_and_plot_draws_it(tmp_path, capsys)
     from zoft.plot import read_metrics
 
     for x, want in (("steps", list(range(1, 16))), ("forwards", list(range(1, 16)))):  # backprop: one forward a step
-        xs, _, dxs, _ = read_metrics(str(out), x)
+        xs, _, dxs, _, _ = read_metrics(str(out), x)
         assert xs == want and dxs == [5, 10, 15], x
-    xs, _, dxs, _ = read_metrics(str(out), "seconds")
+    xs, _, dxs, _, _ = read_metrics(str(out), "seconds")
     assert xs == sorted(xs) and dxs == [xs[4], xs[9], xs[14]]  # a dev point sits at its step's time
     main(["plot", str(out), "--output", str(png), "--x", "seconds"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

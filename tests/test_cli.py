@@ -154,7 +154,7 @@ def test_train(runs, kind, mode):
     if mode == "full":  # opt-full runs MeZO's in-place passes, llama-full the one-forward rows
         assert ("±ε as rows of one forward" if kind == "llama" else "perturbed in place") in p.stderr
 
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "zoft_config.json").read_text())
     assert cfg["zo"]["mode"] == mode and cfg["run"]["steps"] == 6
     assert cfg["resolved"]["path"] == PATHS[kind] and cfg["resolved"]["trainable_parameters"] > 0
     assert cfg["resolved"]["layers"] == ([1, 2] if mode == "full" else None)
@@ -329,14 +329,15 @@ def test_empty_candidate(zoft_here, models, tmp_path):
 
 def test_existing_checkpoint_needs_resume(zoft_here, tmp_path):
     (tmp_path / "o" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "o" / "checkpoint" / "state.json").write_text('{"next_step": 3, "applied": 3}')
     p = zoft_here("train", "--model", tmp_path / "not-even-loaded", "--output-dir", tmp_path / "o")
-    assert_user_error(p, "already holds a checkpoint", "--resume")
+    assert_user_error(p, "already holds a zoft run", "--resume", "--overwrite-output-dir")
 
 
 def test_resume_without_checkpoint(zoft_here, tmp_path):
     p = zoft_here("train", "--model", tmp_path / "not-even-loaded", "--resume",
                   "--output-dir", tmp_path / "o")
-    assert_user_error(p, "--resume", "no checkpoint")
+    assert_user_error(p, "--resume", "no run to continue")
 
 
 @pytest.mark.parametrize("flags,needle", [(["--layers", "99"], "--layers"),

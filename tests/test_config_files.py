@@ -1,4 +1,4 @@
-"""`zoft train --config FILE`: YAML/JSON options under the flags, a run's config.json re-running the run
+"""`zoft train --config FILE`: YAML/JSON options under the flags, a run's zoft_config.json re-running the run
 bitwise, HF-style aliases, and validation in the dataclasses whoever builds them."""
 
 import json
@@ -46,10 +46,10 @@ def test_run_config_reruns_the_run_bitwise(opt, tmp_path, zoft_here):
     p = zoft_here("train", "--model", opt, *SMALL, "--steps", "4", "--lr", "0.05", "--layers", "top2",
                   "--output-dir", a)
     assert p.returncode == 0, p.stderr
-    p = zoft_here("train", "--config", a / "config.json", "--output-dir", b)  # flags override the file
+    p = zoft_here("train", "--config", a / "zoft_config.json", "--output-dir", b)  # flags override the file
     assert p.returncode == 0, p.stderr
     assert adapter_bytes(a) == adapter_bytes(b)
-    ca, cb = (json.loads((d / "config.json").read_text()) for d in (a, b))
+    ca, cb = (json.loads((d / "zoft_config.json").read_text()) for d in (a, b))
     assert ca["run"].pop("output_dir") != cb["run"].pop("output_dir") and ca == cb
     assert [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()] == \
         [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
@@ -61,7 +61,7 @@ def test_yaml_flat_with_aliases_and_override(opt, tmp_path, zoft_here):
         "n_train: 16\nn_test: 8\ndevice: cpu\nbatch_size: 4\nzero_shot: false\nlayers: top1\n")
     p = zoft_here("train", "--config", tmp_path / "run.yaml", "--max-steps", "2", "--output-dir", tmp_path / "r")
     assert p.returncode == 0, p.stderr
-    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "r" / "zoft_config.json").read_text())
     assert cfg["zo"]["lr"] == 0.05 and cfg["run"]["steps"] == 2 and cfg["model"]["model"] == opt
     assert cfg["zo"]["layers"] == "top1" and cfg["run"]["zero_shot"] is False
 
@@ -107,7 +107,7 @@ def test_demo_takes_argv_from_main(opt, tmp_path, zoft_here):
                   "--n-test", "8", "--eval-every", "0", "--no-zero-shot", "--device", "cpu", "--output-dir", tmp_path / "d")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.splitlines()[-1])["steps"] == 5
-    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "d" / "zoft_config.json").read_text())
     assert cfg["zo"]["lr"] == 5e-3 and cfg["zo"]["batch_size"] == 16 and cfg["run"]["steps"] == 5
 
 

@@ -66,7 +66,7 @@ SHORT = ["--device", "cpu", "--steps", "2", "--batch-size", "2", "--no-zero-shot
 
 
 def test_trl_prompt_completion_trains(opt, tmp_path, zoft_here):
-    rows = [{"prompt": f"Q{i}: 2+{i}=", "completion": f" {2 + i}"} for i in range(12)]
+    rows = [{"prompt": f"Q{i}: 2+{i}=", "completion": f" {2 + i}"} for i in range(20)]  # test region: 4 rows
     path = write_jsonl(tmp_path / "trl.jsonl", rows)
     task = load_task(tc(task=path))
     assert task.kind == "gen" and task.load_split("train")[0] == Example("Q0: 2+0=", [" 2"], 0, "gen")
@@ -178,18 +178,22 @@ def test_bad_data_fails_before_the_model(tmp_path, zoft_here):
 
 
 def test_small_and_empty_splits(tmp_path, zoft_here, capsys):
-    pool = write_jsonl(tmp_path / "p.jsonl", [{"input": f"q{i}", "output": " a"} for i in range(64)])
-    cfg = TrainConfig(task=tc(task=pool))  # default --n-test 1000 takes the whole pool
-    with pytest.raises(ZoftError, match="went to the test set first.*--n-test"):
-        prepare_data(cfg)
+    one = write_jsonl(tmp_path / "one.jsonl", [{"input": "q", "output": " a"}])
+    with pytest.raises(ZoftError, match="no training examples .*a fifth of its rows"):
+        prepare_data(TrainConfig(task=tc(task=one)))  # its one row is held out for the test split
+    # 64 rows: test and dev regions of 12 each, whatever sizes are asked; train on the other 40
+    pool = write_jsonl(tmp_path / "p.jsonl", [{"input": f"q{i}", "output": f" {i}"} for i in range(64)])
     capsys.readouterr()
-    prepare_data(TrainConfig(task=tc(task=pool, n_test=10)))
-    assert "the train split has 54 examples, fewer than --n-train 1000" in capsys.readouterr().err
+    _, drawn, _ = prepare_data(TrainConfig(task=tc(task=pool)))  # the defaults ask for 1000 of each
+    assert [len(drawn.examples[k]) for k in ("train", "dev", "test")] == [40, 12, 12]
+    err = capsys.readouterr().err
+    assert "the train split has 40 examples, fewer than --n-train 1000" in err
+    assert "the test split has 12 examples, fewer than --n-test 1000 (a held-out region" in err
     prepare_data(TrainConfig(task=tc(task=pool, n_train=20, n_dev=50, n_test=10), run=RunConfig(eval_every=5)))
-    assert "the dev split has 34 examples, fewer than --n-dev 50" in capsys.readouterr().err
+    assert "the dev split has 12 examples, fewer than --n-dev 50" in capsys.readouterr().err
     tr = write_jsonl(tmp_path / "tr.jsonl", [{"input": f"q{i}", "output": " a"} for i in range(8)])
-    cfg = TrainConfig(task=tc(train_file=tr, n_train=8), run=RunConfig(eval_every=5))
+    cfg = TrainConfig(task=tc(train_file=tr, n_train=8, n_dev=0), run=RunConfig(eval_every=5))
     with pytest.raises(ZoftError, match="--eval-every 5 evaluates on the dev split, which came out empty"):
-        prepare_data(cfg)  # every example went to train; nothing left to evaluate on
+        prepare_data(cfg)  # no --n-dev: nothing to evaluate on
     p = zoft_here("eval", "--model", tmp_path / "no-model", "--train-file", tr)
     assert_user_error(p, "test split", "empty")

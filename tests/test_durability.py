@@ -137,6 +137,7 @@ def start_marked(args: list, out: Path, stop: str) -> int:
       "tensors k"  the checkpoint of step k has its tensors written to checkpoint.tmp, no state.json yet
                    ("tensors final": the final adapter's tensors are written)
       "swap k"     the old checkpoint is moved to checkpoint.old, checkpoint.tmp not yet in its place
+      "cleanup k"  the new checkpoint is in place, checkpoint.old (whole) not yet removed
     The marks wrap zoft's functions without touching their arithmetic. Returns the child's pid."""
     pid = os.fork()
     if pid:
@@ -166,10 +167,10 @@ def start_marked(args: list, out: Path, stop: str) -> int:
             return f
 
         def checkpoint(fn):
-            def f(s, path, state):
+            def f(s, path, state, *a):
                 saving[0] = state.get("next_step", "best")
                 try:
-                    return fn(s, path, state)
+                    return fn(s, path, state, *a)
                 finally:
                     saving[0] = None
             return f
@@ -180,19 +181,24 @@ def start_marked(args: list, out: Path, stop: str) -> int:
                 mark(f"tensors {'final' if saving[0] is None else saving[0]}")
             return f
 
-        real_replace = os.replace
+        real_replace, real_rmtree = os.replace, shutil.rmtree
 
         def replace(src, dst):
             real_replace(src, dst)
             if str(dst).endswith(os.sep + "checkpoint.old"):
                 mark(f"swap {saving[0]}")
 
+        def rmtree(path, *a, **k):
+            if str(path).endswith(os.sep + "checkpoint.old") and os.path.isdir(path):
+                mark(f"cleanup {saving[0]}")
+            return real_rmtree(path, *a, **k)
+
         T.step_losses = counted("forward", T.step_losses)
         T.sgd_update_ = counted("update", T.sgd_update_)
         T.save_checkpoint = checkpoint(T.save_checkpoint)
         T.save_peft = tensors_written(T.save_peft)
         T.save_file = tensors_written(T.save_file)
-        os.replace = replace
+        os.replace, shutil.rmtree = replace, rmtree
         sys.stdout = sys.stderr = open(str(out) + ".stderr", "w", buffering=1)
         torch.set_num_threads(1)
         zoft_main([str(a) for a in args])
@@ -283,6 +289,167 @@ def test_signal_saves_and_resumes(root, model, ref, sig):
     assert losses(a) == losses(b)
 
 
+# ---- kills with dev evaluations and the divergence guard on ------------------------------------------
+
+# batch 1 and a tight guard: spikes are rejected all along (some while a step is queued behind them), a dev
+# evaluation every 5 steps picks best/, checkpoints every 7. Full mode: spikes from step 20 on.
+BUSY = {
+    "lora": [*DATA, "--batch-size", "1", "--steps", "40", "--save-every", "7", "--eval-every", "5", "--lr", "0.05",
+             "--guard-threshold", "1.02", "--guard-strikes", "100"],
+    "full": [*RUN, "--mode", "full", "--lr", "0.1", "--steps", "26", "--guard-strikes", "10", "--guard-threshold",
+             "1.5", "--eval-every", "4"],
+}
+TIMED = {"seconds", "step_seconds", "replayed"}
+
+
+@pytest.fixture(scope="module")
+def busy_ref(root, model):
+    done = {}
+
+    def get(mode: str) -> Path:
+        if mode not in done:
+            out = root / f"busy-ref-{mode}"
+            code, err, _ = zoft("train", "--model", model, *BUSY[mode], "--output-dir", out)
+            assert code == 0, err
+            done[mode] = out
+        return done[mode]
+
+    return get
+
+
+def flag_value(args: list, flag: str) -> str:
+    return args[len(args) - 1 - args[::-1].index(flag) + 1]  # the last one given wins, as in argparse
+
+
+def untimed_metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMED} for line in (run / "metrics.jsonl").open()]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Everything a run leaves that does not measure time: the same bytes, the same rows."""
+    for name in ("adapter/adapter_model.safetensors", "best/adapter_model.safetensors", "best/state.json",
+                 "checkpoint/adapter_model.safetensors", "checkpoint/trained.safetensors", "checkpoint/state.json",
+                 "checkpoint/undo.safetensors", "test_predictions.jsonl"):
+        assert (a / name).exists() == (b / name).exists(), name
+        if (a / name).exists():
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    records = [(r / "steps.jsonl").read_text().split("\n", 1)[1] for r in (a, b)]  # the header names the folder
+    assert records[0] == records[1]
+    assert untimed_metrics(a) == untimed_metrics(b)
+    ra, rb = (json.loads((r / "results.json").read_text()) for r in (a, b))
+    for k in ("final_accuracy", "best_dev_accuracy", "zero_shot_accuracy"):
+        assert ra[k] == rb[k], k
+
+
+BUSY_KILLS = [  # (mode, where SIGKILL lands, whether a dev evaluation falls in the steps replayed from the log)
+    ("lora", "forward 13", True),  # checkpoint 7; the evaluation at 10 (and maybe best/) only in the log
+    ("lora", "forward 33", False),
+    ("lora", "swap 14", True),  # checkpoint.old (7) whole, the new one (14) not in place
+    ("lora", "cleanup 21", False),  # a non-empty checkpoint.old left beside the good checkpoint
+    ("lora", "tensors 28", True),  # a half-written checkpoint.tmp; the guard's last revert saved step 23's
+    ("full", "forward 17", True),  # full mode: checkpoint 15, the evaluation at 16 only in the log
+    ("full", "forward 24", False),  # in the spikes (from step 20 on), each revert saved a checkpoint
+]
+
+
+@pytest.mark.parametrize("mode,stop,eval_replayed", BUSY_KILLS)
+def test_sigkill_with_evals_and_guard_resumes_bitwise(root, model, busy_ref, mode, stop, eval_replayed):
+    a = busy_ref(mode)
+    b = root / f"busy-kill-{mode}-{stop.replace(' ', '')}"
+    args = ["train", "--model", model, *BUSY[mode], "--output-dir", b]
+    status, stderr = interrupt(args, b, stop, signal.SIGKILL)
+    assert status == -signal.SIGKILL, stderr[-3000:]
+    if stop.startswith("cleanup"):
+        assert any((b / "checkpoint.old").iterdir()) and (b / "checkpoint" / "state.json").is_file()
+    state = json.loads(((b / "checkpoint") if (b / "checkpoint").is_dir() else (b / "checkpoint.old")).joinpath(
+        "state.json").read_text())
+    logged = [r["step"] + 1 for r in steplog.read(str(b / "steps.jsonl"))[1] if "grads" in r]
+    every = int(flag_value(BUSY[mode], "--eval-every"))
+    replayed = [k for k in logged if state["next_step"] < k and k % every == 0]
+    assert bool(replayed) == eval_replayed, (state["next_step"], logged[-1], replayed)
+
+    code, err, _ = zoft(*args, "--resume")
+    assert code == 0, err
+    assert_same_run(a, b)
+    assert json.loads((b / "checkpoint" / "state.json").read_text())["next_step"] == int(
+        flag_value(BUSY[mode], "--steps"))  # every later save succeeded
+    assert not [p.name for p in b.iterdir() if p.name.endswith((".old", ".tmp")) or p.name == "zoft.lock"]
+
+
+def test_sigterm_with_the_guard_resumes_bitwise(root, model, busy_ref):
+    """SIGTERM saves a checkpoint mid-run: the guard's window, strikes and undo copy go with it."""
+    a = busy_ref("lora")
+    b = root / "busy-term"
+    args = ["train", "--model", model, *BUSY["lora"], "--output-dir", b]
+    status, stderr = interrupt(args, b, "forward 30", signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, stderr[-3000:]
+    state = json.loads((b / "checkpoint" / "state.json").read_text())
+    assert len(state["guard"]["recent"]) >= 10 and state["guard"]["strikes"] >= 1
+    code, err, _ = zoft(*args, "--resume")
+    assert code == 0, err
+    assert_same_run(a, b)
+
+
+def test_a_deleted_checkpoint_is_rebuilt_from_the_log(root, model, busy_ref):
+    """No checkpoint, a whole log: --resume starts from the base weights and redoes every logged step."""
+    a = busy_ref("lora")
+    b = root / "busy-nockpt"
+    args = ["train", "--model", model, *BUSY["lora"], "--output-dir", b]
+    status, _ = interrupt(args, b, "forward 19", signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    shutil.rmtree(b / "checkpoint")
+    code, err, _ = zoft(*args, "--resume")
+    assert code == 0, err
+    assert "resumed from the base weights" in err
+    assert_same_run(a, b)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "header only"])
+def test_a_lost_step_log_is_named_as_such(root, model, busy_ref, damage):
+    """An intact checkpoint whose log is gone or cut short: refused, blaming the log, not the guard."""
+    b = root / f"busy-nolog-{damage.replace(' ', '')}"
+    args = ["train", "--model", model, *BUSY["lora"], "--output-dir", b]
+    interrupt(args, b, "forward 19", signal.SIGKILL)
+    log = b / "steps.jsonl"
+    if damage == "deleted":
+        log.unlink()
+    else:
+        log.write_text(log.read_text().splitlines()[0] + "\n")
+    before = {p: p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    code, err, _ = zoft(*args, "--resume")
+    assert code == 2, err
+    line = [x for x in err.splitlines() if x.startswith("zoft: error: ")]
+    assert len(line) == 1 and "deleted or cut short" in line[0] and "zoft export" in line[0], err[-2000:]
+    assert "divergence" not in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in b.rglob("*") if p.is_file()} == before
+
+
+def test_sigkill_during_export_leaves_no_folder(root, model, busy_ref):
+    """export builds its folder aside and renames it: a kill mid-write leaves nothing that loads."""
+    a = busy_ref("lora")
+    out = root / "exported"
+    pid = os.fork()
+    if pid == 0:  # the child stops for good once the merged weights are half written
+        try:
+            import zoft.export as E
+
+            def save_file(tensors, path, **kw):
+                Path(path).write_bytes(b"half")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            E.save_file = save_file
+            zoft("export", a, "--merge", "--output-dir", out)
+        finally:
+            os._exit(70)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+    assert not out.exists()
+    code, err, _ = zoft("export", a, "--merge", "--output-dir", out)
+    assert code == 0, err
+    assert (out / "model.safetensors").stat().st_size > 1000
+    assert not [p for p in root.iterdir() if p.name.startswith("exported.")]  # the half-written one is gone too
+
+
 # ---- replay ------------------------------------------------------------------------------------------
 
 
@@ -301,19 +468,47 @@ def test_replay_rebuilds_the_run(root, model, ref, mode):
         assert ta.keys() == tr.keys() and all(torch.equal(ta[k], tr[k]) for k in ta)
 
 
+def test_replay_checks_the_model_and_the_header(root, model, ref):
+    """replay refuses another model's family or weights, a header from another run, and a log whose
+    updates end in non-finite weights; it saves nothing in each case."""
+    a = ref("lora")
+    lines = (a / "steps.jsonl").read_text().splitlines()
+    cases = {}
+    cases["llama"] = (make_tiny("llama", str(root)), lines, "another model")
+    cases["other weights"] = (make_tiny("opt", str(root / "seed1"), seed=1), lines, "another model")
+    header = json.loads(lines[0])
+    header["header"]["run"]["seed"] = 5
+    cases["other header"] = (model, [json.dumps(header)] + lines[1:], "header comes from another run")
+    inf = [json.loads(x) for x in lines]
+    inf[3]["lr"] = float("inf")
+    cases["lr inf"] = (model, [json.dumps(x) for x in inf], "damaged at line 4")  # steplog.read: 'lr' not finite
+    huge = [json.loads(x) for x in lines]
+    huge[0]["header"]["zo"]["lr"] = 1e30
+    huge[3]["lr"], huge[3]["grads"] = 1e30, [1e30]
+    cases["non-finite"] = (model, [json.dumps(x) for x in huge], "non-finite parameters")
+    for name, (base, log_lines, needle) in cases.items():
+        log = root / f"bad-{name.replace(' ', '-')}.jsonl"
+        log.write_text("\n".join(log_lines) + "\n")
+        out = root / f"bad-replay-{name.replace(' ', '-')}"
+        code, err, _ = zoft("replay", "--model", base, "--log", log, "--output-dir", out)
+        assert code == 2 and "Traceback" not in err, (name, err[-2000:])
+        assert needle in err, (name, err[-2000:])
+        assert not out.exists(), name
+
+
 # ---- divergence guard ------------------------------------------------------------------------------
 
 GUARD = {  # name: (flags, exit status, strikes); each run strikes the guard, then recovers (0) or stops (2)
     # LoRA with an lr that overflows the logits on the step after the first update: the guard undoes it
     # and stops (nothing left to undo), or, with the lr cut by 1e-12, goes on
-    "lora-stops": (["--lr", "1e12"], 2, 4),  # lr × 0.5 per strike is not enough: the 4th of 3 strikes stops
+    "lora-stops": (["--lr", "1e14"], 2, 4),  # lr × 0.5 per strike is not enough: the 4th of 3 strikes stops
     "lora-recovers": (["--lr", "1e12", "--guard-lr-factor", "1e-12"], 0, 1),
     # every parameter (blocks alone can't blow up the loss: the final LayerNorm bounds the logits), 26
     # steps: the running median needs 20 losses before a finite spike counts
     # (in place: the spikes these counts describe are that trajectory's; rows train the same loss to rounding,
     # which lr 0.1 amplifies into another trajectory)
     "full-spike": (["--mode", "full", "--full-step", "inplace", "--lr", "0.1", "--steps", "26", "--guard-strikes",
-                    "10"], 0, 5),
+                    "10"], 0, 6),
     "full-spike-stops": (["--mode", "full", "--full-step", "inplace", "--lr", "0.1", "--steps", "26"], 2, 4),
 }
 
@@ -407,19 +602,29 @@ def test_determinism(root, model, ref):
 
 
 def test_a_fresh_start_replaces_a_stale_step_log(tmp_path):
-    """A start killed before its first checkpoint leaves a log; the next fresh run must not inherit it."""
+    """A start killed before its first checkpoint leaves a log with no updates: the next fresh run replaces it
+    (nothing is lost). A log that holds updates is a run: a fresh start refuses it, and only
+    --overwrite-output-dir replaces it, never inheriting its records."""
     from zoft.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, ZOConfig
+    from zoft.errors import ZoftError
     from zoft.train import train
 
     out = tmp_path / "run"
     out.mkdir()
-    (out / "steps.jsonl").write_text('{"header": {}}\n{"step": 0, "seeds": [1], "grads": [9.0], "lr": 1.0, "loss": 1}\n')
+    header = '{"header": {}}\n'
     cfg = TrainConfig(ModelConfig(model=make_tiny("opt", str(tmp_path))), TaskConfig(n_train=8, n_dev=0, n_test=0),
                       ZOConfig(batch_size=4), RunConfig(steps=2, output_dir=str(out), zero_shot=False))
-    train(cfg)
-    header, records = steplog.read(str(out / "steps.jsonl"))
-    assert header and header["run"]["steps"] == 2
-    assert [r["step"] for r in records] == [0, 1] and all(r["grads"] != [9.0] for r in records)
+    for stale, overwrite in ((header, False), (header + '{"step": 0, "seeds": [1], "grads": [9.0], "lr": 1.0, "loss": 1}\n', True)):
+        (out / "steps.jsonl").write_text(stale)
+        if overwrite:
+            with pytest.raises(ZoftError, match="already holds a zoft run"):
+                train(cfg)
+            assert (out / "steps.jsonl").read_text() == stale
+            cfg.run.overwrite_output_dir = True
+        train(cfg)
+        header_, records = steplog.read(str(out / "steps.jsonl"))
+        assert header_ and header_["run"]["steps"] == 2
+        assert [r["step"] for r in records] == [0, 1] and all(r["grads"] != [9.0] for r in records)
 
 
 # ---- the pipelined loop ----------------------------------------------------------------------------
@@ -442,7 +647,7 @@ def test_pipelined_lora_run_equals_a_synchronous_loop(root, model, device):
     code, err, _ = zoft("train", "--model", model, *run, "--lr", "0.05", "--directions", "2", "--clip-grad", "0.05",
                         "--weight-decay", "0.1", "--schedule", "cosine", "--output-dir", out)
     assert code == 0, err
-    cfg = TrainConfig.from_dict({k: v for k, v in json.loads((out / "config.json").read_text()).items()
+    cfg = TrainConfig.from_dict({k: v for k, v in json.loads((out / "zoft_config.json").read_text()).items()
                                  if k != "resolved"})
     rc, zc = cfg.run, cfg.zo
     with one_thread():

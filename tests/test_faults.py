@@ -15,9 +15,9 @@ injected disk errors wrap zoft's functions without touching their arithmetic. Re
 in this process. The tally prints `N faults injected, N survived, 0 runs corrupted` at the end (visible
 with `pytest -s`) and writes it to faults_summary.txt in pytest's base temp folder.
 
-Tests marked xfail(strict) need the `reliability` branch (run-folder ownership and lock, resume config
-check, checkpoint .old recovery, guard state in checkpoints, dev evaluations of replayed steps, atomic
-export); strict, so they fail, and get unmarked, once it is merged.
+Run-folder ownership and lock, the resume config check, checkpoint .old recovery, guard state in
+checkpoints, dev evaluations of replayed steps and atomic export come from the reliability branch
+(zoft/rundir.py, zoft/resume.py).
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ PLAIN = DATA + ["--steps", "12", "--save-every", "3"]
 EVAL_GUARD = DATA + ["--steps", "16", "--save-every", "4", "--eval-every", "4", "--guard-threshold", "3"]
 GUARDED = [*DATA[:8], "--batch-size", "1", *DATA[10:], "--steps", "40", "--save-every", "7", "--lr", "0.05",
            "--guard-threshold", "1.02", "--guard-strikes", "100"]  # many guard rejections (test_durability)
-RELIABILITY = pytest.mark.xfail(strict=True, reason="needs the reliability branch")
 TIMEOUT = 120
 
 rng = random.Random(20)  # the kill points: random, and the same every time
@@ -99,10 +98,10 @@ def install_marks(mark) -> None:
         return f
 
     def checkpoint(fn):
-        def f(s, path, state):
+        def f(s, path, state, *rest):  # rest: the guard's undo copy, saved beside the parameters
             saving[:] = state.get("next_step", "best"), False
             try:
-                return fn(s, path, state)
+                return fn(s, path, state, *rest)
             finally:
                 saving[0] = None
         return f
@@ -277,15 +276,11 @@ class Tally:
     """Every injected fault and its verdict: survived (bitwise result, or a clean refusal) or corrupted."""
 
     def __init__(self):
-        self.rows: list[tuple[str, bool, bool]] = []  # (test id, survived, marked xfail)
+        self.rows: list[tuple[str, bool]] = []  # (test id, survived)
 
     def line(self) -> str:
-        n, ok = len(self.rows), sum(s for _, s, _ in self.rows)
-        line = f"{n} faults injected, {ok} survived, {n - ok} runs corrupted"
-        pending = [t for t, s, x in self.rows if x and not s]
-        if pending:
-            line += f" ({len(pending)} of them in tests marked xfail: needs the reliability branch)"
-        return line
+        n, ok = len(self.rows), sum(s for _, s in self.rows)
+        return f"{n} faults injected, {ok} survived, {n - ok} runs corrupted"
 
 
 @pytest.fixture(scope="session")
@@ -303,7 +298,7 @@ def verdict(tally, request):
     """verdict(ok, why): record this test's fault as survived or corrupted, then assert it survived."""
 
     def judge(ok: bool, why: str = "") -> None:
-        tally.rows.append((request.node.name, bool(ok), request.node.get_closest_marker("xfail") is not None))
+        tally.rows.append((request.node.name, bool(ok)))
         assert ok, why
 
     return judge
@@ -322,10 +317,8 @@ def snapshot(folder: Path, but: tuple[str, ...] = ()) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and str(p.relative_to(folder)) not in but}
 
 
-# A resume rewrites the run's config before it reads the checkpoint and the log (the reliability branch moves
-# that after its checks; test_resume_with_changed_flags_is_refused holds it to that): here, the files that
-# hold the run itself must be left as they were
-RUN_CONFIG = ("config.json", "zoft_config.json")
+# Files a refused resume may rewrite: none (every check runs before the first write, the config's included)
+RUN_CONFIG: tuple[str, ...] = ()
 
 
 def result_files(run: Path, mode: str) -> list[Path]:
@@ -416,27 +409,23 @@ def test_sigkill_during_checkpoint_save(root, model, ref, verdict, mode, stop):
     killed_then_resumed(root, model, ref, verdict, f"plain-{mode}", PLAIN + MODES[mode], mode, stop)
 
 
-@RELIABILITY
 def test_sigkill_before_the_old_checkpoint_is_removed(root, model, ref, verdict):
     """The new checkpoint in place, checkpoint.old not yet removed: the next save must not trip over it."""
     killed_then_resumed(root, model, ref, verdict, "plain-lora", PLAIN + MODES["lora"], "lora", "swapped 6")
 
 
-@RELIABILITY
 @pytest.mark.parametrize("mode", MODES)
 def test_sigkill_during_the_save_after_a_dev_evaluation(root, model, ref, verdict, mode):
     """The first dev evaluation done (best/ saved), its checkpoint not: the resumed run must count it."""
     killed_then_resumed(root, model, ref, verdict, f"eval-guard-{mode}", EVAL_GUARD + MODES[mode], mode, "state 4")
 
 
-@RELIABILITY
 def test_sigkill_with_dev_evaluations_between_checkpoints(root, model, ref, verdict):
     """Evaluations at steps 2 and 4, checkpoints at 6: a kill at step 5 must not lose the evaluations."""
     flags = DATA + ["--steps", "12", "--eval-every", "2", "--save-every", "6", *MODES["lora"]]
     killed_then_resumed(root, model, ref, verdict, "eval-between", flags, "lora", "forward 5")
 
 
-@RELIABILITY
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_stop_with_guard_state(root, model, ref, verdict, sig):
     """Many guard rejections: the resumed guard must hold the same window of losses and strikes."""
@@ -452,7 +441,6 @@ def exported(root, model, ref):
     return out
 
 
-@RELIABILITY
 def test_sigkill_during_export(root, ref, exported, verdict):
     """Killed after writing the weights: no half folder that loads; running it again gives the same folder."""
     run = ref("plain-lora", PLAIN + MODES["lora"])
@@ -658,7 +646,6 @@ def test_unwritable_output_folder(root, model, verdict):
 # ---- run folders: writers, owners, flags, moves ------------------------------------------------------
 
 
-@RELIABILITY
 def test_two_writers_on_one_folder(root, model, ref, stopped, verdict):
     """A second --resume while the first holds the folder is refused; the first finishes the run."""
     b = root / "two-writers"
@@ -682,14 +669,12 @@ def refused_untouched(folder: Path, *args) -> tuple[bool, str]:
     return refused(code, err) is not None and snapshot(folder) == before, f"exit {code}\n{err[-2000:]}"
 
 
-@RELIABILITY
 def test_output_dir_is_the_model(root, model, verdict):
     m = root / "model-copy"
     shutil.copytree(model, m)
     verdict(*refused_untouched(m, "train", "--model", m, *PLAIN, *MODES["lora"], "--output-dir", m))
 
 
-@RELIABILITY
 def test_output_dir_holds_other_files(root, model, verdict):
     b = root / "notes"
     b.mkdir()
@@ -697,7 +682,6 @@ def test_output_dir_holds_other_files(root, model, verdict):
     verdict(*refused_untouched(b, "train", "--model", model, *PLAIN, *MODES["lora"], "--output-dir", b))
 
 
-@RELIABILITY
 def test_export_into_a_folder_with_other_files(root, ref, verdict):
     b = root / "export-notes"
     b.mkdir()
@@ -705,7 +689,6 @@ def test_export_into_a_folder_with_other_files(root, ref, verdict):
     verdict(*refused_untouched(b, "export", ref("plain-lora", PLAIN + MODES["lora"]), "--merge", "--output-dir", b))
 
 
-@RELIABILITY
 def test_replay_into_the_model(root, model, ref, verdict):
     m = root / "model-copy-replay"
     shutil.copytree(model, m)
@@ -713,7 +696,6 @@ def test_replay_into_the_model(root, model, ref, verdict):
     verdict(*refused_untouched(m, "replay", "--model", model, "--log", log, "--output-dir", m))
 
 
-@RELIABILITY
 def test_overwrite_output_dir_replaces_only_zofts_files(root, model, ref, verdict):
     b = root / "overwrite"
     shutil.copytree(ref("plain-lora", PLAIN + MODES["lora"]), b)
@@ -724,7 +706,6 @@ def test_overwrite_output_dir_replaces_only_zofts_files(root, model, ref, verdic
             f"exit {code}\n{err[-2000:]}")
 
 
-@RELIABILITY
 @pytest.mark.parametrize("flag,value", [("--lr", "0.07"), ("--seed", "1"), ("--model", "llama")])
 def test_resume_with_changed_flags_is_refused(root, stopped, verdict, flag, value, model):
     """Refused with one line naming the flag, before anything is written."""

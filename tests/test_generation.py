@@ -12,13 +12,22 @@ def test_generation_task_trains_with_lm_loss_and_reports_f1(tmp_path):
     folder = make_tiny("llama", str(tmp_path))
     data = tmp_path / "qa.jsonl"
     with open(data, "w") as f:
-        for i in range(24):
+        for i in range(40):  # a single pool keeps a fifth for test and a fifth for dev
             f.write(json.dumps({"input": f"Question: what is {i} plus one?\nAnswer:", "output": f" {i + 1}\n"}) + "\n")
     out = tmp_path / "run"
     cfg = TrainConfig(ModelConfig(model=folder), TaskConfig(task=str(data), n_train=12, n_dev=4, n_test=8),
                       ZOConfig(mode="lora", lr=1e-2, batch_size=4), RunConfig(steps=3, output_dir=str(out)))
+    cfg.run.eval_every = 3
     result = train(cfg)
-    assert result["metric"] == "f1" and 0.0 <= result["final_f1"] <= 1.0 and 0.0 <= result["final_em"] <= 1.0
+    assert result["metric"] == "f1" and 0.0 <= result["final_f1"] <= 1.0 and 0.0 <= result["final_exact_match"] <= 1.0
+    # F1 is named F1 everywhere: results.json, the metrics rows, the checkpoint's state; never "accuracy"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["final_f1"] == result["final_f1"] and {"zero_shot_f1", "best_dev_f1"} <= saved.keys()
+    assert not [k for k in saved if "accuracy" in k]
+    assert any("dev_f1" in x for x in open(out / "metrics.jsonl")) and "accuracy" not in (out / "metrics.jsonl").read_text()
+    from zoft.plot import read_metrics
+
+    assert read_metrics(str(out))[4] == "f1"  # the plot's dev axis says F1
     rows = [json.loads(x) for x in open(out / "test_predictions.jsonl")]
     assert len(rows) == 8 and all("\n" not in r["prediction"] for r in rows)
     assert qa_scores([r["prediction"] for r in rows], [r["answers"] for r in rows])["f1"] == result["final_f1"]
@@ -84,10 +93,11 @@ def test_eval_cli_reports_f1_and_exact_match_for_generation(tmp_path, capsys):
     folder = make_tiny("llama", str(tmp_path))
     data = tmp_path / "qa.jsonl"
     with open(data, "w") as f:
-        for i in range(6):
+        for i in range(20):
             f.write(json.dumps({"input": f"Question: what is {i} plus one?\nAnswer:", "output": f" {i + 1}\n"}) + "\n")
     main(["eval", "--model", folder, "--task", str(data), "--n-test", "4", "--output", str(tmp_path / "p.jsonl")])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = [json.loads(x) for x in open(tmp_path / "p.jsonl")]
     want = qa_scores([r["prediction"] for r in rows], [r["answers"] for r in rows])
-    assert out["n"] == 4 and out["f1"] == want["f1"] and out["em"] == want["em"]
+    assert out["n"] == 4 and out["f1"] == want["f1"] and out["exact_match"] == want["em"]
+    assert "accuracy" not in out

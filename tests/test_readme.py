@@ -24,7 +24,7 @@ COMMANDS = [  # (README command, what it must produce)
     "zoft train --task my_folder ...",
     "zoft train --task stanfordnlp/imdb --dataset-config plain_text --label-names terrible great ...",
     "zoft train --config run.yaml",
-    "zoft train --config RUN/config.json --output-dir again",
+    "zoft train --config RUN/zoft_config.json --output-dir again",
     "zoft train ... --report-to tensorboard",
     "WANDB_MODE=offline zoft train ... --report-to wandb",
     "zoft plot runs/a runs/b --x forwards --output curves.png",
@@ -85,7 +85,7 @@ def test_readme_command(work, n, monkeypatch, capsys):
     monkeypatch.chdir(d)
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
-    if "RUN/config.json" in cmd:  # the run to re-run: the YAML one
+    if "RUN/zoft_config.json" in cmd:  # the run to re-run: the YAML one
         if not (d / "runs/yaml/adapter").exists():
             assert zoft(expand(COMMANDS[5], opt, 5)[0], capsys)[0] == 0
         cmd = cmd.replace("RUN", "runs/yaml")

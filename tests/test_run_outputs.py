@@ -54,7 +54,7 @@ def test_auto_peft_model_loads_the_adapter(run, tmp_path, monkeypatch):
     assert torch.equal(a, b) and not torch.allclose(a, c)  # the adapter is loaded, and it changes the output
     card = (out / "adapter" / "README.md").read_text()
     assert f"base_model: {base}" in card and "rotten_tomatoes" in card and "MeZO" in card
-    assert "final_accuracy" in card and f"zoft train --config {out / 'config.json'}" in card
+    assert "final_accuracy" in card and f"zoft train --config {out / 'zoft_config.json'}" in card
 
 
 def test_export_keeps_the_base_dtype_and_writes_the_tokenizer(run, tmp_path):

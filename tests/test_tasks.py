@@ -122,10 +122,12 @@ def test_sample_splits_deterministic_and_disjoint(rt):
 
 
 def test_sample_splits_sizes_beyond_pool_and_zero(rt):
+    """Sizes beyond a region give what the region holds: one pool keeps 1000 for test and 1000 for dev
+    (a fifth of a smaller pool), whatever is asked, and trains on the rest."""
     s = sample_splits(rt, n_train=10**6, n_dev=10, n_test=0, seed=0)
-    assert len(s["train"]) == 10568 and s["dev"] == [] and s["test"] == []
-    s = sample_splits(rt, n_train=0, n_dev=0, n_test=10568 - 5, seed=0)
-    assert len(s["test"]) == 10563 and s["train"] == []
+    assert len(s["train"]) == 10568 - 2000 and len(s["dev"]) == 10 and s["test"] == []
+    s = sample_splits(rt, n_train=0, n_dev=10**6, n_test=10568 - 5, seed=0)
+    assert len(s["test"]) == 1000 and len(s["dev"]) == 1000 and s["train"] == []
     with pytest.raises(ZoftError, match="n_dev"):
         sample_splits(rt, n_dev=-1)
 

@@ -348,7 +348,7 @@ def test_lora_fa_trains_b_and_keeps_a_bitwise(root, tmp_path, optimizer):
         n_a += 1
         n_b += int(bb[0].abs().sum() > 0)
     assert n_a == len(fresh.loras) and n_b == n_a  # every B left zero
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "zoft_config.json").read_text())
     assert cfg["zo"]["lora_freeze_a"] is True
     if optimizer == "zo-sgd":  # the step log alone rebuilds it: replay re-makes the same masked z
         r = tmp_path / "replay"

@@ -26,13 +26,13 @@ def peak_memory(device: str) -> dict:
     return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "peak_memory_kind": "cpu_rss"}
 
 
-def train_backprop(cfg: TrainConfig, prepared: tuple | None = None, callbacks=()) -> dict:
-    """The first-order baseline; `prepared`: train.prepare_data's result, read before the model loaded."""
-    from zoft.train import batch_indices, finish, load_data, save_checkpoint
+def train_backprop(cfg: TrainConfig, plan, callbacks=()) -> dict:
+    """The first-order baseline. `plan`: zoft.resume.prepare's checks of the output folder and the data,
+    already passed (read before the model loaded)."""
+    from zoft import rundir
+    from zoft.train import batch_indices, finish, load_data, metric_of, save_checkpoint, write_splits
 
     rc, zc = cfg.run, cfg.zo
-    if rc.resume:
-        raise ZoftError("--resume supports zo-sgd runs (their step log replays exactly); rerun the adamw baseline")
     if cfg.model.attention == "varlen":
         raise ZoftError("--optimizer adamw runs attention through the mask path (its backward is the tested one); "
                         "drop --attention varlen")
@@ -40,16 +40,16 @@ def train_backprop(cfg: TrainConfig, prepared: tuple | None = None, callbacks=()
     t_start = time.time()
     s = load_session(cfg.model)
     attach(s, zc, rc.seed)
-    os.makedirs(out, exist_ok=True)
     # no frozen-prefix cache: its stored activations carry no graph, and the baseline should be plain;
     # attention through the mask path, whose backward is the tested one
     engine = make_engine(s, 0.0, rc.pack_tokens, varlen=False)
     lr = zc.lr_value
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg.to_dict() | {"resolved": {"lr": lr, "path": s.path, "device": s.device, "base": peft_base(s.source, s.folder),
-                                                "trainable_parameters": s.trainable.n_trained()}}, f, indent=2)
+    rundir.write_json(os.path.join(out, rundir.CONFIG), cfg.to_dict() | {"resolved": {
+        "lr": lr, "path": s.path, "device": s.device, "base": peft_base(s.source, s.folder),
+        "trainable_parameters": s.trainable.n_trained()}})
+    write_splits(out, cfg, plan)
     log(describe(s, engine, zo=False) + "; first-order baseline: backprop + AdamW")
-    enc, splits, loss = load_data(cfg, s, prepared)
+    enc, splits, loss = load_data(cfg, s, plan)
     if loss == "f1":
         raise ZoftError("--loss f1 is not differentiable: use it with the zo-sgd optimizer, or --loss lm with adamw")
     zero_shot = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="zero-shot eval")["score"] if (
@@ -102,12 +102,10 @@ def train_backprop(cfg: TrainConfig, prepared: tuple | None = None, callbacks=()
     mem = peak_memory(s.device)
     save_checkpoint(s, os.path.join(out, "checkpoint"), {"next_step": rc.steps, "applied": rc.steps})
     result = finish(s, engine, enc, splits, out, rc.eval_batch_size, best_dev)
-    result |= {"zero_shot_accuracy": zero_shot, "steps": rc.steps, "optimizer": "adamw",
+    result |= {f"zero_shot_{metric_of(splits)}": zero_shot, "steps": rc.steps, "optimizer": "adamw",
                "seconds": round(time.time() - t_start, 1), "train_seconds": round(train_seconds, 1),
                "seconds_per_step": round(train_seconds / max(1, rc.steps), 4), "path": s.path, **mem}
     if s.loras is not None:
-        write_model_card(os.path.join(out, "adapter"), cfg, peft_base(s.source, s.folder),
-                         prepared[0].name if prepared else cfg.task.task, result)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        write_model_card(os.path.join(out, "adapter"), cfg, peft_base(s.source, s.folder), plan.task.name, result)
+    rundir.write_json(os.path.join(out, "results.json"), result)
     return result

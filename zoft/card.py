@@ -14,7 +14,9 @@ def write_model_card(adapter_dir: str, cfg: TrainConfig, base: str, task: str, r
     method = ("MeZO (zeroth-order SGD, two-sided SPSA)" if zc.optimizer == "zo-sgd" else "backprop + AdamW (baseline)")
     lora = f"LoRA r={zc.lora_r}, alpha={zc.lora_alpha:g} on {', '.join(zc.lora_targets)}" + (
         f", blocks {zc.layers}" if zc.layers else "") + (", A frozen (LoRA-FA)" if zc.lora_freeze_a else "")
-    metrics = {k: result.get(k) for k in ("zero_shot_accuracy", "best_dev_accuracy", "final_accuracy", "metric")}
+    names = ("accuracy",) if result.get("metric", "accuracy") == "accuracy" else ("f1", "exact_match")
+    metrics = {f"{when}_{m}": result.get(f"{when}_{m}") for m in names for when in ("zero_shot", "best_dev", "final")}
+    metrics["metric"] = result.get("metric")
     rows = "\n".join(f"| {k} | {v if not isinstance(v, float) else f'{v:.4f}'} |" for k, v in metrics.items()
                      if v is not None)
     text = f"""---
@@ -39,7 +41,7 @@ from peft import AutoPeftModelForCausalLM
 model = AutoPeftModelForCausalLM.from_pretrained("{os.path.abspath(adapter_dir)}")
 ```
 
-Re-run: `zoft train --config {os.path.abspath(os.path.join(adapter_dir, os.pardir, 'config.json'))} --output-dir NEW_DIR`
+Re-run: `zoft train --config {os.path.abspath(os.path.join(adapter_dir, os.pardir, 'zoft_config.json'))} --output-dir NEW_DIR`
 """
     with open(os.path.join(adapter_dir, "README.md"), "w") as f:
         f.write(text)

@@ -7,9 +7,9 @@ is caught, so a real bug still shows its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import shutil
 import sys
 
 from zoft import __version__
@@ -24,7 +24,7 @@ from zoft.config import (
     read_config_file,
 )
 from zoft.errors import Interrupted, ZoftError
-from zoft.files import check_output_dir, check_output_file, describe_os_error, os_error_of
+from zoft.files import check_output_dir, check_output_file, describe_os_error, os_error_of, read_json
 
 DEMO = dict(  # the embedded default: real SmolLM2 weights, real Rotten Tomatoes data, ~5 min on 2 CPU cores
     mode="lora", layers="top4", lr=5e-3, eps=1e-2, batch_size=16,
@@ -51,18 +51,51 @@ def cmd_demo(ns) -> None:
     from zoft.train import train
 
     cfg = _train_config(ns)
-    if not cfg.run.resume and cfg.run.output_dir == DEMO["output_dir"] and os.path.isdir(
-            os.path.join(cfg.run.output_dir, "checkpoint")):
-        shutil.rmtree(cfg.run.output_dir)  # the demo's own folder: start fresh each time
+    if not cfg.run.resume and cfg.run.output_dir == DEMO["output_dir"]:
+        cfg.run.overwrite_output_dir = True  # the demo's own folder: start fresh each time
     result = train(cfg)
-    print(json.dumps({k: result[k] for k in ("zero_shot_accuracy", "final_accuracy", "steps", "seconds")} | result))
+    print(json.dumps({k: result.get(k) for k in ("zero_shot_accuracy", "final_accuracy", "steps", "seconds")} | result))
+
+
+def run_of(adapter: str) -> str:
+    """The run folder an adapter belongs to (RUN/adapter, RUN/best, RUN/checkpoint), or ""."""
+    from zoft import rundir
+
+    parent = os.path.dirname(os.path.normpath(adapter))
+    is_run = adapter and rundir.read_run_config(parent) and os.path.isfile(os.path.join(parent, rundir.SPLITS))
+    return parent if is_run else ""
+
+
+def eval_setup(ns) -> tuple[TaskConfig, dict | None, str]:
+    """The task, the run's recorded splits (None: draw them) and the model to evaluate.
+
+    With a run (--run, or an --adapter inside a run folder) the model and data default to the run's and
+    the splits are the ones it recorded; a data or size flag draws new ones (still never a training row)."""
+    from zoft import rundir
+
+    if ns.run and not rundir.read_run_config(ns.run):
+        raise ZoftError(f"--run {ns.run} is not a zoft run folder (no {rundir.CONFIG}); pass a zoft train --output-dir")
+    run = ns.run or run_of(ns.adapter)
+    saved = rundir.read_run_config(run) if run else None
+    fields = {f.name for f in dataclasses.fields(TaskConfig)}
+    # unset (None) in the eval parser: a flag given on the command line, else the run's, else the default
+    given = {k: v for k in fields if (v := getattr(ns, k, None)) is not None}
+    task = {k: v for k, v in saved["task"].items() if k in fields} if saved else {}
+    recorded = None
+    if saved and not given and os.path.isfile(os.path.join(run, rundir.SPLITS)):
+        recorded = read_json(os.path.join(run, rundir.SPLITS), "recorded splits", "pass the data with --task or "
+                             "--test-file to draw new splits")
+        if recorded.get("name") == "datasets":
+            raise ZoftError(f"{run} trained on data passed in memory (the Python API), which zoft eval can't read "
+                            "back; pass the same data as files with --train-file/--validation-file/--test-file")
+    model = ns.model or (saved["model"]["model"] if saved else ModelConfig().model)
+    return TaskConfig(**task | given), recorded, model
 
 
 def cmd_eval(ns) -> None:
     from zoft.evaluate import evaluate_split, with_demonstrations, write_predictions
-    from zoft.lora import load_peft_weights, read_adapter_config
-    from zoft.session import attach, describe, load_session, log, make_engine
-    from zoft.tasks import load_task, sample_splits
+    from zoft.session import describe, load_session, log, make_engine
+    from zoft.tasks import draw_splits, load_task, recorded_splits
     from zoft.tasks.encode import encode
     from zoft.train import model_chat
 
@@ -70,46 +103,73 @@ def cmd_eval(ns) -> None:
         check_output_file(ns.output, "--output")
     if ns.eval_batch_size < 1:
         raise ZoftError(f"--eval-batch-size must be at least 1, got {ns.eval_batch_size}")
-    mc, tc = from_namespace(ModelConfig, ns), from_namespace(TaskConfig, ns)
+    tc, recorded, ns.model = eval_setup(ns)
+    mc = from_namespace(ModelConfig, ns)
     task = load_task(tc, model_chat(mc))  # before the model: bad data fails in a second
-    splits = sample_splits(task, ns.icl_k, 0 if ns.split == "test" else tc.n_dev, tc.n_test, ns.seed)
+    if recorded is not None:  # the run's own splits, checked against their hashes
+        splits = recorded_splits(task, recorded, os.path.join(ns.run or run_of(ns.adapter), "splits.json"))
+    else:
+        splits = draw_splits(task, ns.icl_k, tc.n_dev, tc.n_test, ns.seed).examples
     got, asked = len(splits[ns.split]), {"test": tc.n_test, "dev": tc.n_dev}[ns.split]
     if not got:  # an empty split is an error, not "accuracy 0.0"
         raise ZoftError(f"the {ns.split} split of {task.name} came out empty: nothing to evaluate "
                         f"(check --n-{ns.split} and the data, or pass --test-file / --validation-file)")
-    if got < asked:
+    if got < asked and recorded is None:
         log(f"zoft: warning: {task.name}: the {ns.split} split has {got} examples, fewer than --n-{ns.split} {asked}")
     s = load_session(mc)
-    if ns.adapter:
-        ac = read_adapter_config(ns.adapter)
-        layers = ac.get("layers_to_transform")
-        try:
-            zc = ZOConfig(mode="lora", lora_r=ac["r"], lora_alpha=ac["lora_alpha"],
-                          lora_targets=list(ac["target_modules"]), layers=",".join(map(str, layers)) if layers else "")
-        except (KeyError, TypeError) as e:
-            raise ZoftError(f"{ns.adapter}/adapter_config.json lacks or mistypes {e}; pass a LoRA adapter folder "
-                            "saved by zoft or peft") from None
-        attach(s, zc)
-        load_peft_weights(s.loras, ns.adapter)
+    load_trained(s, ns)
     engine = make_engine(s)
     log(describe(s, engine))
-    exs = with_demonstrations(splits[ns.split], splits["train"][: ns.icl_k]) if ns.icl_k else splits[ns.split]
+    exs = splits[ns.split]
+    exs = with_demonstrations(exs, splits["train"][: ns.icl_k]) if ns.icl_k else exs
     enc, n_trunc = encode(s.tokenizer, exs, s.max_length, ns.truncation)
     if n_trunc:
         log(f"zoft: {n_trunc} of {len(exs)} prompts truncated from the left to {s.max_length} tokens")
     ev = evaluate_split(engine, s, enc, exs, ns.eval_batch_size, desc="eval")
     if ns.output:
         write_predictions(ns.output, ev["rows"], exs)
-    extra = {"em": ev["em"]} if ev["metric"] == "f1" else {}  # generation: exact match beside F1
+    extra = {"exact_match": ev["em"]} if ev["metric"] == "f1" else {}  # generation: exact match beside F1
     print(json.dumps({ev["metric"]: ev["score"], **extra, "n": ev["n"], "task": tc.task, "split": ns.split,
-                      "icl_k": ns.icl_k, "path": s.path}))
+                      "splits": "the run's" if recorded is not None else "drawn", "icl_k": ns.icl_k, "path": s.path}))
+
+
+def load_trained(s, ns) -> None:
+    """Apply what is evaluated: --adapter, or the trained parameters of --run (its adapter, else best/ or
+    checkpoint/ of a full-parameter run)."""
+    from zoft.export import load_run_config, trained_dir
+    from zoft.files import load_tensors
+    from zoft.lora import load_peft_weights, read_adapter_config
+    from zoft.session import attach
+
+    adapter = ns.adapter
+    if not adapter and ns.run:
+        cfg = load_run_config(ns.run)
+        src = trained_dir(ns.run)
+        if cfg.zo.mode == "full":
+            attach(s, cfg.zo)
+            tensors = load_tensors(os.path.join(src, "trained.safetensors"), f"the run's {src} is damaged")
+            for n, t in zip(s.trainable.names, s.trainable.tensors):
+                t.data.copy_(tensors[n])
+            return
+        adapter = src
+    if adapter:
+        ac = read_adapter_config(adapter)
+        layers = ac.get("layers_to_transform")
+        try:
+            zc = ZOConfig(mode="lora", lora_r=ac["r"], lora_alpha=ac["lora_alpha"],
+                          lora_targets=list(ac["target_modules"]), layers=",".join(map(str, layers)) if layers else "")
+        except (KeyError, TypeError) as e:
+            raise ZoftError(f"{adapter}/adapter_config.json lacks or mistypes {e}; pass a LoRA adapter folder "
+                            "saved by zoft or peft") from None
+        attach(s, zc)
+        load_peft_weights(s.loras, adapter)
 
 
 def cmd_export(ns) -> None:
     from zoft.export import export_merged
 
     check_output_dir(ns.output_dir)
-    dtype = export_merged(ns.run_dir, ns.output_dir, merge=ns.merge, dtype=ns.dtype)
+    dtype = export_merged(ns.run_dir, ns.output_dir, merge=ns.merge, dtype=ns.dtype, overwrite=ns.overwrite_output_dir)
     print(json.dumps({"output_dir": ns.output_dir, "dtype": dtype}))
 
 
@@ -117,7 +177,7 @@ def cmd_replay(ns) -> None:
     from zoft.train import replay
 
     check_output_dir(ns.output_dir)
-    print(json.dumps(replay(ns.model, ns.log, ns.output_dir, ns.device)))
+    print(json.dumps(replay(ns.model, ns.log, ns.output_dir, ns.device, ns.overwrite_output_dir)))
 
 
 def cmd_bench(ns) -> None:
@@ -164,34 +224,41 @@ def build_parser() -> argparse.ArgumentParser:
             add_arguments(sp, cls)
         sp.set_defaults(fn=fn, **(DEMO if name == "demo" else {}))
 
-    sp = sub.add_parser("eval", help="accuracy by candidate log-likelihood",
+    sp = sub.add_parser("eval", help="accuracy by candidate log-likelihood (F1 and exact match for generation)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(sp, ModelConfig)
     add_arguments(sp, TaskConfig, skip=("n_train", "k_shot", "loss"))
-    sp.add_argument("--adapter", default="", help="a PEFT/zoft LoRA adapter folder to apply")
+    # unset, these come from the run (--run, or an --adapter inside a run folder), else the defaults
+    sp.set_defaults(model=None, **{f.name: None for f in dataclasses.fields(TaskConfig)})
+    sp.add_argument("--run", default="", help="a zoft run folder: evaluate its trained parameters on the splits it "
+                    "recorded (its test split unless --split dev), with its model and task")
+    sp.add_argument("--adapter", default="", help="a PEFT/zoft LoRA adapter folder to apply (RUN/adapter: the run's "
+                    "recorded splits, as with --run)")
     sp.add_argument("--split", default="test", choices=["test", "dev"])
     sp.add_argument("--icl-k", type=int, default=0,
                     help="in-context learning baseline: prepend k solved training examples to every prompt")
     sp.add_argument("--output", default="", help="write one JSON row per example here")
     sp.add_argument("--eval-batch-size", type=int, default=32)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="draws the dev split (and the --icl-k examples)")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("export", help="write a merged Hugging Face model folder from a run",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sp.add_argument("run_dir")
-    sp.add_argument("--output-dir", required=True)
+    sp.add_argument("--output-dir", required=True, help="a new or empty folder (written aside, then renamed)")
     sp.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
     sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="the merged weights' dtype; auto: the base checkpoint's own")
+    sp.add_argument("--overwrite-output-dir", action="store_true", help="replace an earlier export in --output-dir")
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("replay", help="rebuild a run's adapter or weights from the base model and its step log",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sp.add_argument("--model", required=True, help="the base model the run started from")
     sp.add_argument("--log", required=True, help="the run's steps.jsonl")
-    sp.add_argument("--output-dir", required=True)
+    sp.add_argument("--output-dir", required=True, help="a new or empty folder (written aside, then renamed)")
     sp.add_argument("--device", default="", help="default: the device type the run used (z depends on it)")
+    sp.add_argument("--overwrite-output-dir", action="store_true", help="replace an earlier replay in --output-dir")
     sp.set_defaults(fn=cmd_replay)
 
     sp = sub.add_parser("bench", help="time zoft's step against the MeZO reference step and a plain forward",

@@ -157,7 +157,7 @@ class ZOConfig:
                             choices=["auto", "float32"])
     z_backend: str = arg("auto", "full mode's z generator: torch (chunked torch.randn, any device), triton "
                          "(fused Philox kernel, one pass per tensor, CUDA), auto: triton on CUDA when installed. "
-                         "z differs between them: resume and replay a run with the one it used (config.json)",
+                         "z differs between them: resume and replay a run with the one it used (zoft_config.json)",
                          choices=["auto", "torch", "triton"])
 
     def __post_init__(self) -> None:
@@ -196,7 +196,9 @@ class RunConfig:
                           aliases=["--eval-steps"])
     save_every: int = arg(0, "write a resumable checkpoint every N steps; 0: only at the end",
                           aliases=["--save-steps"])
-    resume: bool = arg(False, "continue from the checkpoint in --output-dir")
+    resume: bool = arg(False, "continue the run in --output-dir (its flags must match the run's; zoft_config.json)")
+    overwrite_output_dir: bool = arg(False, "replace the zoft run in --output-dir: removes zoft's own files there, "
+                                     "nothing else (a folder that is not a zoft run is always refused)")
     eval_batch_size: int = arg(32, "examples per evaluation batch", aliases=["--per-device-eval-batch-size"])
     cache_mb: float = arg(1024.0, "memory for caching frozen lower-layer outputs per example (with --layers)")
     pack_tokens: int = arg(1024, "tokens per packed row with the attention mask (CPU, float32 blocks); on a "

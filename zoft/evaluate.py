@@ -40,12 +40,16 @@ def evaluate(engine, encoded: list[Encoded], batch_size: int = 32, desc: str | N
 
 
 def write_predictions(path: str, rows: list[dict], examples=None) -> None:
-    with open(path, "w") as f:
-        for i, r in enumerate(rows):
-            out = dict(r)
-            if examples is not None:
-                out = {"input": examples[i].prompt, "candidates": examples[i].candidates, **out}
-            f.write(json.dumps(out) + "\n")
+    """One JSON row per example, written whole (aside, then renamed)."""
+    from zoft.rundir import write_atomic
+
+    lines = []
+    for i, r in enumerate(rows):
+        out = dict(r)
+        if examples is not None:
+            out = {"input": examples[i].prompt, "candidates": examples[i].candidates, **out}
+        lines.append(json.dumps(out) + "\n")
+    write_atomic(path, "".join(lines))
 
 
 def answers_of(ex) -> list[str]:
@@ -86,7 +90,11 @@ def evaluate_generation(model, tokenizer, encoded: list[Encoded], examples, max_
 def evaluate_split(engine, session, encoded: list[Encoded], examples, batch_size: int = 32,
                    desc: str | None = None) -> dict:
     """Accuracy for multiple-choice examples, exact match / F1 by greedy generation for generation ones.
-    Always holds "score" (accuracy or F1) and "metric" (its name)."""
+    Always holds "score" (accuracy or F1) and "metric" (its name). An empty split is an error: its score
+    would be a number that measures nothing."""
+    if not encoded:
+        raise ZoftError(f"nothing to evaluate: the {desc or 'dev'} split is empty; ask for examples "
+                        "(--n-dev / --n-test) or check the data")
     if examples and examples[0].kind == "gen":
         ev = evaluate_generation(session.model, session.tokenizer, encoded, examples, desc=desc, batch_size=batch_size)
         return ev | {"score": ev["f1"], "metric": "f1"}

@@ -1,4 +1,8 @@
-"""`zoft export RUN_DIR --merge --output-dir DIR`: a Hugging Face model folder with the training folded in."""
+"""`zoft export RUN_DIR --merge --output-dir DIR`: a Hugging Face model folder with the training folded in.
+
+The folder is built beside DIR and renamed into place once complete, so a killed export leaves no
+half-written model that loads. DIR must be new or empty, or an earlier export (--overwrite-output-dir).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +13,24 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
+from zoft import rundir
 from zoft.config import TrainConfig
 from zoft.errors import ZoftError
 from zoft.files import load_tensors, read_json
 from zoft.lora import load_peft_weights, merge_lora
 from zoft.session import attach, load_session, resolve_alias
 
+MARKER = "zoft_export.json"  # what the export came from; marks the folder as zoft's to replace
+
 
 def load_run_config(run_dir: str) -> TrainConfig:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ZoftError(f"{run_dir} is not a zoft run folder (no config.json); pass the --output-dir of a zoft train run")
-    d = read_json(path, "run config", "pass the --output-dir of a zoft train run")
+    d = rundir.read_run_config(run_dir)
+    if d is None:
+        path = os.path.join(run_dir, rundir.CONFIG)
+        if os.path.isfile(path):  # there, but damaged: say so rather than "not a run"
+            read_json(path, "run config", "pass the --output-dir of a zoft train run")
+        raise ZoftError(f"{run_dir} is not a zoft run folder (no {rundir.CONFIG}); pass the --output-dir of a zoft "
+                        "train run")
     base = d.pop("resolved", {}).get("base")
     cfg = TrainConfig.from_dict(d)
     if base and not os.path.exists(resolve_alias(cfg.model.model)) and os.path.isdir(base):
@@ -45,18 +55,38 @@ def base_dtype(folder: str, fallback: str) -> str:
     return d if d in DTYPES else fallback
 
 
-def export_merged(run_dir: str, output_dir: str, merge: bool = True, dtype: str = "auto") -> str:
+def export_merged(run_dir: str, output_dir: str, merge: bool = True, dtype: str = "auto",
+                  overwrite: bool = False) -> str:
     """Write the run's model: the adapter (with the tokenizer) or, merged, a full model folder in `dtype`
     (auto: the base checkpoint's own dtype). Returns the dtype written."""
-    from zoft.loading import DTYPES, load_tokenizer, resolve
+    from zoft.loading import DTYPES
 
     if dtype != "auto" and dtype not in DTYPES:
         raise ZoftError(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
     cfg = load_run_config(run_dir)
+    rundir.check_target(output_dir, overwrite=overwrite, marker=MARKER, what="export", model=cfg.model.model,
+                        run=run_dir)
     src = trained_dir(run_dir)
+    tmp = rundir.staging(output_dir)
+    try:
+        written = _write(cfg, src, tmp, merge, dtype)
+        rundir.write_json(os.path.join(tmp, MARKER), {"run": os.path.abspath(run_dir), "from": os.path.basename(src),
+                                                      "merged": merge or cfg.zo.mode == "full"})
+        rundir.publish(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def _write(cfg: TrainConfig, src: str, out: str, merge: bool, dtype: str) -> str:
+    from zoft.loading import DTYPES, load_tokenizer, resolve
+
     if cfg.zo.mode == "lora" and not merge:
-        shutil.copytree(src, output_dir, dirs_exist_ok=True)
-        load_tokenizer(resolve(resolve_alias(cfg.model.model))).save_pretrained(output_dir)
+        shutil.copytree(src, out, dirs_exist_ok=True)
+        for name in ("state.json", "undo.safetensors"):  # a checkpoint's own files are no part of an adapter
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        load_tokenizer(resolve(resolve_alias(cfg.model.model))).save_pretrained(out)
         return "float32"  # LoRA factors are trained and saved in float32
     cfg.model.device, cfg.model.dtype = "cpu", "float32"  # merge in float32, then cast once
     s = load_session(cfg.model)
@@ -71,18 +101,17 @@ def export_merged(run_dir: str, output_dir: str, merge: bool = True, dtype: str 
             for n, t in zip(s.trainable.names, s.trainable.tensors):
                 t.copy_(tensors[n])
     s.model.to(DTYPES[dtype])
-    os.makedirs(output_dir, exist_ok=True)
     if s.native:
         sd = {k: v.contiguous() for k, v in s.model.state_dict().items()}
         if s.model.args.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
-        save_file(sd, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+        save_file(sd, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(s.folder, "config.json")) as f:
             hf_cfg = json.load(f)
         hf_cfg.pop("torch_dtype", None)
-        with open(os.path.join(output_dir, "config.json"), "w") as f:
+        with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(hf_cfg | {"dtype": dtype}, f, indent=2)
     else:
-        s.model.save_pretrained(output_dir)
-    s.tokenizer.save_pretrained(output_dir)
+        s.model.save_pretrained(out)
+    s.tokenizer.save_pretrained(out)
     return dtype

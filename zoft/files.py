@@ -60,6 +60,28 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def checkpoint_fix(path: str) -> str:
+    """What to do about a damaged checkpoint at `path` (RUN/checkpoint): rebuild it from the step log."""
+    log = os.path.join(os.path.dirname(os.path.abspath(path)), "steps.jsonl")
+    return (f"the checkpoint is damaged; zoft replay --model MODEL --log {log} --output-dir NEW_FOLDER rebuilds the "
+            "trained parameters from the step log")
+
+
+def read_checkpoint(path: str, need: tuple[str, ...] = (), verify: bool = True) -> dict:
+    """A checkpoint's state.json, checked: a ZoftError if it is missing, malformed or lacks a key in `need`,
+    or (verify) if a file it lists is missing or not the one saved (its sha256 differs)."""
+    fix = checkpoint_fix(path)
+    state = read_json(os.path.join(path, "state.json"), "checkpoint state", fix)
+    for k in need:
+        if not (isinstance(state.get(k), int) and state[k] >= 0):
+            raise ZoftError(f"checkpoint state {path}/state.json has no valid {k!r} ({state.get(k)!r}); {fix}")
+    for name, digest in state.get("sha256", {}).items() if verify else ():
+        f = os.path.join(path, name)
+        if not os.path.isfile(f) or sha256(f) != digest:
+            raise ZoftError(f"{f} is {'missing' if not os.path.isfile(f) else 'not the file that was saved (checksum)'}; {fix}")
+    return state
+
+
 def check_output_dir(path: str, flag: str = "--output-dir") -> None:
     """Refuse, before any work, a folder zoft could never write: empty, a file, under a file, read-only.
     (Whether zoft may write into an existing folder is the run folder's own check.)"""

@@ -10,13 +10,14 @@ from zoft.errors import ZoftError
 AXES = {"steps": ("step", "step"), "forwards": ("forwards", "forward passes"), "seconds": ("seconds", "seconds")}
 
 
-def read_metrics(run_dir: str, x: str = "steps") -> tuple[list, list, list, list]:
-    """(x of each step, its loss, x of each dev evaluation, its score); x: steps, forwards or seconds."""
+def read_metrics(run_dir: str, x: str = "steps") -> tuple[list, list, list, list, str]:
+    """(x of each step, its loss, x of each dev evaluation, its score, the dev metric's name: accuracy or f1);
+    x: steps, forwards or seconds."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ZoftError(f"{run_dir} has no metrics.jsonl; pass the --output-dir of a zoft train run")
     key = AXES[x][0]
-    at, xs, losses, dsteps, dev = {}, [], [], [], []
+    at, xs, losses, dsteps, dev, name = {}, [], [], [], [], ""
     with open(path) as f:
         for n, line in enumerate(f, start=1):
             try:
@@ -35,7 +36,8 @@ def read_metrics(run_dir: str, x: str = "steps") -> tuple[list, list, list, list
             if dkey and r["step"] in at:  # an evaluation sits at the x of the step it follows
                 dsteps.append(at[r["step"]])
                 dev.append(r[dkey])
-    return xs, losses, dsteps, dev
+                name = dkey.removeprefix("dev_")
+    return xs, losses, dsteps, dev, name
 
 
 def smooth(xs: list[float], k: int) -> list[float]:
@@ -59,14 +61,17 @@ def plot(run_dirs: list[str], output: str, window: int = 20, x: str = "steps") -
     except ImportError:
         raise ZoftError("zoft plot needs matplotlib: pip install matplotlib") from None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = set()
     for d in run_dirs:
-        steps, losses, dsteps, dev = read_metrics(d, x)
+        steps, losses, dsteps, dev, name = read_metrics(d, x)
         label = os.path.basename(os.path.normpath(d))
         ax1.plot(steps, smooth(losses, window), label=label)
         if dev:
+            names.add(name)
             ax2.plot(dsteps, dev, marker="o", label=label)
     ax1.set(xlabel=AXES[x][1], ylabel=f"training loss (moving average of {window})", title="loss")
-    ax2.set(xlabel=AXES[x][1], ylabel="dev metric", title="dev accuracy / F1")
+    metric = " / ".join(sorted(names)) or "accuracy"  # what the runs measured: accuracy, or F1 for generation
+    ax2.set(xlabel=AXES[x][1], ylabel=f"dev {metric}", title=f"dev {metric}")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

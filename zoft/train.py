@@ -23,16 +23,19 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from zoft import distributed as dist
-from zoft import steplog, tracking
+from zoft import rundir, steplog, tracking
 from zoft.backprop import peak_memory
 from zoft.card import write_model_card
 from zoft.config import TrainConfig
 from zoft.engine import row_losses
 from zoft.errors import Interrupted, ZoftError
 from zoft.evaluate import answers_of, evaluate_split, write_predictions
-from zoft.files import check_output_dir, load_tensors, read_json, sha256
+from zoft.files import checkpoint_fix, load_tensors, read_checkpoint, sha256
 from zoft.loading import load_tokenizer, resolve
 from zoft.lora import load_peft_weights, save_peft
+from zoft.models.common import Rows
+from zoft.perturbers import estimate
+from zoft.resume import Plan, check_loaded, model_fingerprint, prepare, prepare_data
 from zoft.session import (
     Session,
     attach,
@@ -45,10 +48,8 @@ from zoft.session import (
     progress,
     resolve_alias,
 )
-from zoft.tasks import Task, check_splits, load_task, sample_splits
+from zoft.tasks import Task
 from zoft.tasks.encode import Encoded, encode
-from zoft.models.common import Rows
-from zoft.perturbers import estimate
 from zoft.tasks.rows import ChatFn, chat_renderer
 from zoft.tracking import Callback
 from zoft.zo import direction_seeds, lr_at, sgd_update_
@@ -67,42 +68,35 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def prepare_data(cfg: TrainConfig, chat: ChatFn | None = None, task: Task | None = None) -> tuple[Task, dict, str]:
-    """Read, convert, sample and check the data, and pick the loss: all that needs no model, so bad data
-    fails in a second. `task`: data already in hand (the Python API), instead of cfg.task's source."""
-    tc = cfg.task
-    task = task or load_task(tc, chat)
-    splits = sample_splits(task, tc.n_train, tc.n_dev, tc.n_test, cfg.run.seed, tc.k_shot or None)
-    asked = {"train": 0 if tc.k_shot else tc.n_train, "test": tc.n_test} | ({"dev": tc.n_dev} if cfg.run.eval_every else {})
-    check_splits(task, splits, asked, log)
-    if cfg.run.eval_every and not splits["dev"]:
-        raise ZoftError(f"--eval-every {cfg.run.eval_every} evaluates on the dev split, which came out empty; "
-                        "raise --n-dev, pass --validation-file, or drop --eval-every")
-    loss = tc.loss if tc.loss != "auto" else ("candidate" if task.kind == "mc" else "lm")
-    if loss == "candidate" and task.kind != "mc":
-        raise ZoftError(f"--loss candidate needs a multiple-choice task; {task.name} is generation: use --loss lm")
-    if loss == "f1" and task.kind != "gen":
-        raise ZoftError("--loss f1 needs a generation task and a native model (OPT, Llama family)")
-    return task, splits, loss
-
-
 def model_chat(mc) -> ChatFn:
     """Chat rows are rendered with the model's own tokenizer, loaded (without the weights) when first needed."""
     return chat_renderer(lambda: load_tokenizer(resolve(resolve_alias(mc.model))))
 
 
-def load_data(cfg: TrainConfig, s: Session, prepared: tuple[Task, dict, str] | None = None
-              ) -> tuple[dict[str, list[Encoded]], dict, str]:
-    """Tokenize the prepared splits (prepare_data's, or prepared here) for the session's model."""
-    _, splits, loss = prepared or prepare_data(cfg, chat_renderer(lambda: s.tokenizer))
+def load_data(cfg: TrainConfig, s: Session, plan: Plan | None = None) -> tuple[dict[str, list[Encoded]], dict, str]:
+    """Tokenize the drawn splits (the plan's, or drawn here) for the session's model; and the loss."""
+    _, drawn, loss = (plan.task, plan.drawn, plan.loss) if plan else prepare_data(cfg, chat_renderer(lambda: s.tokenizer))
     if loss == "f1" and not s.native:
         raise ZoftError("--loss f1 needs a generation task and a native model (OPT, Llama family)")
+    splits = drawn.examples
     enc = {}
     for name, exs in splits.items():
         enc[name], n_trunc = encode(s.tokenizer, exs, s.max_length, cfg.model.truncation)
         if n_trunc:
             log(f"zoft: {name}: {n_trunc} of {len(exs)} prompts truncated from the left to {s.max_length} tokens")
     return enc, splits, loss
+
+
+def write_splits(out: str, cfg: TrainConfig, plan: Plan) -> None:
+    """RUN/splits.json: which examples the run trains, selects and tests on, and the data they came from."""
+    tc = cfg.task
+    ab = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # noqa: E731 - a path moves, a name doesn't
+    files = {k: ab(v) for k, v in (("train", tc.train_file), ("dev", tc.validation_file), ("test", tc.test_file)) if v}
+    source = plan.task.name if plan.task.name == "datasets" else ab(tc.task)  # "datasets": the Python API's data
+    about = {"task": "" if files else source, "files": files, "name": plan.task.name, "kind": plan.task.kind,
+             "data_dir": ab(tc.data_dir), "template": tc.template, "seed": cfg.run.seed, "k_shot": tc.k_shot,
+             "asked": {"train": tc.n_train, "dev": tc.n_dev, "test": tc.n_test}}
+    rundir.write_json(os.path.join(out, rundir.SPLITS), plan.drawn.manifest(**about))
 
 
 def f1_row_losses(s: Session, batch: list[Encoded], golds: list[list[str]], rows) -> torch.Tensor:
@@ -165,48 +159,54 @@ def save_trained(s: Session, folder: str) -> None:
         save_file(tensors, os.path.join(folder, "trained.safetensors"))
 
 
-def save_checkpoint(s: Session, path: str, state: dict) -> None:
-    """Atomically replace `path` with the trained parameters and `state` (write aside, then rename)."""
+def save_checkpoint(s: Session, path: str, state: dict, undo: torch.Tensor | None = None) -> None:
+    """Atomically replace `path` with the trained parameters and `state` (write aside, then rename).
+    undo (LoRA): the parameters before the last update, which the divergence guard restores."""
     for t in s.trainable.tensors:
         if not torch.isfinite(t).all():
             raise ZoftError(f"refusing to save non-finite parameters to {path}; the last good checkpoint is kept")
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_trained(s, tmp)
+    if undo is not None:
+        save_file({"flat": undo.detach().cpu().contiguous()}, os.path.join(tmp, "undo.safetensors"))
     # checksums of what was just written: a checkpoint damaged later is refused on load, not resumed from
     state = state | {"sha256": {name: sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}}
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f)
         f.flush()
         os.fsync(f.fileno())
+    swap_in(tmp, path)
+
+
+def swap_in(tmp: str, path: str) -> None:
+    """Put the complete folder `tmp` in place of `path`: path → path.old, tmp → path, remove path.old.
+    A kill leaves path whole, or only path.old whole (recover_checkpoint puts it back)."""
     old = path + ".old"
     if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)  # left by a kill during an earlier swap's cleanup
         os.replace(path, old)
     os.replace(tmp, path)
+    rundir.fsync_dir(os.path.dirname(os.path.abspath(path)))
     shutil.rmtree(old, ignore_errors=True)
 
 
 def recover_checkpoint(path: str) -> None:
-    """A kill between save_checkpoint's two renames leaves only `path`.old: put it back (the step log
-    replays whatever came after it)."""
+    """Finish or undo a swap that a kill interrupted (swap_in). path whole: drop the leftovers. Only
+    path.old: it is the last whole one, put it back (the step log replays whatever came after it)."""
     old = path + ".old"
     if not os.path.isdir(path) and os.path.isdir(old):
         os.replace(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
 
 
-def load_checkpoint(s: Session, path: str, need: tuple[str, ...] = ()) -> dict:
+def load_checkpoint(s: Session, path: str, need: tuple[str, ...] = (), verify: bool = True) -> dict:
     """Load a checkpoint's parameters; returns its state. A damaged checkpoint (state.json missing, malformed,
-    lacking a key in `need`, or a file whose checksum differs) is a ZoftError: resuming from it would be wrong."""
-    fix = (f"the checkpoint is damaged; zoft replay --model MODEL --log {os.path.join(os.path.dirname(path), 'steps.jsonl')} "
-           "--output-dir NEW_FOLDER rebuilds the trained parameters from the step log")
-    state = read_json(os.path.join(path, "state.json"), "checkpoint state", fix)
-    for k in need:
-        if not (isinstance(state.get(k), int) and state[k] >= 0):
-            raise ZoftError(f"checkpoint state {path}/state.json has no valid {k!r} ({state.get(k)!r}); {fix}")
-    for name, digest in state.get("sha256", {}).items():
-        f = os.path.join(path, name)
-        if not os.path.isfile(f) or sha256(f) != digest:
-            raise ZoftError(f"{f} is {'missing' if not os.path.isfile(f) else 'not the file that was saved (checksum)'}; {fix}")
+    lacking a key in `need`, or a file whose checksum differs) is a ZoftError: resuming from it would be wrong.
+    verify=False: the checksums were checked already (resume.prepare, before anything was written)."""
+    state = read_checkpoint(path, need, verify)
+    fix = checkpoint_fix(path)
     if s.loras is not None:
         load_peft_weights(s.loras, path)
     else:
@@ -217,6 +217,37 @@ def load_checkpoint(s: Session, path: str, need: tuple[str, ...] = ()) -> dict:
                     raise ZoftError(f"{path}/trained.safetensors lacks {n} or has another shape; {fix}")
                 t.copy_(tensors[n])
     return state
+
+
+def load_undo(s: Session, path: str) -> torch.Tensor | None:
+    """The copy the guard restores (LoRA), as the checkpoint saved it; None if it saved none."""
+    f = os.path.join(path, "undo.safetensors")
+    if s.loras is None or not os.path.isfile(f):
+        return None
+    return load_tensors(f, checkpoint_fix(path))["flat"].to(s.trainable.tensors[0].device)
+
+
+def open_metrics(path: str, keep_to: int | None):
+    """metrics.jsonl for appending. keep_to (--resume): keep the rows up to the checkpoint's step; the
+    steps replayed from the log write theirs again, so no step has two rows and none is missing."""
+    if keep_to is None:
+        return open(path, "w")
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= keep_to:
+                        rows.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass  # a row torn by the kill
+    rundir.write_atomic(path, "".join(rows))
+    return open(path, "a")
+
+
+def guard_stop(why: str, step: int, strikes: int, ckpt: str) -> str:
+    return (f"{why} at step {step + 1} ({strikes} strike(s)); the parameters before it are in {ckpt}: continue "
+            "with --resume and a lower --lr (every other flag as it was)")
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -273,26 +304,45 @@ class HostCopy:
 
 
 def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callback] = ()) -> dict:
-    """Train as `cfg` says; `data`: a task already in hand (the Python API) instead of cfg.task's source;
-    `callbacks` see every metrics row (zoft.tracking.Callback)."""
-    rc, zc = cfg.run, cfg.zo
-    check_output_dir(rc.output_dir)  # a file, under a file, read-only: before loading anything
-    prepared = prepare_data(cfg, model_chat(cfg.model), data)  # before the model: bad data fails in a second
-    tracking.check(rc.report_to)
-    if zc.optimizer == "adamw":
-        from zoft.backprop import train_backprop
+    """Check the output folder, the data (and, on --resume, the run) before writing anything, take the
+    folder's lock once every check passed (the model's too), then train with MeZO (or the adamw baseline).
+    `data`: a task already in hand (the Python API) instead of cfg.task's source; `callbacks` see every
+    metrics row (zoft.tracking)."""
+    plan = prepare(cfg, model_chat(cfg.model), data)  # before the model: bad data fails in a second
+    tracking.check(cfg.run.report_to)
+    out, held = cfg.run.output_dir, []
 
-        return train_backprop(cfg, prepared, callbacks)
+    def claim() -> None:
+        """Rank 0 takes the run folder: its lock (so a refused run leaves even a stale lock as it was), then
+        an --overwrite-output-dir clears zoft's old files."""
+        if dist.world()[0] != 0:
+            return
+        lock = rundir.RunLock(out).acquire()
+        held.append(lock)
+        if lock.stale:
+            log(f"zoft: took over the lock of pid {lock.stale.get('pid')} on {lock.stale.get('host')} in {out}: "
+                "that process ended without releasing it")
+        if plan.how == "overwrite" and (gone := rundir.clear_run(out)):
+            log(f"zoft: replacing the zoft run in {out} (removed {', '.join(gone)})")
+
+    try:
+        if cfg.zo.optimizer == "adamw":
+            from zoft.backprop import train_backprop
+
+            claim()
+            return train_backprop(cfg, plan, callbacks)
+        return _train(cfg, plan, claim, callbacks)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, plan: Plan, claim, callbacks: Sequence[Callback] = ()) -> dict:
+    rc, zc = cfg.run, cfg.zo
     rank, world = dist.world()
     main = rank == 0
     out = rc.output_dir
     ckpt = os.path.join(out, "checkpoint")
-    if rc.resume:
-        recover_checkpoint(ckpt)
-    if os.path.isdir(ckpt) and not rc.resume:
-        raise ZoftError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --output-dir")
-    if rc.resume and not os.path.isdir(ckpt):
-        raise ZoftError(f"--resume: no checkpoint in {out}; run without --resume to start")
     if zc.batch_size < world:
         raise ZoftError(f"--batch-size {zc.batch_size} is smaller than the {world} ranks; each needs an example")
     t_start = time.time()
@@ -301,60 +351,64 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
     cfg.model.device = dist.local_device(cfg.model.device)
     s = load_session(cfg.model)
     check_lora_targets(s, zc)
+    fingerprint = model_fingerprint(s.model)  # before LoRA changes the module tree
     attach(s, zc, rc.seed)
-    os.makedirs(out, exist_ok=True)  # only once the model loaded: a failed start leaves no empty run folder
     engine = make_engine(s, rc.cache_mb, rc.pack_tokens, rc.cuda_graphs)
     eps, base_lr = zc.eps_value, zc.lr_value
     resolved = cfg.to_dict() | {"resolved": {"eps": eps, "lr": base_lr, "path": s.path, "device": s.device,
                                              "base": peft_base(s.source, s.folder),
                                              "trainable_parameters": s.trainable.n_trained(), "layers": s.layers,
                                              "world_size": world, "z_backend": s.trainable.z_backend,
-                                             "full_step": s.full_step if zc.mode == "full" else None}}
-    if main:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=2)
+                                             "full_step": s.full_step if zc.mode == "full" else None,
+                                             "model_fingerprint": fingerprint}}
+    if plan.saved is not None:
+        check_loaded(plan.saved, resolved, out)
+    claim()
+    if main:  # every check passed: from here on the run folder is written, each file whole or not at all
+        for name in ("checkpoint", "best", "adapter"):
+            recover_checkpoint(os.path.join(out, name))
+        rundir.write_json(os.path.join(out, rundir.CONFIG), resolved)
+        if plan.how != "resume" or not os.path.isfile(os.path.join(out, rundir.SPLITS)):
+            write_splits(out, cfg, plan)
     say(describe(s, engine) + (f"; data parallel over {world} ranks" if world > 1 else ""))
     say(f"zoft: training {s.trainable.n_trained():,} parameters ({zc.mode}{', A frozen' if s.trainable.fixed else ''}), "
         f"ε={eps:g}, lr={base_lr:g}")
 
-    enc, splits, loss = load_data(cfg, s, prepared)
-    say(f"zoft: task {prepared[0].name}: {len(enc['train'])} train / {len(enc['dev'])} dev / {len(enc['test'])} test, loss={loss}")
+    enc, splits, loss = load_data(cfg, s, plan)
+    say(f"zoft: task {plan.task.name}: {len(enc['train'])} train / {len(enc['dev'])} dev / {len(enc['test'])} test, loss={loss}")
 
     log_path = os.path.join(out, "steps.jsonl")
     step, best_dev, zero_shot, lr_scale, applied = 0, -1.0, None, 1.0, 0
+    recent, strikes, undo, post = [], 0, None, []  # the guard's window and strikes; the copy it restores
+    metric = metric_of(splits)
+    if rc.resume and plan.state is not None:
+        st = load_checkpoint(s, ckpt, need=("next_step", "applied"), verify=False)  # prepare() checked it
+        step, applied, best_dev, zero_shot = st["next_step"], st["applied"], st.get("best_dev", -1.0), st.get("zero_shot")
+        zero_shot = st.get("zero_shot_accuracy") if zero_shot is None else zero_shot  # older checkpoints
+        lr_scale, guard = st.get("lr_scale", 1.0), st.get("guard", {})
+        recent, strikes = list(guard.get("recent", [])), 0 if st.get("stopped") else guard.get("strikes", 0)
+        undo = load_undo(s, ckpt)
     if rc.resume:
-        state = load_checkpoint(s, ckpt, need=("next_step", "applied"))
-        best_dev, zero_shot = state.get("best_dev", -1.0), state.get("zero_shot_accuracy")
-        lr_scale = state.get("lr_scale", 1.0)
-        _, records = steplog.read(log_path) if os.path.exists(log_path) else (None, [])
-        held = steplog.effective(records)  # the updates the parameters should hold
-        if state["applied"] > len(held):
-            raise ZoftError(f"{ckpt} is ahead of a divergence-guard revert in {log_path} (killed between the two); "
-                            f"rebuild the parameters with: zoft replay --model {cfg.model.model} --log {log_path}")
-        todo, applied = held[state["applied"] :], len(held)
-        for r in todo:  # logged after the checkpoint: redo their arithmetic, no forwards needed
-            steplog.apply(s.trainable, r, s.full_step if zc.mode == "full" else "rows", eps, zc.weight_decay)
-        lr_scale = min([lr_scale] + [r.get("lr_scale", 1.0) for r in records if "revert_to" in r])
-        step = max(state["next_step"], steplog.next_step(records))
-        say(f"zoft: resumed from {ckpt} (step {state['next_step']}), replayed {len(todo)} logged steps; next step {step}")
-    elif rc.zero_shot and enc["test"] and main:
+        post = plan.logged
+        say(f"zoft: resumed from {ckpt if plan.state is not None else 'the base weights'} (step {step}); "
+            f"replaying {len(post)} logged records")
+    if (not rc.resume or plan.state is None) and rc.zero_shot and enc["test"] and main:
         zero_shot = evaluate_split(engine, s, enc["test"], splits["test"], rc.eval_batch_size, desc="zero-shot eval")["score"]
-        say(f"zoft: zero-shot test accuracy {zero_shot:.4f}")
+        say(f"zoft: zero-shot test {metric} {zero_shot:.4f}")
     slog = steplog.StepLog(log_path, resolved, rc.fsync_every, fresh=not rc.resume) if main else None
 
     def state(next_step: int) -> dict:
-        return {"next_step": next_step, "applied": applied, "best_dev": best_dev, "zero_shot_accuracy": zero_shot,
-                "lr_scale": lr_scale}
+        return {"next_step": next_step, "applied": applied, "best_dev": best_dev, "zero_shot": zero_shot,
+                "metric": metric, "lr_scale": lr_scale, "guard": {"recent": recent[-100:], "strikes": strikes}}
 
-    if main and not rc.resume:
+    if main and plan.state is None:
         save_checkpoint(s, ckpt, state(0))  # the starting point: what the guard falls back to in full mode
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a" if rc.resume else "w") if main else None
+    metrics = open_metrics(os.path.join(out, "metrics.jsonl"), step if rc.resume else None) if main else None
     reporters = tracking.Reporters(rc.report_to, out, resolved, callbacks) if main else None
 
     def emit(row: dict) -> None:  # one metrics row: metrics.jsonl, then the trackers and callbacks
         metrics.write(json.dumps(row) + "\n")
         reporters.log(row)
-    bar = progress(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     # Pipelined steps (LoRA with the candidate or LM loss, all on the device): step i's update is queued
     # with g still on the device, and the host reads step i's losses while step i+1 runs, so nothing
     # waits for the GPU between steps. A non-finite g makes the queued update a no-op; a rejected step
@@ -363,7 +417,7 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
     # checks before it updates. Every boundary (eval, save, log, signals, the end) first reads every
     # queued step, so what is evaluated and saved is exactly the accepted updates.
     lazy = rc.pipeline and s.loras is not None and loss != "f1" and not zc.spread_directions
-    ema, t_loop, recent, strikes, first, undo = None, time.time(), [], 0, step, None
+    ema, t_loop = None, time.time()
     train_set, ahead = enc["train"], {}  # ahead["packed"]: this step's batch, packed during the previous step
     inflight: list[dict] = []  # lazy: steps whose update is queued and whose losses the host has not read
     signalled = 0  # data parallel: a signal some rank got, learnt through the step's all-reduce
@@ -381,20 +435,22 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
         """Step r is rejected: undo the update before it, lower the lr, and go on from the step after r."""
         nonlocal applied, undo, lr_scale, strikes, step
         strikes += 1
-        nothing_to_undo = applied == 0
-        if applied > 0:  # the update before this loss is the suspect: undo it exactly
+        undoing = applied > 0
+        stop = strikes > rc.guard_strikes or not undoing
+        if undoing:  # the update before this loss is the suspect: undo it exactly
             applied, undo = _undo_last(s, ckpt, undo, applied), None
             dist.barrier()  # every rank has read the checkpoint before rank 0 replaces it below
             lr_scale *= rc.guard_lr_factor
             if main:
                 slog.write({"step": r["step"], "revert_to": applied, "reason": why, "lr_scale": lr_scale})
-                save_checkpoint(s, ckpt, state(r["step"] + 1))
-        if strikes > rc.guard_strikes or nothing_to_undo:
+        if main and (undoing or stop):  # a stop is marked: its --resume may lower --lr, with fresh strikes
+            metrics.flush()  # a checkpoint never runs ahead of the metrics rows it covers
+            save_checkpoint(s, ckpt, state(r["step"] + 1) | ({"stopped": "guard"} if stop else {}), undo)
+        if stop:
             if main:
                 slog.close()
             bar.close()
-            raise ZoftError(f"{why} at step {r['step'] + 1} ({strikes} strike(s)); the parameters before it are in "
-                            f"{ckpt}: lower --lr or --eps and continue with --resume")
+            raise ZoftError(guard_stop(why, r["step"], strikes, ckpt))
         if main:
             bar.write(file=sys.stderr, s=f"step {r['step'] + 1}: {why}; undid the last update, lr × {rc.guard_lr_factor} "
                       f"(strike {strikes}/{rc.guard_strikes})")
@@ -403,6 +459,52 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
         step = r["step"] + 1
         bar.n = step
         bar.refresh()
+
+    def checkpoints(at: int) -> None:
+        """After `at` accepted steps: the dev evaluation and the checkpoint that are due then."""
+        nonlocal best_dev
+        if not main:
+            return
+        metrics.flush()
+        if rc.eval_every and at % rc.eval_every == 0 and enc["dev"]:
+            ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
+            dev = ev["score"]
+            emit({"step": at, f"dev_{ev['metric']}": dev, **s.trainable.norms()})
+            bar.write(file=sys.stderr, s=f"step {at}: dev {ev['metric']} {dev:.4f}" + (" (best)" if dev > best_dev else ""))
+            if dev > best_dev:
+                best_dev = dev
+                save_checkpoint(s, os.path.join(out, "best"), {"step": at, "dev_score": dev})
+        if (rc.save_every and at % rc.save_every == 0) or at == rc.steps:
+            metrics.flush()  # a checkpoint never runs ahead of the metrics rows it covers
+            slog.sync()
+            save_checkpoint(s, ckpt, state(at), undo)
+
+    def catch_up(records: list[dict]) -> None:
+        """--resume: redo the steps logged after the checkpoint as the run did them, without their forwards:
+        the updates and guard reverts, the metrics rows, and the dev evaluations and checkpoints due."""
+        nonlocal applied, undo, strikes, lr_scale, step
+        for r in records:
+            step = r["step"] + 1
+            if "revert_to" in r:  # logged by reject(), which then saved a checkpoint
+                applied, undo = _undo_last(s, ckpt, undo, applied), None
+                dist.barrier()
+                strikes, lr_scale = strikes + 1, r["lr_scale"]
+                stop = strikes > rc.guard_strikes
+                if main:
+                    metrics.flush()
+                    save_checkpoint(s, ckpt, state(step) | ({"stopped": "guard"} if stop else {}), undo)
+                if stop:
+                    raise ZoftError(guard_stop(r["reason"], r["step"], strikes, ckpt))
+                continue
+            undo = snapshot(s)
+            steplog.apply(s.trainable, r, s.full_step if zc.mode == "full" else "rows", eps, zc.weight_decay)
+            applied += 1
+            recent.append(r["loss"])
+            if main:  # the row the run wrote for this step, again (its seconds are this process's)
+                emit({"step": step, "loss": r["loss"], "projected_grad": sum(r["grads"]) / len(r["grads"]), "lr": r["lr"],
+                      "forwards": 2 * len(r["seeds"]) * step, "seconds": round(time.time() - t_start, 3),
+                      "replayed": True})
+            checkpoints(step)
 
     def accept(r: dict) -> bool:
         """Read step r's losses; log and count it, or reject it. (Synchronous steps update here.)"""
@@ -444,6 +546,10 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
                 t_flush = now
         return True
 
+    bar = progress(total=rc.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
+    catch_up(post)
+    bar.n = first = step
+    t_loop = time.time()
     with _Signals() as sig:
         while step < rc.steps:
             lr = lr_at(step, rc.steps, base_lr, zc.schedule, zc.warmup) * lr_scale
@@ -494,24 +600,13 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
                 rejected = not accept(inflight.pop(0))
             if inflight or rejected or not (flush or signalled):
                 continue  # steps still queued, or a step was rejected: no boundary work now
-            if main:
-                metrics.flush()
-            if main and rc.eval_every and step % rc.eval_every == 0 and enc["dev"]:
-                ev = evaluate_split(engine, s, enc["dev"], splits["dev"], rc.eval_batch_size)
-                dev, metric = ev["score"], ev["metric"]
-                emit({"step": step, f"dev_{metric}": dev, **s.trainable.norms()})
-                bar.write(file=sys.stderr, s=f"step {step}: dev {metric} {dev:.4f}" + (" (best)" if dev > best_dev else ""))
-                if dev > best_dev:
-                    best_dev = dev
-                    save_checkpoint(s, os.path.join(out, "best"), {"step": step, "dev_score": dev})
-            if main and ((rc.save_every and step % rc.save_every == 0) or step == rc.steps):
-                slog.sync()
-                save_checkpoint(s, ckpt, state(step))
+            checkpoints(step)
             got = (sig.got or 0) if world == 1 else signalled  # ranks must stop at the same step, or the others
             if got:  # wait forever in the next all-reduce
                 if main:
+                    metrics.flush()
                     slog.sync()
-                    save_checkpoint(s, ckpt, state(step))
+                    save_checkpoint(s, ckpt, state(step), undo)
                     slog.close()
                     metrics.close()
                     reporters.close()
@@ -521,9 +616,6 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
                 raise Interrupted(f"{name} at step {step}: checkpoint saved in {ckpt}; resume with the same "
                                   f"command plus --resume", 128 + got)
     bar.close()
-    if main and rc.resume and first >= rc.steps:  # every step came from the log (the last save failed or was
-        slog.sync()  # killed): the loop never ran, so write the final checkpoint it would have written
-        save_checkpoint(s, ckpt, state(step))
     train_seconds = time.time() - t_loop
     if not main:
         dist.barrier()
@@ -533,32 +625,38 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
     slog.close()
 
     result = finish(s, engine, enc, splits, out, rc.eval_batch_size, best_dev)
-    result |= {"zero_shot_accuracy": zero_shot, "steps": rc.steps, "seconds": round(time.time() - t_start, 1),
+    result |= {f"zero_shot_{metric}": zero_shot, "steps": rc.steps, "seconds": round(time.time() - t_start, 1),
                "train_seconds": round(train_seconds, 1),
                "seconds_per_step": round(train_seconds / max(1, rc.steps - first), 4),
                "path": s.path, "world_size": world, "output_dir": out, **engine.stats.summary(),
                **peak_memory(s.device)}
     if s.loras is not None:
-        write_model_card(os.path.join(out, "adapter"), cfg, peft_base(s.source, s.folder), prepared[0].name, result)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        write_model_card(os.path.join(out, "adapter"), cfg, peft_base(s.source, s.folder), plan.task.name, result)
+    rundir.write_json(os.path.join(out, "results.json"), result)
     dist.barrier()
     return result
+
+
+def metric_of(splits: dict) -> str:
+    """What a run's evaluations report: accuracy (multiple choice) or F1 (generation; exact match beside it)."""
+    return "f1" if splits["train"] and splits["train"][0].kind == "gen" else "accuracy"
 
 
 def finish(s: Session, engine, enc: dict, splits: dict, out: str, eval_batch_size: int, best_dev: float) -> dict:
     """After training: the best dev checkpoint (if any) on the test set, predictions and the adapter."""
     if best_dev >= 0:
         load_checkpoint(s, os.path.join(out, "best"))
-    result = {"best_dev_accuracy": best_dev if best_dev >= 0 else None}
+    metric = metric_of(splits)
+    result = {f"best_dev_{metric}": best_dev if best_dev >= 0 else None, "metric": metric}
     if enc["test"]:
         ev = evaluate_split(engine, s, enc["test"], splits["test"], eval_batch_size, desc="test eval")
         write_predictions(os.path.join(out, "test_predictions.jsonl"), ev["rows"])
-        result |= {"final_accuracy": ev["score"], "metric": ev["metric"]}
-        if ev["metric"] == "f1":
-            result |= {"final_f1": ev["f1"], "final_em": ev["em"]}
+        result |= {"final_f1": ev["f1"], "final_exact_match": ev["em"]} if metric == "f1" else {"final_accuracy": ev["score"]}
     if s.loras is not None:
-        save_peft(s.loras, os.path.join(out, "adapter"), peft_base(s.source, s.folder), s.target_names, s.lora_args)
+        tmp = os.path.join(out, "adapter.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_peft(s.loras, tmp, peft_base(s.source, s.folder), s.target_names, s.lora_args)
+        swap_in(tmp, os.path.join(out, "adapter"))
     return result
 
 
@@ -573,24 +671,62 @@ def _undo_last(s: Session, ckpt: str, prev: torch.Tensor | None, applied: int) -
     return load_checkpoint(s, ckpt)["applied"]
 
 
-def replay(model: str, log_path: str, output_dir: str, device: str = "") -> dict:
-    """Rebuild a run's trained parameters from the base weights and its step log alone."""
+def replay(model: str, log_path: str, output_dir: str, device: str = "", overwrite: bool = False) -> dict:
+    """Rebuild a run's trained parameters from the base weights and its step log alone, after checking that
+    the log's header describes its records and `model` is the model the run trained. Written whole, and
+    never with non-finite values."""
     if not os.path.isfile(log_path):
         raise ZoftError(f"step log {log_path} does not exist")
+    rundir.check_target(output_dir, overwrite=overwrite, marker=rundir.CONFIG, what="replay", model=model,
+                        run=os.path.dirname(os.path.abspath(log_path)))
     header, records = steplog.read(log_path)
     if header is None:
         raise ZoftError(f"{log_path} has no header line; is it a zoft steps.jsonl?")
     resolved = header.pop("resolved", {})
     cfg = TrainConfig.from_dict(header)
+    check_log_records(cfg, resolved, records, log_path)
     cfg.model.model = model
     cfg.model.device = device or resolved.get("device", "cpu").split(":")[0]
     s = load_session(cfg.model)
+    found = {"model_fingerprint": model_fingerprint(s.model)}
     attach(s, cfg.zo, cfg.run.seed)
+    found |= {"path": s.path, "trainable_parameters": s.trainable.n_trained()}
+    for key, value in found.items():
+        if key in resolved and resolved[key] != value:
+            raise ZoftError(f"{log_path} was written by a run of another model ({key} {resolved[key]!r}, --model {model} "
+                            f"gives {value!r}); pass the base model the run trained ({header['model']['model']})")
     todo = steplog.effective(records)
     for r in tqdm(todo, desc="replay", unit="step", disable=not sys.stderr.isatty()):
         steplog.apply(s.trainable, r, s.full_step if cfg.zo.mode == "full" else "rows", cfg.zo.eps_value,
                       cfg.zo.weight_decay)
-    save_trained(s, output_dir)
-    with open(os.path.join(output_dir, "config.json"), "w") as f:
-        json.dump(header | {"resolved": resolved}, f, indent=2)
+    if not all(torch.isfinite(t).all() for t in s.trainable.tensors):
+        raise ZoftError(f"replaying {log_path} gives non-finite parameters; nothing was saved (the log records a "
+                        "diverged run: replay a copy cut before the divergence)")
+    tmp = rundir.staging(output_dir)
+    try:
+        save_trained(s, tmp)
+        rundir.write_json(os.path.join(tmp, rundir.CONFIG), header | {"resolved": resolved})
+        rundir.publish(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"steps_replayed": len(todo), "output_dir": output_dir}
+
+
+def check_log_records(cfg: TrainConfig, resolved: dict, records: list[dict], log_path: str) -> None:
+    """The records must be the ones the header's run draws: each step's direction seeds follow from the run
+    seed, and each learning rate is the header's schedule times a guard factor in (0, 1]."""
+    zc, rc = cfg.zo, cfg.run
+    n_dirs = zc.directions * (resolved.get("world_size", 1) if zc.spread_directions else 1)
+    for r in records:
+        if "revert_to" in r:
+            continue
+        want = direction_seeds(rc.seed, r["step"], n_dirs)
+        if r["seeds"] != want:
+            raise ZoftError(f"{log_path}: the record of step {r['step']} has seeds {r['seeds']}, but its header's run "
+                            f"(--seed {rc.seed}, --directions {zc.directions}) draws {want}: the header comes from "
+                            "another run")
+        top = lr_at(r["step"], rc.steps, zc.lr_value, zc.schedule, zc.warmup)
+        if not (math.isfinite(r["lr"]) and 0 <= r["lr"] <= top * (1 + 1e-9)):
+            raise ZoftError(f"{log_path}: the record of step {r['step']} has lr {r['lr']!r}, which its header's "
+                            f"schedule (--lr {zc.lr_value:g}, {zc.schedule}) can't give: the header comes from "
+                            "another run, or the log was edited")

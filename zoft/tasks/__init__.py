@@ -15,7 +15,7 @@ from collections.abc import Callable
 from zoft.config import check_template
 from zoft.errors import ZoftError
 from zoft.tasks import rows
-from zoft.tasks.base import Example, Task, check_splits, sample_splits
+from zoft.tasks.base import Example, Splits, Task, check_splits, draw_splits, recorded_splits, sample_splits
 from zoft.tasks.encode import Encoded, encode
 from zoft.tasks.jsonl import JsonlTask
 from zoft.tasks.qa import DROP, SQuAD
@@ -105,12 +105,15 @@ __all__ = [
     "Encoded",
     "Example",
     "JsonlTask",
+    "Splits",
     "Task",
     "ZoftError",
     "describe_tasks",
+    "draw_splits",
     "encode",
     "get_task",
     "load_task",
     "check_splits",
+    "recorded_splits",
     "sample_splits",
 ]

@@ -58,14 +58,15 @@ class Split:
 class RowsTask(Task):
     """Examples already converted from rows: a "train" pool, and optionally "dev" and "test" pools.
 
-    single_pool: one file or Dataset, from which `sample_splits` carves test, then train and dev (MeZO's way).
-    Otherwise the splits are the data's own: no "test" pool means no test set.
+    single_pool: one file or Dataset, from which `draw_splits` cuts test, dev and train regions.
+    Otherwise the splits are the data's own, used as given: no "test" pool means no test set.
     """
 
     def __init__(self, name: str, pools: dict[str, list[Example]], single_pool: bool = False):
         self.name, self.pools, self.single_pool = name, pools, single_pool
         self.kind = pools["train"][0].kind
         self.has_dev, self.has_test = "dev" in pools, "test" in pools
+        self.given_splits = not single_pool  # the data's own splits: zoft uses them as given
 
     def load_split(self, split: str) -> list[Example]:
         if split not in self.pools:
