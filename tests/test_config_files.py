@@ -120,20 +120,47 @@ def test_preset_names_mean_the_same_model_everywhere(zoft_here, monkeypatch):
     assert_user_error(p, "HuggingFaceTB/SmolLM2-135M", "hub")  # known, fetched from the hub (offline here)
 
 
-def test_gpt2_conv1d_lora_error_names_what_can_take_it(tmp_path, zoft_here):
+def test_gpt2_conv1d_takes_lora_and_peft_loads_it(tmp_path, zoft_here):
+    """GPT-2-style models (transformers' Conv1D, a transposed Linear) take LoRA through the fallback: the
+    default q/v targets map to the fused c_attn (as peft's default does), the adapter is saved with
+    fan_in_fan_out, and peft's model gives zoft's logits; a target no layer has is one error line."""
+    import json
+
+    import peft
+    import torch
     import transformers
 
     from tests.helpers_tok import gpt2_tokenizer
     from tests.tiny import VOCAB
+    from zoft.config import ModelConfig, ZOConfig
+    from zoft.lora import load_peft_weights
+    from zoft.session import attach, load_session
 
     folder = tmp_path / "gpt2"
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     gpt2_tokenizer().save_pretrained(folder)
     p = zoft_here("train", "--model", folder, "--task", "rotten_tomatoes", "--n-train", "8", "--n-test", "4",
-                  "--device", "cpu", "--output-dir", tmp_path / "r")
-    msg = assert_user_error(p, "Conv1D (c_attn, c_fc, c_proj)", "lm_head", "--mode full")
-    assert "choose from ['q'" not in msg
+                  "--device", "cpu", "--steps", "3", "--batch-size", "4", "--lr", "0.5", "--no-zero-shot",
+                  "--output-dir", tmp_path / "r")
+    assert p.returncode == 0, p.stderr
+    adapter = tmp_path / "r" / "adapter"
+    ac = json.loads((adapter / "adapter_config.json").read_text())
+    assert ac["target_modules"] == ["c_attn"] and ac["fan_in_fan_out"] is True
+    s = load_session(ModelConfig(model=str(folder), device="cpu"))
+    attach(s, ZOConfig(mode="lora"))
+    load_peft_weights(s.loras, str(adapter))
+    assert any(m.lora_B.abs().sum() > 0 for m in s.loras.values())  # trained: B moved off its zeros
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    with torch.no_grad():
+        ours = s.model(ids).logits
+        base = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        theirs = peft.PeftModel.from_pretrained(base, str(adapter)).eval()(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    p = zoft_here("train", "--model", folder, "--task", "rotten_tomatoes", "--n-train", "8", "--n-test", "4",
+                  "--device", "cpu", "--lora-targets", "k_proj", "--output-dir", tmp_path / "x")
+    msg = assert_user_error(p, "k_proj", "c_attn", "--mode full")
+    assert "q" in msg
     p = zoft_here("train", "--model", folder, "--task", "rotten_tomatoes", "--n-train", "8", "--n-test", "4",
                   "--device", "cpu", "--mode", "full", "--steps", "2", "--batch-size", "4", "--no-zero-shot",
                   "--output-dir", tmp_path / "f")

@@ -47,21 +47,41 @@ class LoraArgs:
 FALLBACK_ROWS: ContextVar = ContextVar("zoft_fallback_rows", default=None)
 
 
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable float32 low-rank update; see the module docstring."""
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 style): a Linear whose weight is stored transposed, (in, out)."""
+    return type(m).__name__ == "Conv1D"
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, init_seed: int = 0):
+
+def linear_like(m: nn.Module) -> bool:
+    """Layers LoRA can wrap: nn.Linear, and transformers' Conv1D."""
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
+def features(m: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear-like layer."""
+    if is_conv1d(m):
+        return m.weight.shape[0], m.weight.shape[1]
+    return m.in_features, m.out_features
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (``nn.Linear``, or GPT-2's transposed ``Conv1D``) plus a trainable float32
+    low-rank update; see the module docstring. A and B have PEFT's shapes either way: (r, in), (out, r)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, init_seed: int = 0):
         super().__init__()
         self.base = base
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.in_features, self.out_features = features(base)
+        self.fan_in_fan_out = is_conv1d(base)  # PEFT's name for a weight stored (in, out)
         dev = base.weight.device
         dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32  # float64 for exact tests
         # PEFT's default initialisation, drawn on the CPU from a private seeded generator: the same A on
         # every device, and a replay rebuilds it from the log's seed
-        a = torch.empty(r, base.in_features, dtype=dtype)
+        a = torch.empty(r, self.in_features, dtype=dtype)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=torch.Generator().manual_seed(init_seed))
         self.lora_A = nn.Parameter(a.to(dev))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype))
         self.train_a = True  # False: LoRA-FA, A is held at its initialisation (zoft.zo.lora_trainable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +120,8 @@ class LoRALinear(nn.Module):
         return y
 
     def merged_weight(self) -> torch.Tensor:
-        w = self.base.weight.to(self.lora_A.dtype) + self.scaling * (self.lora_B @ self.lora_A)
+        delta = self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
+        w = self.base.weight.to(self.lora_A.dtype) + (delta.T if self.fan_in_fan_out else delta)
         return w.to(self.base.weight.dtype)
 
 
@@ -223,8 +244,9 @@ def _bmm_out_dtype() -> bool:
 
 
 def resolve_targets(model: nn.Module, targets: list[str], short: dict[str, str]) -> list[str]:
-    """Map short names (q, v…) to module names (q_proj…), checking each exists as an nn.Linear."""
-    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """Map short names (q, v…) to module names (q_proj…), checking each exists as a linear layer (nn.Linear,
+    or GPT-2's Conv1D); several short names may map to one module (GPT-2's fused c_attn)."""
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_like(m)}
     names = []
     for t in targets:
         name = short.get(t, t)
@@ -233,7 +255,8 @@ def resolve_targets(model: nn.Module, targets: list[str], short: dict[str, str])
                 f"LoRA target {t!r} matches no linear module of this model; "
                 f"choose from {sorted(short) or ''} or module names {sorted(linear)}"
             )
-        names.append(name)
+        if name not in names:
+            names.append(name)
     return names
 
 
@@ -250,7 +273,7 @@ def inject_lora(
     found: dict[str, LoRALinear] = {}
     for name, module in list(model.named_modules()):
         m = pat.match(name)
-        if not m or not isinstance(module, nn.Linear):
+        if not m or not linear_like(module):
             continue
         if layers is not None and int(m.group(1)) not in layers:
             continue
@@ -290,7 +313,7 @@ def save_peft(
         "target_modules": sorted(set(target_names)),
         "layers_to_transform": layers,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in loras.values()),
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,

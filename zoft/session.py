@@ -26,7 +26,7 @@ from zoft.loading import (
     resolve,
     resolve_alias,
 )
-from zoft.lora import LoraArgs, LoRALinear, flatten_lora_, inject_lora, resolve_targets
+from zoft.lora import LoraArgs, LoRALinear, flatten_lora_, inject_lora, linear_like, resolve_targets
 from zoft.models import hf
 from zoft.zo.noise import HALF
 from zoft.zo.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber
@@ -102,7 +102,7 @@ def load_session(mc: ModelConfig, random_weights: bool = False) -> Session:
     else:
         model = hf.load_hf(folder, dtype, device)
         path, prefix = f"transformers fallback ({cfg.get('model_type')})", hf.block_prefix(model)
-        linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_like(m)}
         short = {k: v for k, v in hf.LORA_TARGETS.get(cfg.get("model_type"), hf.DEFAULT_TARGETS).items()
                  if v in linear}  # only names this model has: an error never offers a choice it refuses
         n_layers = len(model.get_submodule(prefix))
@@ -114,17 +114,16 @@ def load_session(mc: ModelConfig, random_weights: bool = False) -> Session:
 
 
 def check_lora_targets(s: Session, zc: ZOConfig) -> None:
-    """GPT-2-style models compute attention and MLP in transformers' Conv1D (a transposed Linear), which
-    zoft's LoRA does not wrap: say so, and name what can take LoRA, before attach() fails less clearly."""
-    conv = sorted({n.rsplit(".", 1)[-1] for n, m in s.model.named_modules() if type(m).__name__ == "Conv1D"})
-    if zc.mode != "lora" or not conv:
+    """LoRA goes on linear layers (nn.Linear, or GPT-2's Conv1D): a target naming anything else is refused
+    here, with the modules that can take it, before attach() fails less clearly."""
+    if zc.mode != "lora":
         return
-    linear = {n.rsplit(".", 1)[-1] for n, m in s.model.named_modules() if isinstance(m, nn.Linear)}
+    linear = {n.rsplit(".", 1)[-1] for n, m in s.model.named_modules() if linear_like(m)}
     wanted = [s.short_targets.get(t, t) for t in zc.lora_targets]
     if any(t not in linear for t in wanted):
-        raise ZoftError(f"--lora-targets {' '.join(zc.lora_targets)}: this model's attention and MLP layers are "
-                        f"GPT-2-style Conv1D ({', '.join(conv)}), which zoft's LoRA does not wrap yet; LoRA can "
-                        f"go on its nn.Linear modules ({', '.join(sorted(linear)) or 'none'}), or train with --mode full")
+        short = sorted(k for k, v in s.short_targets.items() if v in linear)
+        raise ZoftError(f"--lora-targets {' '.join(zc.lora_targets)}: no linear layer of this model has that name; "
+                        f"LoRA can go on {', '.join(short + sorted(linear)) or 'none'}, or train with --mode full")
 
 
 def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:

@@ -17,6 +17,8 @@ LORA_TARGETS = {  # short name -> module name, by model_type, where it isn't q_p
     "gpt_neox": {"q": "query_key_value", "v": "query_key_value", "qkv": "query_key_value"},
     "bloom": {"q": "query_key_value", "v": "query_key_value", "qkv": "query_key_value"},
     "falcon": {"q": "query_key_value", "v": "query_key_value", "qkv": "query_key_value"},
+    # GPT-2's q/k/v are one Conv1D, c_attn: peft's default LoRA target for it too
+    "gpt2": {"q": "c_attn", "v": "c_attn", "qkv": "c_attn"},
 }
 DEFAULT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 
