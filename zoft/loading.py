@@ -10,10 +10,10 @@ import glob
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import shutil
-import sys
 
 import torch
 
@@ -97,7 +97,7 @@ def gguf_to_folder(path: str) -> str:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise ZoftError(f"loading GGUF needs transformers ({e})") from None
-    print(f"zoft: converting {path} to safetensors once (about 20 s); cached in {out}", file=sys.stderr)
+    logging.getLogger("zoft").info(f"zoft: converting {path} to safetensors once (about 20 s); cached in {out}")
     d, f = os.path.split(os.path.abspath(path))
     try:
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)

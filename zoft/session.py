@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -256,8 +257,25 @@ def describe(s: Session, engine, zo: bool = True) -> str:
     return f"zoft: {s.path} path on {s.device}; " + "; ".join(feats)
 
 
+class _Stderr(logging.Handler):
+    """Writes to whatever sys.stderr is when a record arrives (a handler bound to the stream at import
+    would miss a redirect, e.g. a notebook's or a test's)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+LOGGER = logging.getLogger("zoft")
+if not LOGGER.handlers:
+    LOGGER.addHandler(_Stderr())
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False  # zoft's lines once, whatever the host application's root logger does
+
+
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A progress or status line on stderr, through the `zoft` logger: a library user silences it with
+    logging.getLogger("zoft").setLevel(logging.WARNING). Progress bars stay on stderr through tqdm."""
+    LOGGER.info(msg)
 
 
 def progress(**kw):

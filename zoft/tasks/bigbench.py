@@ -19,6 +19,7 @@ declares a direct-URL dependency (bleurt) that pip refuses for PyPI packages; so
 import ast
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -79,7 +80,7 @@ def fetch_bigbench(
 
 
 def _download(url: str, dest: Path) -> None:
-    print(f"zoft: downloading {url} (358 MB, once) ...", file=sys.stderr)
+    logging.getLogger("zoft").info(f"zoft: downloading {url} (358 MB, once) ...")
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
             while chunk := r.read(1 << 20):
