@@ -10,7 +10,6 @@ import glob
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import pickle
 import shutil
@@ -19,6 +18,7 @@ import torch
 
 from zoft.errors import ZoftError
 from zoft.files import load_tensors, read_json
+from zoft.logs import log
 from zoft.models.llama import MODEL_TYPES as LLAMA_TYPES
 from zoft.models.llama import Llama, LlamaArgs
 from zoft.models.opt import OPT, OPTArgs
@@ -97,7 +97,7 @@ def gguf_to_folder(path: str) -> str:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise ZoftError(f"loading GGUF needs transformers ({e})") from None
-    logging.getLogger("zoft").info(f"zoft: converting {path} to safetensors once (about 20 s); cached in {out}")
+    log(f"zoft: converting {path} to safetensors once (about 20 s); cached in {out}")
     d, f = os.path.split(os.path.abspath(path))
     try:
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)

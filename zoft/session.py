@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import re
 import sys
@@ -27,6 +26,7 @@ from zoft.loading import (
     resolve,
     resolve_alias,
 )
+from zoft.logs import log
 from zoft.lora import LoraArgs, LoRALinear, flatten_lora_, inject_lora, linear_like, resolve_targets
 from zoft.models import hf
 from zoft.zo.noise import HALF
@@ -257,25 +257,6 @@ def describe(s: Session, engine, zo: bool = True) -> str:
     return f"zoft: {s.path} path on {s.device}; " + "; ".join(feats)
 
 
-class _Stderr(logging.Handler):
-    """Writes to whatever sys.stderr is when a record arrives (a handler bound to the stream at import
-    would miss a redirect, e.g. a notebook's or a test's)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr, flush=True)
-
-
-LOGGER = logging.getLogger("zoft")
-if not LOGGER.handlers:
-    LOGGER.addHandler(_Stderr())
-    LOGGER.setLevel(logging.INFO)
-    LOGGER.propagate = False  # zoft's lines once, whatever the host application's root logger does
-
-
-def log(msg: str) -> None:
-    """A progress or status line on stderr, through the `zoft` logger: a library user silences it with
-    logging.getLogger("zoft").setLevel(logging.WARNING). Progress bars stay on stderr through tqdm."""
-    LOGGER.info(msg)
 
 
 def progress(**kw):

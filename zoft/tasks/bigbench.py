@@ -19,7 +19,6 @@ declares a direct-URL dependency (bleurt) that pip refuses for PyPI packages; so
 import ast
 import hashlib
 import json
-import logging
 import os
 import re
 import sys
@@ -29,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from zoft.errors import ZoftError
+from zoft.logs import log
 
 SDIST_URL = (
     "https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
@@ -80,7 +80,7 @@ def fetch_bigbench(
 
 
 def _download(url: str, dest: Path) -> None:
-    logging.getLogger("zoft").info(f"zoft: downloading {url} (358 MB, once) ...")
+    log(f"zoft: downloading {url} (358 MB, once) ...")
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
             while chunk := r.read(1 << 20):
