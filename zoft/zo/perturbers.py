@@ -31,8 +31,8 @@ from torch import nn
 
 from zoft.lora import LoRALinear, RowBank, _half_plan, bank_views
 from zoft.models.common import PLAIN, Rows
-from zoft.zo.noise import param_seeds, perturbed_pair
-from zoft.zo.trainable import Trainable, _flat_z, perturb_, tensor_z
+from zoft.zo.noise import param_seed, param_seeds
+from zoft.zo.trainable import Trainable, _flat_z, perturb_
 
 LossFn = Callable[[Rows], torch.Tensor]
 
@@ -114,24 +114,19 @@ class FullRows(Rows):
     def _i(self, t: torch.Tensor | None) -> int | None:
         return None if t is None else self.owner.index.get(id(t))
 
+    def _seed(self, i: int, j: int) -> tuple[int, torch.Tensor | None]:
+        """Tensor i's seed at direction j: on the host, and (Triton) its cell of the device table."""
+        return param_seed(self.seeds[j], i), None if self.table is None else self.table[i, j : j + 1]
+
     def pair(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(θ_i + εz_j, θ_i − εz_j) in θ_i's dtype."""
-        t = self.owner.tr.tensors[i]
-        if self.table is not None:
-            from zoft.zo.kernels.perturb_triton import perturbed_pair_triton
-
-            return perturbed_pair_triton(t.data, self.table[i, j : j + 1], self.eps)
-        return perturbed_pair(t.data, tensor_z(self.owner.tr, i, self.seeds[j]), self.eps)
+        seed, cell = self._seed(i, j)
+        return self.owner.tr.z.pair(self.owner.tr.tensors[i].data, seed, self.eps, cell)
 
     def pair_rows(self, i: int, j: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows idx of a 2-D θ_i, perturbed both ways (z generated only there with Triton)."""
-        t = self.owner.tr.tensors[i]
-        if self.table is not None:
-            from zoft.zo.kernels.perturb_triton import perturbed_rows_triton
-
-            return perturbed_rows_triton(t.data, idx, self.table[i, j : j + 1], self.eps)
-        z = tensor_z(self.owner.tr, i, self.seeds[j])
-        return perturbed_pair(t.data[idx], z[idx], self.eps)
+        seed, cell = self._seed(i, j)
+        return self.owner.tr.z.pair_rows(self.owner.tr.tensors[i].data, idx, seed, self.eps, cell)
 
     def fusable(self, mods: list[nn.Module]) -> bool:
         return not any(self._i(p) is not None for m in mods for p in (m.weight, getattr(m, "bias", None)))
@@ -216,7 +211,7 @@ class FullRowsPerturber:
 
     def rows(self, seeds: list[int], eps: float) -> FullRows:
         table = None
-        if self.tr.z_backend == "triton":
+        if self.tr.z.needs_table:
             table = seed_table(self, seeds, len(self.tr.tensors), self.tr.tensors[0].device)
         return FullRows(self, seeds, eps, table)
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from zoft.lora import LoRALinear, z_mask
-from zoft.zo.noise import add_noise_, noise, param_seed
+from zoft.zo.noise import param_seed
 
 
 @dataclass
@@ -34,6 +34,13 @@ class Trainable:
     store: torch.Tensor | None = None  # LoRA: the flat buffer the tensors were laid out in (zoft.lora.flatten_lora_)
     fixed: list[bool] | None = None  # per tensor: held at its initial value (LoRA-FA's A factors)
     z_mask: torch.Tensor | None = None  # flat sets with fixed tensors: z is multiplied by this (0 on them)
+
+    @property
+    def z(self):
+        """The z backend (zoft.zo.backends) this run draws its full-mode z from."""
+        from zoft.zo.backends import BACKENDS
+
+        return BACKENDS[self.z_backend]
 
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors)
@@ -91,12 +98,7 @@ def directions(tr: Trainable, seed: int) -> list[torch.Tensor]:
 
 def tensor_z(tr: Trainable, i: int, seed: int) -> torch.Tensor:
     """All of tensor i's z at direction seed `seed` (float32): the values the in-place passes add."""
-    t = tr.tensors[i]
-    if tr.z_backend == "triton":
-        from zoft.zo.kernels.perturb_triton import randn_triton
-
-        return randn_triton(t.numel(), param_seed(seed, i), t.device).view_as(t)
-    return noise(t, param_seed(seed, i))
+    return tr.z.tensor_z(tr.tensors[i], param_seed(seed, i))
 
 
 def _flat_z(tr: Trainable, seed: int) -> torch.Tensor:
@@ -150,14 +152,8 @@ def perturb_(tr: Trainable, seed: int, scale: float) -> None:
     if tr.flat:
         _foreach_add(tr, directions(tr, seed), scale)
         return
-    if tr.z_backend == "triton":
-        from zoft.zo.kernels.perturb_triton import add_noise_triton_
-
-        for i, t in enumerate(tr.tensors):
-            add_noise_triton_(t.data, param_seed(seed, i), scale)
-        return
     for i, t in enumerate(tr.tensors):
-        add_noise_(t.data, param_seed(seed, i), scale)
+        tr.z.add_(t.data, param_seed(seed, i), scale)
 
 
 def _foreach_add(tr: Trainable, zs: list[torch.Tensor], alpha: float) -> None:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from zoft.zo.noise import HALF, add_noise_, param_seed, param_seeds, update_half_
+from zoft.zo.noise import param_seed, param_seeds
 from zoft.zo.trainable import Trainable, _flat_z
 
 
@@ -29,50 +29,17 @@ def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tens
         _flat_update_(tr, seeds, grads, lr, weight_decay)
         return
     grads = grads.tolist() if isinstance(grads, torch.Tensor) else grads
-    n = len(seeds)
-    coefs = [-lr * g / n for g in grads]
-    if tr.z_backend == "triton":  # decay and every direction in one pass per tensor
-        _triton_update_(tr, seeds, coefs, lr, weight_decay)
-        return
-    for i, t in enumerate(tr.tensors):  # half precision: the sum in float32, one stochastic rounding
-        if t.dtype in HALF:
-            decay = 1 - lr * weight_decay if weight_decay and tr.decay[i] else 1.0
-            update_half_(t.data, [param_seed(s, i) for s in seeds], coefs, decay, rounding_seed(seeds, i))
-    wide = [i for i, t in enumerate(tr.tensors) if t.dtype not in HALF]
-    decayed = [tr.tensors[i].data for i in wide if tr.decay[i]]
-    if weight_decay and decayed:
-        torch._foreach_mul_(decayed, 1 - lr * weight_decay)
-    for s, c in zip(seeds, coefs):
-        for i in wide:
-            add_noise_(tr.tensors[i].data, param_seed(s, i), c)
+    n, k = len(seeds), len(tr.tensors)
+    decay = [1 - lr * weight_decay if weight_decay and d else 1.0 for d in tr.decay]
+    rounding = param_seeds([param_seed(seeds[0], 1 << 40)], k)[:, 0]  # rounding_seed(seeds, i) for every i
+    tr.z.update_([t.data for t in tr.tensors], decay, param_seeds(seeds, k), [-lr * g / n for g in grads], rounding,
+                 tr.__dict__.setdefault("update_plans", {}))
 
 
 def rounding_seed(seeds: list[int], i: int) -> int:
     """The stochastic rounding's seed for tensor i at a step: a pure function of the step's first
     direction seed and i, apart from every z stream."""
     return param_seed(param_seed(seeds[0], 1 << 40), i)
-
-
-def _triton_update_(tr: Trainable, seeds: list[int], coefs: list[float], lr: float, weight_decay: float) -> None:
-    """The update with the Triton kernels: one launch per dtype for every tensor (a launch per tensor costs
-    more host time than the GPU spends on most of them), seeds and coefficients copied to the device once."""
-    from zoft.zo.kernels.perturb_triton import UpdatePlan
-
-    n = len(tr.tensors)
-    table = param_seeds(seeds, n)  # (n, directions)
-    rounding = param_seeds([param_seed(seeds[0], 1 << 40)], n)[:, 0]  # = rounding_seed(seeds, i)
-    decay = torch.tensor([1 - lr * weight_decay if weight_decay and d else 1.0 for d in tr.decay], dtype=torch.float32)
-    plans = tr.__dict__.setdefault("update_plans", {})
-    for dtype in {t.dtype for t in tr.tensors}:
-        idx = [i for i, t in enumerate(tr.tensors) if t.dtype == dtype]
-        group = [tr.tensors[i].data for i in idx]
-        plan = plans.get(dtype)
-        if plan is None or not plan.valid(group):
-            plan = plans[dtype] = UpdatePlan(group)
-        sel = torch.tensor(idx)
-        ints = torch.cat([table[sel].reshape(-1), rounding[sel]]).to(group[0].device)
-        floats = torch.cat([decay[sel], torch.tensor(coefs, dtype=torch.float32)]).to(group[0].device)
-        plan.run(ints, floats, len(seeds))
 
 
 def _flat_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tensor, lr: float,
