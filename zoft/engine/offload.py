@@ -51,7 +51,7 @@ def offload_to_host(model: nn.Module, device: torch.device | str) -> None:
     model.offload_device = device
 
 
-def stream_blocks(model: nn.Module, device: torch.device | str) -> "LayerStreamer":
+def stream_blocks(model: nn.Module, device: torch.device | str) -> LayerStreamer:
     """The streamer for a model prepared by offload_to_host (model.streamer; made once). Call it after
     attaching the trained parameters and moving them to the device: every block parameter still on the
     CPU is streamed as frozen, and a streamed parameter's GPU copy is always made from its host copy."""

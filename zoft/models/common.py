@@ -74,7 +74,7 @@ class Rows:
         """The device tensor that carries this step's perturbation into a CUDA graph (None: nothing)."""
         return None
 
-    def over(self, t: torch.Tensor) -> "Rows":
+    def over(self, t: torch.Tensor) -> Rows:
         """These rows with graph_tensor() replaced by t (a graph's static copy of it)."""
         return self
 
@@ -223,7 +223,7 @@ class Fused:
         self.ptrs = _ptrs(mods)  # mods: the plain nn.Linear layers
 
     @staticmethod
-    def fuse(mods: list[nn.Module]) -> "Fused | None":
+    def fuse(mods: list[nn.Module]) -> Fused | None:
         bases = [_base(m) for m in mods]
         ws = [b.weight for b in bases]
         if (any(type(b) is not nn.Linear for b in bases) or any(w.requires_grad for w in ws)
@@ -263,7 +263,7 @@ def _base(m: nn.Module) -> nn.Module:
     return m.base if isinstance(m, LoRALinear) else m
 
 
-def run_linears(fused: "Fused | None", mods: list[nn.Module], x: torch.Tensor, rows: Rows = PLAIN) -> list[torch.Tensor]:
+def run_linears(fused: Fused | None, mods: list[nn.Module], x: torch.Tensor, rows: Rows = PLAIN) -> list[torch.Tensor]:
     """Each layer of `mods` applied to x: as one GEMM where `fused` (Fused.fuse) still describes them and
     their base weights are the same for every row."""
     if fused is not None and rows.fusable(mods) and fused.valid_for(mods):

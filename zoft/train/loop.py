@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import shutil
 import signal
 import statistics
 import sys
@@ -19,24 +17,14 @@ import time
 from collections.abc import Sequence
 
 import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
 
 from zoft import distributed as dist
-from zoft import rundir, steplog, tracking
-from zoft.backprop import peak_memory
+from zoft import tracking
 from zoft.card import write_model_card
 from zoft.config import TrainConfig
-from zoft.engine.native import row_losses
 from zoft.errors import Interrupted, ZoftError
-from zoft.evaluate import answers_of, evaluate_split, write_predictions
-from zoft.files import checkpoint_fix, load_tensors, read_checkpoint, sha256
-from zoft.loading import load_tokenizer, resolve
-from zoft.lora import load_peft_weights, save_peft
-from zoft.models.common import Rows
-from zoft.resume import Plan, check_loaded, model_fingerprint, prepare, prepare_data
+from zoft.evaluate import answers_of, evaluate_split
 from zoft.session import (
-    Session,
     attach,
     check_lora_targets,
     describe,
@@ -45,205 +33,26 @@ from zoft.session import (
     make_engine,
     peft_base,
     progress,
-    resolve_alias,
 )
 from zoft.tasks import Task
-from zoft.tasks.encode import Encoded, encode
-from zoft.tasks.rows import ChatFn, chat_renderer
 from zoft.tracking import Callback
-from zoft.zo.perturbers import estimate
+from zoft.train import rundir, steplog
+from zoft.train.backprop import peak_memory
+from zoft.train.checkpoint import (
+    finish,
+    load_checkpoint,
+    load_undo,
+    open_metrics,
+    recover_checkpoint,
+    save_checkpoint,
+    undo_last,
+)
+from zoft.train.data import batch_indices, load_data, metric_of, model_chat, write_splits
+from zoft.train.pipeline import HostCopy, snapshot
+from zoft.train.resume import Plan, check_loaded, model_fingerprint, prepare
+from zoft.train.step import step_losses
 from zoft.zo.trainable import direction_seeds
 from zoft.zo.update import lr_at, sgd_update_
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Examples for `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
-    out, pos = [], step * batch_size
-    while len(out) < batch_size:
-        epoch, off = divmod(pos, n)
-        perm = list(range(n))
-        random.Random(seed * 100003 + epoch).shuffle(perm)
-        take = perm[off : off + batch_size - len(out)]
-        out += take
-        pos += len(take)
-    return out
-
-
-def model_chat(mc) -> ChatFn:
-    """Chat rows are rendered with the model's own tokenizer, loaded (without the weights) when first needed."""
-    return chat_renderer(lambda: load_tokenizer(resolve(resolve_alias(mc.model))))
-
-
-def load_data(cfg: TrainConfig, s: Session, plan: Plan | None = None) -> tuple[dict[str, list[Encoded]], dict, str]:
-    """Tokenize the drawn splits (the plan's, or drawn here) for the session's model; and the loss."""
-    _, drawn, loss = (plan.task, plan.drawn, plan.loss) if plan else prepare_data(cfg, chat_renderer(lambda: s.tokenizer))
-    if loss == "f1" and not s.native:
-        raise ZoftError("--loss f1 needs a generation task and a native model (OPT, Llama family)")
-    splits = drawn.examples
-    enc = {}
-    for name, exs in splits.items():
-        enc[name], n_trunc = encode(s.tokenizer, exs, s.max_length, cfg.model.truncation)
-        if n_trunc:
-            log(f"zoft: {name}: {n_trunc} of {len(exs)} prompts truncated from the left to {s.max_length} tokens")
-    return enc, splits, loss
-
-
-def write_splits(out: str, cfg: TrainConfig, plan: Plan) -> None:
-    """RUN/splits.json: which examples the run trains, selects and tests on, and the data they came from."""
-    tc = cfg.task
-    ab = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # noqa: E731 - a path moves, a name doesn't
-    files = {k: ab(v) for k, v in (("train", tc.train_file), ("dev", tc.validation_file), ("test", tc.test_file)) if v}
-    source = plan.task.name if plan.task.name == "datasets" else ab(tc.task)  # "datasets": the Python API's data
-    about = {"task": "" if files else source, "files": files, "name": plan.task.name, "kind": plan.task.kind,
-             "data_dir": ab(tc.data_dir), "template": tc.template, "seed": cfg.run.seed, "k_shot": tc.k_shot,
-             "asked": {"train": tc.n_train, "dev": tc.n_dev, "test": tc.n_test}}
-    rundir.write_json(os.path.join(out, rundir.SPLITS), plan.drawn.manifest(**about))
-
-
-def f1_row_losses(s: Session, batch: list[Encoded], golds: list[list[str]], rows) -> torch.Tensor:
-    """MeZO's non-differentiable objective: −F1 of greedy answers, one decode per perturbation row."""
-    from zoft.evaluate import stop_tokens
-    from zoft.tasks.metrics import f1
-
-    stop = stop_tokens(s.tokenizer)
-    rows = Rows(rows) if isinstance(rows, int) else rows
-    total = torch.zeros(rows.P, dtype=torch.float64)
-    for e, gold in zip(batch, golds, strict=True):
-        for r, out in enumerate(s.model.generate(e.prompt_ids, 50, stop, rows=rows)):
-            total[r] += f1(s.tokenizer.decode(out).split("\n")[0].strip(), gold)
-    return -total / len(batch)
-
-
-def pack_batch(engine, batch: list[Encoded], loss: str):
-    """The engine's packed batch for `loss` (built on the host; see step_losses' `next_batch`)."""
-    return engine.batch(batch, gold_only=(loss == "lm"))
-
-
-def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list[int], eps: float,
-                golds: list[list[str]] | None = None, reduce: bool = True, packed=None, next_batch=None,
-                ahead: dict | None = None, lazy: bool = False):
-    """L₊, L₋ per direction and the projected gradients for one batch (this rank's shard of it).
-    loss="f1" (generation tasks) needs `golds`, the answers of each example. `packed`: this batch
-    already packed (pack_batch). `next_batch`: the next step's examples, packed into ahead["packed"]
-    while this step's forward runs (on a GPU the packing overlaps the forward).
-    lazy: g is returned as a device tensor and nothing waits for the forward; else a list."""
-    if loss == "f1":
-        row_fn = lambda rows: f1_row_losses(s, batch, golds, rows)
-    else:
-        b = packed if packed is not None else pack_batch(engine, batch, loss)
-        logits_only = loss == "candidate" and b.single_token
-        row_fn = lambda rows: row_losses(engine.scores(b, rows, logits_only, graph=True), b, loss)
-
-    def mean_over_ranks(v: torch.Tensor) -> torch.Tensor:  # (P,) local means -> global means
-        if not reduce or dist.world()[1] == 1:
-            return v
-        tot = dist.all_reduce_sum(torch.cat([v.double() * len(batch), torch.full((1,), float(len(batch)), dtype=torch.float64, device=v.device)]))
-        return tot[:-1] / tot[-1]
-
-    early = None
-    if next_batch is not None and ahead is not None and loss != "f1":
-        early = lambda: ahead.update(packed=pack_batch(engine, next_batch, loss))
-    lp, lm, g = estimate(lambda rows: mean_over_ranks(row_fn(rows)), s.perturber, seeds, eps, early)
-    return lp, lm, (g if lazy else g.tolist())
-
-
-# ---- checkpoints -------------------------------------------------------------------------------
-
-
-def save_trained(s: Session, folder: str) -> None:
-    """The trained parameters: a PEFT adapter (LoRA) or trained.safetensors (full mode)."""
-    os.makedirs(folder, exist_ok=True)
-    if s.loras is not None:
-        save_peft(s.loras, folder, peft_base(s.source, s.folder), s.target_names, s.lora_args)
-    else:
-        tensors = {n: t.detach().cpu().contiguous() for n, t in zip(s.trainable.names, s.trainable.tensors)}  # as trained
-        save_file(tensors, os.path.join(folder, "trained.safetensors"))
-
-
-def save_checkpoint(s: Session, path: str, state: dict, undo: torch.Tensor | None = None) -> None:
-    """Atomically replace `path` with the trained parameters and `state` (write aside, then rename).
-    undo (LoRA): the parameters before the last update, which the divergence guard restores."""
-    for t in s.trainable.tensors:
-        if not torch.isfinite(t).all():
-            raise ZoftError(f"refusing to save non-finite parameters to {path}; the last good checkpoint is kept")
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_trained(s, tmp)
-    if undo is not None:
-        save_file({"flat": undo.detach().cpu().contiguous()}, os.path.join(tmp, "undo.safetensors"))
-    # checksums of what was just written: a checkpoint damaged later is refused on load, not resumed from
-    state = state | {"sha256": {name: sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}}
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    swap_in(tmp, path)
-
-
-def swap_in(tmp: str, path: str) -> None:
-    """Put the complete folder `tmp` in place of `path`: path → path.old, tmp → path, remove path.old.
-    A kill leaves path whole, or only path.old whole (recover_checkpoint puts it back)."""
-    old = path + ".old"
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)  # left by a kill during an earlier swap's cleanup
-        os.replace(path, old)
-    os.replace(tmp, path)
-    rundir.fsync_dir(os.path.dirname(os.path.abspath(path)))
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_checkpoint(path: str) -> None:
-    """Finish or undo a swap that a kill interrupted (swap_in). path whole: drop the leftovers. Only
-    path.old: it is the last whole one, put it back (the step log replays whatever came after it)."""
-    old = path + ".old"
-    if not os.path.isdir(path) and os.path.isdir(old):
-        os.replace(old, path)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(path + ".tmp", ignore_errors=True)
-
-
-def load_checkpoint(s: Session, path: str, need: tuple[str, ...] = (), verify: bool = True) -> dict:
-    """Load a checkpoint's parameters; returns its state. A damaged checkpoint (state.json missing, malformed,
-    lacking a key in `need`, or a file whose checksum differs) is a ZoftError: resuming from it would be wrong.
-    verify=False: the checksums were checked already (resume.prepare, before anything was written)."""
-    state = read_checkpoint(path, need, verify)
-    fix = checkpoint_fix(path)
-    if s.loras is not None:
-        load_peft_weights(s.loras, path)
-    else:
-        tensors = load_tensors(os.path.join(path, "trained.safetensors"), fix)
-        with torch.no_grad():
-            for n, t in zip(s.trainable.names, s.trainable.tensors):
-                if n not in tensors or tensors[n].shape != t.shape:
-                    raise ZoftError(f"{path}/trained.safetensors lacks {n} or has another shape; {fix}")
-                t.copy_(tensors[n])
-    return state
-
-
-def load_undo(s: Session, path: str) -> torch.Tensor | None:
-    """The copy the guard restores (LoRA), as the checkpoint saved it; None if it saved none."""
-    f = os.path.join(path, "undo.safetensors")
-    if s.loras is None or not os.path.isfile(f):
-        return None
-    return load_tensors(f, checkpoint_fix(path))["flat"].to(s.trainable.tensors[0].device)
-
-
-def open_metrics(path: str, keep_to: int | None):
-    """metrics.jsonl for appending. keep_to (--resume): keep the rows up to the checkpoint's step; the
-    steps replayed from the log write theirs again, so no step has two rows and none is missing."""
-    if keep_to is None:
-        return open(path, "w")
-    rows = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= keep_to:
-                        rows.append(line if line.endswith("\n") else line + "\n")
-                except (ValueError, KeyError, TypeError):
-                    pass  # a row torn by the kill
-    rundir.write_atomic(path, "".join(rows))
-    return open(path, "a")
 
 
 def guard_stop(why: str, step: int, strikes: int, ckpt: str) -> str:
@@ -277,33 +86,6 @@ class _Signals:
             signal.signal(sig, h)
 
 
-def snapshot(s: Session) -> torch.Tensor | None:
-    """LoRA parameters are small: keep a flat copy before each update so the guard can undo it exactly."""
-    if s.loras is None:
-        return None
-    return s.trainable.flat_values(copy=True)
-
-
-class HostCopy:
-    """A small device tensor on its way to the host: the copy starts now (pinned, asynchronous on CUDA),
-    and read() waits for that copy alone, not for work queued after it."""
-
-    def __init__(self, t: torch.Tensor):
-        self.event = None
-        if t.device.type == "cuda":
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-            t = host
-        self.host = t
-
-    def read(self) -> list[float]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
-
-
 def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callback] = ()) -> dict:
     """Check the output folder, the data (and, on --resume, the run) before writing anything, take the
     folder's lock once every check passed (the model's too), then train with MeZO (or the adamw baseline).
@@ -328,7 +110,7 @@ def train(cfg: TrainConfig, data: Task | None = None, callbacks: Sequence[Callba
 
     try:
         if cfg.zo.optimizer == "adamw":
-            from zoft.backprop import train_backprop
+            from zoft.train.backprop import train_backprop
 
             claim()
             return train_backprop(cfg, plan, callbacks)
@@ -439,7 +221,7 @@ def _train(cfg: TrainConfig, plan: Plan, claim, callbacks: Sequence[Callback] = 
         undoing = applied > 0
         stop = strikes > rc.guard_strikes or not undoing
         if undoing:  # the update before this loss is the suspect: undo it exactly
-            applied, undo = _undo_last(s, ckpt, undo, applied), None
+            applied, undo = undo_last(s, ckpt, undo, applied), None
             dist.barrier()  # every rank has read the checkpoint before rank 0 replaces it below
             lr_scale *= rc.guard_lr_factor
             if main:
@@ -487,7 +269,7 @@ def _train(cfg: TrainConfig, plan: Plan, claim, callbacks: Sequence[Callback] = 
         for r in records:
             step = r["step"] + 1
             if "revert_to" in r:  # logged by reject(), which then saved a checkpoint
-                applied, undo = _undo_last(s, ckpt, undo, applied), None
+                applied, undo = undo_last(s, ckpt, undo, applied), None
                 dist.barrier()
                 strikes, lr_scale = strikes + 1, r["lr_scale"]
                 stop = strikes > rc.guard_strikes
@@ -638,96 +420,3 @@ def _train(cfg: TrainConfig, plan: Plan, claim, callbacks: Sequence[Callback] = 
     return result
 
 
-def metric_of(splits: dict) -> str:
-    """What a run's evaluations report: accuracy (multiple choice) or F1 (generation; exact match beside it)."""
-    return "f1" if splits["train"] and splits["train"][0].kind == "gen" else "accuracy"
-
-
-def finish(s: Session, engine, enc: dict, splits: dict, out: str, eval_batch_size: int, best_dev: float) -> dict:
-    """After training: the best dev checkpoint (if any) on the test set, predictions and the adapter."""
-    if best_dev >= 0:
-        load_checkpoint(s, os.path.join(out, "best"))
-    metric = metric_of(splits)
-    result = {f"best_dev_{metric}": best_dev if best_dev >= 0 else None, "metric": metric}
-    if enc["test"]:
-        ev = evaluate_split(engine, s, enc["test"], splits["test"], eval_batch_size, desc="test eval")
-        write_predictions(os.path.join(out, "test_predictions.jsonl"), ev["rows"])
-        result |= {"final_f1": ev["f1"], "final_exact_match": ev["em"]} if metric == "f1" else {"final_accuracy": ev["score"]}
-    if s.loras is not None:
-        tmp = os.path.join(out, "adapter.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_peft(s.loras, tmp, peft_base(s.source, s.folder), s.target_names, s.lora_args)
-        swap_in(tmp, os.path.join(out, "adapter"))
-    return result
-
-
-def _undo_last(s: Session, ckpt: str, prev: torch.Tensor | None, applied: int) -> int:
-    """Undo exactly: LoRA restores the copy taken before the last update; otherwise reload the checkpoint."""
-    if prev is not None:
-        with torch.no_grad():
-            parts = prev.split([t.numel() for t in s.trainable.tensors])
-            torch._foreach_copy_([t.data for t in s.trainable.tensors],
-                                 [p.view_as(t).to(t.dtype) for p, t in zip(parts, s.trainable.tensors)])
-        return applied - 1
-    return load_checkpoint(s, ckpt)["applied"]
-
-
-def replay(model: str, log_path: str, output_dir: str, device: str = "", overwrite: bool = False) -> dict:
-    """Rebuild a run's trained parameters from the base weights and its step log alone, after checking that
-    the log's header describes its records and `model` is the model the run trained. Written whole, and
-    never with non-finite values."""
-    if not os.path.isfile(log_path):
-        raise ZoftError(f"step log {log_path} does not exist")
-    rundir.check_target(output_dir, overwrite=overwrite, marker=rundir.CONFIG, what="replay", model=model,
-                        run=os.path.dirname(os.path.abspath(log_path)))
-    header, records = steplog.read(log_path)
-    if header is None:
-        raise ZoftError(f"{log_path} has no header line; is it a zoft steps.jsonl?")
-    resolved = header.pop("resolved", {})
-    cfg = TrainConfig.from_dict(header)
-    check_log_records(cfg, resolved, records, log_path)
-    cfg.model.model = model
-    cfg.model.device = device or resolved.get("device", "cpu").split(":")[0]
-    s = load_session(cfg.model)
-    found = {"model_fingerprint": model_fingerprint(s.model)}
-    attach(s, cfg.zo, cfg.run.seed)
-    found |= {"path": s.path, "trainable_parameters": s.trainable.n_trained()}
-    for key, value in found.items():
-        if key in resolved and resolved[key] != value:
-            raise ZoftError(f"{log_path} was written by a run of another model ({key} {resolved[key]!r}, --model {model} "
-                            f"gives {value!r}); pass the base model the run trained ({header['model']['model']})")
-    todo = steplog.effective(records)
-    for r in tqdm(todo, desc="replay", unit="step", disable=not sys.stderr.isatty()):
-        steplog.apply(s.trainable, r, s.full_step if cfg.zo.mode == "full" else "rows", cfg.zo.eps_value,
-                      cfg.zo.weight_decay)
-    if not all(torch.isfinite(t).all() for t in s.trainable.tensors):
-        raise ZoftError(f"replaying {log_path} gives non-finite parameters; nothing was saved (the log records a "
-                        "diverged run: replay a copy cut before the divergence)")
-    tmp = rundir.staging(output_dir)
-    try:
-        save_trained(s, tmp)
-        rundir.write_json(os.path.join(tmp, rundir.CONFIG), header | {"resolved": resolved})
-        rundir.publish(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"steps_replayed": len(todo), "output_dir": output_dir}
-
-
-def check_log_records(cfg: TrainConfig, resolved: dict, records: list[dict], log_path: str) -> None:
-    """The records must be the ones the header's run draws: each step's direction seeds follow from the run
-    seed, and each learning rate is the header's schedule times a guard factor in (0, 1]."""
-    zc, rc = cfg.zo, cfg.run
-    n_dirs = zc.directions * (resolved.get("world_size", 1) if zc.spread_directions else 1)
-    for r in records:
-        if "revert_to" in r:
-            continue
-        want = direction_seeds(rc.seed, r["step"], n_dirs)
-        if r["seeds"] != want:
-            raise ZoftError(f"{log_path}: the record of step {r['step']} has seeds {r['seeds']}, but its header's run "
-                            f"(--seed {rc.seed}, --directions {zc.directions}) draws {want}: the header comes from "
-                            "another run")
-        top = lr_at(r["step"], rc.steps, zc.lr_value, zc.schedule, zc.warmup)
-        if not (math.isfinite(r["lr"]) and 0 <= r["lr"] <= top * (1 + 1e-9)):
-            raise ZoftError(f"{log_path}: the record of step {r['step']} has lr {r['lr']!r}, which its header's "
-                            f"schedule (--lr {zc.lr_value:g}, {zc.schedule}) can't give: the header comes from "
-                            "another run, or the log was edited")
