@@ -4,12 +4,16 @@ through the session's perturber and `zoft.zo.perturbers.estimate`.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from zoft import distributed as dist
 from zoft.session import Session
 from zoft.tasks.encode import Encoded
 from zoft.train.losses import f1_row_losses, row_losses
+from zoft.train.pipeline import HostCopy
 from zoft.zo.perturbers import estimate
 
 
@@ -44,3 +48,41 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
         early = lambda: ahead.update(packed=pack_batch(engine, next_batch, loss))
     lp, lm, g = estimate(lambda rows: mean_over_ranks(row_fn(rows)), s.perturber, seeds, eps, early)
     return lp, lm, (g if lazy else g.tolist())
+
+
+def gather_directions(seeds: list[int], lp: torch.Tensor, lm: torch.Tensor, grads: list[float], n: int,
+                      world: int) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """--spread-directions: (L₊, L₋, g) of every rank's n directions, back in the order of `seeds` (all of
+    the step's seeds; rank r estimated seeds[r::world])."""
+    parts = dist.all_gather_floats(lp.tolist() + lm.tolist() + grads)
+    order = sorted(((k * world + r, p[i], p[n + i], p[2 * n + i]) for r, p in enumerate(parts)
+                    for k, i in enumerate(range(n))))
+    return torch.tensor([o[1] for o in order]), torch.tensor([o[2] for o in order]), [o[3] for o in order]
+
+
+def clip(grads: torch.Tensor | list[float], c: float) -> torch.Tensor | list[float]:
+    """--clip-grad: g clamped to [−c, c]; ±inf and NaN stay (the guard rejects them)."""
+    if torch.is_tensor(grads):
+        return torch.where(grads.isfinite(), grads.clamp(-c, c), grads)
+    return [min(max(x, -c), c) if math.isfinite(x) else x for x in grads]
+
+
+@dataclass
+class StepResult:
+    """One estimated step on its way to the guard. values: L₊ (n), L₋ (n), g (n) and, data parallel, the
+    stop flag every rank agreed on: a HostCopy still in flight (pipelined) or floats on the host.
+    snap (pipelined): the parameters before the step's update, which is already queued."""
+
+    step: int
+    seeds: list[int]
+    lr: float
+    t: float  # when it was queued
+    values: HostCopy | list[float]
+    snap: torch.Tensor | None = None
+    queued: bool = False
+
+    def read(self) -> tuple[list[float], list[float], list[float], int]:
+        """(L₊, L₋, g, the signal some rank got or 0); waits for this step's copy alone."""
+        vals = self.values.read() if isinstance(self.values, HostCopy) else self.values
+        n = len(self.seeds)
+        return vals[:n], vals[n : 2 * n], vals[2 * n : 3 * n], int(vals[3 * n]) if len(vals) > 3 * n else 0
