@@ -17,7 +17,7 @@ with `pytest -s`) and writes it to faults_summary.txt in pytest's base temp fold
 
 Run-folder ownership and lock, the resume config check, checkpoint .old recovery, guard state in
 checkpoints, dev evaluations of replayed steps and atomic export come from the reliability branch
-(zoft/rundir.py, zoft/resume.py).
+(zoft/train/rundir.py, zoft/train/resume.py).
 """
 
 from __future__ import annotations
