@@ -52,7 +52,8 @@ from zoft.bench.harness import WORKLOADS, make_batch, write_stub_tokenizer
 from zoft.config import ModelConfig, ZOConfig
 from zoft.models.opt import PRESETS
 from zoft.session import attach, load_session, make_engine
-from zoft.train import HostCopy, snapshot, step_losses
+from zoft.train.pipeline import HostCopy, snapshot
+from zoft.train.step import step_losses
 from zoft.zo.trainable import direction_seeds
 from zoft.zo.update import sgd_update_
 
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> dict | None:
                   f"on rank 0", file=sys.stderr, flush=True)
     slowest = dist.all_reduce_max(torch.tensor(times, dtype=torch.float64))[args.warmup :].tolist()
 
-    # the train loop's pipeline (zoft.train): batch i+1 packed during step i, the update queued with g on
+    # the train loop's pipeline (zoft.train.loop): batch i+1 packed during step i, the update queued with g on
     # the device, step i's losses read once step i+1 is queued; time of the whole window / steps
     ahead, pending = {}, None
     dist.barrier()

@@ -22,7 +22,7 @@ import torch
 from zoft.bench.harness import WORKLOADS, load_reference, make_batch
 from zoft.config import ModelConfig, ZOConfig
 from zoft.session import attach, load_session, make_engine, pick_device
-from zoft.train import step_losses
+from zoft.train.step import step_losses
 from zoft.zo.trainable import direction_seeds
 from zoft.zo.update import sgd_update_
 

@@ -18,10 +18,11 @@ import random
 import torch
 
 from zoft.config import parse_layers
-from zoft.engine.native import NativeEngine, row_losses
+from zoft.engine.native import NativeEngine
 from zoft.lora import LoraArgs, inject_lora
 from zoft.models.llama import PRESETS, Llama, LlamaArgs
 from zoft.tasks.encode import Encoded
+from zoft.train.losses import row_losses
 from zoft.zo.trainable import direction_seeds, full_trainable, inplace_step, lora_trainable, rows_step
 from zoft.zo.update import sgd_update_
 

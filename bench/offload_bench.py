@@ -20,11 +20,12 @@ import time
 
 import torch
 
-from zoft.engine.native import NativeEngine, row_losses
+from zoft.engine.native import NativeEngine
 from zoft.engine.offload import offload_to_host, stream_blocks
 from zoft.lora import LoraArgs, inject_lora
 from zoft.models.opt import OPT, PRESETS, OPTArgs
 from zoft.tasks.encode import Encoded
+from zoft.train.losses import row_losses
 from zoft.zo.trainable import direction_seeds, lora_trainable, rows_step
 from zoft.zo.update import sgd_update_
 

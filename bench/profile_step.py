@@ -22,7 +22,8 @@ from zoft.bench.harness import WORKLOADS, load_reference, make_batch
 from zoft.config import ModelConfig, ZOConfig
 from zoft.models import common
 from zoft.session import attach, load_session, make_engine
-from zoft.train import HostCopy, snapshot, step_losses
+from zoft.train.pipeline import HostCopy, snapshot
+from zoft.train.step import step_losses
 from zoft.zo.trainable import direction_seeds
 from zoft.zo.update import sgd_update_
 

@@ -66,7 +66,7 @@ def row(name: str, result: dict) -> dict:
 
 
 def run_suite(a: argparse.Namespace) -> dict:
-    from zoft.train import train  # imports torch: after --help has had its chance
+    from zoft.train.loop import train  # imports torch: after --help has had its chance
 
     lora = train(run_config(a, "lora", ZOConfig(mode="lora", lr=a.lr, batch_size=a.batch_size), True))
     full = train(run_config(a, "full", ZOConfig(mode="full", lr=a.full_lr, layers=a.layers,
@@ -91,7 +91,7 @@ def table(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    from zoft.train import Interrupted  # imports torch: after --help has had its chance
+    from zoft.errors import Interrupted  # imports torch: after --help has had its chance
 
     try:
         summary = run_suite(a)

@@ -56,7 +56,8 @@ def fmt(acc: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    from zoft.train import Interrupted, train  # imports torch: after --help has had its chance
+    from zoft.errors import Interrupted
+    from zoft.train.loop import train  # imports torch: after --help has had its chance
 
     try:
         result = train(build_config(a))

@@ -60,3 +60,12 @@ def test_layers_only_look_down():
     bad += [(m, d) for m, deps in GRAPH.items() if not m.startswith(("zoft.bench", "zoft.cli"))
             for d in deps if d.startswith("zoft.bench")]
     assert not bad, bad
+
+
+def test_functions_are_short():
+    """No function in zoft/ longer than ~80 lines (90 with its docstring and signature): a long one is a
+    sign that concerns are mixed (the training loop was 300 lines of closures before it was split)."""
+    long = [f"{module_name(p)}.{n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for p in ROOT.rglob("*.py") for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 90]
+    assert not long, long

@@ -5,7 +5,7 @@ import json
 from tests.tiny import make_tiny
 from zoft.cli import main
 from zoft.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, ZOConfig
-from zoft.train import train
+from zoft.train.loop import train
 
 
 def test_adamw_baseline_lowers_training_loss_and_plot_draws_it(tmp_path, capsys):

@@ -21,11 +21,11 @@ from zoft.bench.harness import (
 from zoft.bench.reference import inject_mezo_lora, mezo_collate, mezo_loss, mezo_params, mezo_step
 from zoft.cli import main
 from zoft.config import ModelConfig, ZOConfig
-from zoft.engine.native import row_losses
 from zoft.loading import native_class
 from zoft.models import llama, opt
 from zoft.session import attach, load_session, make_engine
-from zoft.train import step_losses
+from zoft.train.losses import row_losses
+from zoft.train.step import step_losses
 from zoft.zo.trainable import direction_seeds, directions
 
 SMALL = Workload(prompt_len=(5, 20, 8), cand_len=(1, 3), n_cands=3, fixed_cands=False)  # ragged: padding matters

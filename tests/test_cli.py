@@ -366,7 +366,7 @@ def test_non_finite_loss_stops_with_finite_checkpoint(diverged):
     assert len(reverts) >= 1 and all(r["reason"] == "non-finite loss" for r in reverts)
 
 
-# Guard edge cases (once known bugs, fixed in train.py/evaluate.py).
+# Guard edge cases (once known bugs, fixed in the train loop/evaluate.py).
 
 
 def test_non_finite_error_starts_its_own_line(diverged):

@@ -17,7 +17,7 @@ from zoft.config import RunConfig, TaskConfig, TrainConfig
 from zoft.errors import ZoftError
 from zoft.tasks import Example, load_task, sample_splits
 from zoft.tasks.rows import chat_renderer
-from zoft.train import prepare_data
+from zoft.train.resume import prepare_data
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny import make_tiny
-from zoft import steplog
 from zoft.cli import main as zoft_main
+from zoft.train import steplog
 
 pytestmark = pytest.mark.distributed
 
@@ -44,7 +44,7 @@ $ZOFT_TEST_SIGTERM="R K", rank R alone sends itself SIGTERM as step K begins."""
 import os, runpy, signal, sys
 
 import torch
-import zoft.train as T
+import zoft.train.loop as T
 
 out, sys.argv = sys.argv[1], ["zoft", *sys.argv[2:]]
 record = {"updates": [], "names": None, "tensors": None}

@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny import make_tiny
-from zoft import steplog
 from zoft.cli import main as zoft_main
+from zoft.train import steplog
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                     "TOKENIZERS_PARALLELISM": "false"}
@@ -83,7 +83,7 @@ def result_file(run: Path, mode: str) -> Path:
 
 def updates(run: Path) -> list[tuple]:
     """The logged updates the parameters hold, as (step, seeds, grads, lr)."""
-    from zoft import steplog
+    from zoft.train import steplog
 
     _, records = steplog.read(str(run / "steps.jsonl"))
     return [(r["step"], r["seeds"], r["grads"], r["lr"]) for r in steplog.effective(records)]
@@ -144,7 +144,8 @@ def start_marked(args: list, out: Path, stop: str) -> int:
         return pid
     code = 70
     try:
-        import zoft.train as T
+        import zoft.train.checkpoint as C
+        import zoft.train.loop as T
 
         marks = Path(str(out) + ".marks")
         count, saving = {"forward": 0, "update": 0}, [None]
@@ -196,8 +197,8 @@ def start_marked(args: list, out: Path, stop: str) -> int:
         T.step_losses = counted("forward", T.step_losses)
         T.sgd_update_ = counted("update", T.sgd_update_)
         T.save_checkpoint = checkpoint(T.save_checkpoint)
-        T.save_peft = tensors_written(T.save_peft)
-        T.save_file = tensors_written(T.save_file)
+        C.save_peft = tensors_written(C.save_peft)
+        C.save_file = tensors_written(C.save_file)
         os.replace, shutil.rmtree = replace, rmtree
         sys.stdout = sys.stderr = open(str(out) + ".stderr", "w", buffering=1)
         torch.set_num_threads(1)
@@ -607,7 +608,7 @@ def test_a_fresh_start_replaces_a_stale_step_log(tmp_path):
     --overwrite-output-dir replaces it, never inheriting its records."""
     from zoft.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, ZOConfig
     from zoft.errors import ZoftError
-    from zoft.train import train
+    from zoft.train.loop import train
 
     out = tmp_path / "run"
     out.mkdir()
@@ -639,7 +640,8 @@ def test_pipelined_lora_run_equals_a_synchronous_loop(root, model, device):
     CUDA the losses travel through pinned memory and an event, and the blocks replay CUDA graphs."""
     from zoft.config import TrainConfig
     from zoft.session import attach, load_session, make_engine
-    from zoft.train import batch_indices, load_data, step_losses
+    from zoft.train.data import batch_indices, load_data
+    from zoft.train.step import step_losses
     from zoft.zo.trainable import direction_seeds
     from zoft.zo.update import lr_at, sgd_update_
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.tiny import make_tiny
-from zoft import steplog
 from zoft.cli import main as zoft_main
 from zoft.errors import ZoftError
 from zoft.files import describe_os_error, os_error_of
+from zoft.train import steplog
 
 DATA = ["--task", "rotten_tomatoes", "--n-train", "8", "--n-dev", "0", "--n-test", "4", "--batch-size", "4",
         "--device", "cpu", "--no-zero-shot"]

@@ -17,7 +17,7 @@ with `pytest -s`) and writes it to faults_summary.txt in pytest's base temp fold
 
 Run-folder ownership and lock, the resume config check, checkpoint .old recovery, guard state in
 checkpoints, dev evaluations of replayed steps and atomic export come from the reliability branch
-(zoft/rundir.py, zoft/resume.py).
+(zoft/train/rundir.py, zoft/train/resume.py).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny import make_tiny
-from zoft import steplog
 from zoft.cli import main as zoft_main
+from zoft.train import steplog
 
 DATA = ["--task", "rotten_tomatoes", "--n-train", "32", "--n-dev", "8", "--n-test", "8", "--batch-size", "4",
         "--device", "cpu", "--no-zero-shot", "--fsync-every", "2"]
@@ -86,7 +86,8 @@ def zoft(*args) -> tuple[int, str]:
 def install_marks(mark) -> None:
     """In a fork: call mark(label) as zoft enters each phase (see the module docstring)."""
     import zoft.export as E
-    import zoft.train as T
+    import zoft.train.checkpoint as C
+    import zoft.train.loop as T
 
     count, saving, fsyncs = {"forward": 0, "update": 0}, [None, False], [0]  # saving: (label, renamed yet)
 
@@ -134,7 +135,7 @@ def install_marks(mark) -> None:
     tensors = lambda: f"tensors {'final' if saving[0] is None else saving[0]}"
     T.step_losses, T.sgd_update_ = counted("forward", T.step_losses), counted("update", T.sgd_update_)
     T.save_checkpoint = checkpoint(T.save_checkpoint)
-    T.save_peft, T.save_file = then_mark(tensors, T.save_peft), then_mark(tensors, T.save_file)
+    C.save_peft, C.save_file = then_mark(tensors, C.save_peft), then_mark(tensors, C.save_file)
     E.save_file = then_mark("export tensors", E.save_file)
     os.replace, os.fsync = replace, fsync
 
@@ -173,7 +174,7 @@ def install_full_disk(root: Path, budget: float, err: int = errno.ENOSPC) -> lis
     from safetensors import SafetensorError
 
     import zoft.export as E
-    import zoft.train as T
+    import zoft.train.checkpoint as C
 
     used, prefix = [0], str(root) + os.sep
     under = lambda p: isinstance(p, (str, os.PathLike)) and (os.path.abspath(p) + os.sep).startswith(prefix)
@@ -201,7 +202,7 @@ def install_full_disk(root: Path, budget: float, err: int = errno.ENOSPC) -> lis
         return real_makedirs(name, *a, **k)
 
     builtins.open, os.makedirs = open_, makedirs
-    st.save_file = T.save_file = E.save_file = save_file
+    st.save_file = C.save_file = E.save_file = save_file
     return used
 
 

@@ -10,8 +10,8 @@ import torch
 from tests.test_zo import examples
 from tests.tiny import make_tiny
 from zoft.config import ModelConfig, ZOConfig
-from zoft.engine.native import row_losses
 from zoft.session import attach, load_session, make_engine
+from zoft.train.losses import row_losses
 from zoft.zo.noise import param_seed, perturbed_pair, round_stochastic, rounding_draw, update_half_
 from zoft.zo.perturbers import InPlacePerturber, estimate
 

@@ -12,7 +12,7 @@ from zoft.models.common import linear_relu
 from zoft.session import attach, load_session, make_engine
 from zoft.tasks import get_task, sample_splits
 from zoft.tasks.encode import encode
-from zoft.train import step_losses
+from zoft.train.step import step_losses
 from zoft.zo.trainable import direction_seeds
 from zoft.zo.update import sgd_update_
 
@@ -108,8 +108,9 @@ def test_relu_epilogue(dtype):
 
 def _full_rows_vs_inplace(device, dtype, fuse):
     from tests.test_zo import examples
-    from zoft.engine.native import NativeEngine, row_losses
+    from zoft.engine.native import NativeEngine
     from zoft.loading import build_native, read_config
+    from zoft.train.losses import row_losses
     from zoft.zo.perturbers import FullRowsPerturber, InPlacePerturber, estimate
     from zoft.zo.trainable import full_trainable
 

@@ -5,7 +5,7 @@ import json
 from tests.tiny import make_tiny
 from zoft.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, ZOConfig
 from zoft.tasks.metrics import qa_scores
-from zoft.train import train
+from zoft.train.loop import train
 
 
 def test_generation_task_trains_with_lm_loss_and_reports_f1(tmp_path):
@@ -60,11 +60,11 @@ def test_unknown_model_name_suggests_the_closest_valid_ones(monkeypatch):
 def test_f1_objective_matches_evaluation_and_trains(tmp_path):
     """--loss f1: each row's loss is −F1 of its greedy answers, the same F1 evaluation reports."""
     from zoft.config import ModelConfig as MC
-    from zoft.evaluate import evaluate_generation
+    from zoft.evaluate import answers_of, evaluate_generation
     from zoft.session import attach, load_session
     from zoft.tasks import get_task, sample_splits
     from zoft.tasks.encode import encode
-    from zoft.train import answers_of, f1_row_losses
+    from zoft.train.losses import f1_row_losses
 
     folder = make_tiny("llama", str(tmp_path))
     data = tmp_path / "qa.jsonl"

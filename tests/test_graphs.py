@@ -11,7 +11,7 @@ from zoft.config import ModelConfig, ZOConfig
 from zoft.session import attach, load_session, make_engine
 from zoft.tasks import get_task, sample_splits
 from zoft.tasks.encode import encode
-from zoft.train import step_losses
+from zoft.train.step import step_losses
 from zoft.zo.trainable import direction_seeds
 from zoft.zo.update import sgd_update_
 

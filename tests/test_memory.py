@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from zoft.engine.native import NativeEngine, row_losses
+from zoft.engine.native import NativeEngine
 from zoft.lora import LoraArgs, inject_lora
 from zoft.models.llama import Llama, LlamaArgs
 from zoft.tasks.encode import Encoded
+from zoft.train.losses import row_losses
 from zoft.zo.noise import CHUNK
 from zoft.zo.perturbers import InPlacePerturber, LoRAPerturber, estimate
 from zoft.zo.trainable import direction_seeds, full_trainable, lora_trainable

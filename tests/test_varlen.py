@@ -14,7 +14,7 @@ from zoft.config import ModelConfig, ZOConfig
 from zoft.engine.packing import make_segment, pack
 from zoft.session import attach, load_session, make_engine
 from zoft.tasks.encode import Encoded
-from zoft.train import step_losses
+from zoft.train.step import step_losses
 from zoft.zo.trainable import direction_seeds
 from zoft.zo.update import sgd_update_
 

@@ -12,11 +12,12 @@ from safetensors.torch import load_file
 
 from tests.tiny import make_tiny
 from zoft.config import ModelConfig, ZOConfig
-from zoft.engine.native import NativeEngine, row_losses
+from zoft.engine.native import NativeEngine
 from zoft.loading import build_native, read_config
 from zoft.lora import LoraArgs, inject_lora
 from zoft.session import attach, load_session
 from zoft.tasks.encode import Encoded
+from zoft.train.losses import row_losses
 from zoft.zo.noise import add_noise_, noise
 from zoft.zo.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber, estimate
 from zoft.zo.trainable import directions, full_trainable, lora_trainable, perturb_
@@ -191,7 +192,7 @@ def test_update_applies_weight_decay_by_module_type_only(root):
 def test_bfloat16_base_trained_dtype(root, mode, layers, master, trained):
     """A bf16 base runs (the CPU path too). LoRA factors are float32; full mode trains the bf16 weights
     themselves (the only copy), or a float32 master with --master-dtype float32."""
-    from zoft.train import step_losses
+    from zoft.train.step import step_losses
     from zoft.zo.trainable import direction_seeds
 
     s = load_session(ModelConfig(model=make_tiny("opt", root), dtype="bfloat16"))
@@ -208,7 +209,7 @@ def test_next_batch_packed_during_the_step_changes_nothing(root):
     """The train loop packs batch i+1 while step i's forward runs: same losses and parameters as packing
     each batch when its step starts, and the packed batch handed over is the next step's."""
     from zoft.session import make_engine
-    from zoft.train import step_losses
+    from zoft.train.step import step_losses
     from zoft.zo.trainable import direction_seeds
     from zoft.zo.update import sgd_update_
 

@@ -36,7 +36,7 @@ class Trainer:
         """The in-memory datasets as a zoft task (None: the config's --task source)."""
         if not self.data:
             return None
-        from zoft.train import model_chat
+        from zoft.train.data import model_chat
 
         tc = self.config.task
         columns = rows.Columns(tc.text_column, tc.label_column, tc.prompt_column, tc.completion_column,
@@ -47,6 +47,6 @@ class Trainer:
 
     def train(self) -> dict:
         """Run training; returns what `zoft train` prints (final accuracy, timings, the output folder)."""
-        from zoft.train import train
+        from zoft.train.loop import train
 
         return train(self.config, self.task(), self.callbacks)

@@ -39,7 +39,7 @@ def _train_config(ns) -> TrainConfig:
 
 
 def cmd_train(ns) -> None:
-    from zoft.train import train
+    from zoft.train.loop import train
 
     result = train(_train_config(ns))
     if result:  # ranks other than 0 return nothing under torchrun
@@ -48,7 +48,7 @@ def cmd_train(ns) -> None:
 
 def cmd_demo(ns) -> None:
     """Train with the demo preset (the demo parser's defaults, so any flag given still overrides it)."""
-    from zoft.train import train
+    from zoft.train.loop import train
 
     cfg = _train_config(ns)
     if not cfg.run.resume and cfg.run.output_dir == DEMO["output_dir"]:
@@ -59,7 +59,7 @@ def cmd_demo(ns) -> None:
 
 def run_of(adapter: str) -> str:
     """The run folder an adapter belongs to (RUN/adapter, RUN/best, RUN/checkpoint), or ""."""
-    from zoft import rundir
+    from zoft.train import rundir
 
     parent = os.path.dirname(os.path.normpath(adapter))
     is_run = adapter and rundir.read_run_config(parent) and os.path.isfile(os.path.join(parent, rundir.SPLITS))
@@ -71,7 +71,7 @@ def eval_setup(ns) -> tuple[TaskConfig, dict | None, str]:
 
     With a run (--run, or an --adapter inside a run folder) the model and data default to the run's and
     the splits are the ones it recorded; a data or size flag draws new ones (still never a training row)."""
-    from zoft import rundir
+    from zoft.train import rundir
 
     if ns.run and not rundir.read_run_config(ns.run):
         raise ZoftError(f"--run {ns.run} is not a zoft run folder (no {rundir.CONFIG}); pass a zoft train --output-dir")
@@ -97,7 +97,7 @@ def cmd_eval(ns) -> None:
     from zoft.session import describe, load_session, log, make_engine
     from zoft.tasks import draw_splits, load_task, recorded_splits
     from zoft.tasks.encode import encode
-    from zoft.train import model_chat
+    from zoft.train.data import model_chat
 
     if ns.output:
         check_output_file(ns.output, "--output")
@@ -174,7 +174,7 @@ def cmd_export(ns) -> None:
 
 
 def cmd_replay(ns) -> None:
-    from zoft.train import replay
+    from zoft.train.replay import replay
 
     check_output_dir(ns.output_dir)
     print(json.dumps(replay(ns.model, ns.log, ns.output_dir, ns.device, ns.overwrite_output_dir)))

@@ -77,3 +77,12 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def stop_flag(signum: int | None, device) -> list[torch.Tensor]:
+    """Data parallel: the largest signal number any rank got, as a max over ranks queued with the step, so
+    that every rank learns of a SIGINT/SIGTERM at the same step and they all stop together (a rank that
+    stopped alone would leave the others waiting in the next all-reduce). One process: nothing."""
+    if world()[1] == 1:
+        return []
+    return [all_reduce_max(torch.full((1,), float(signum or 0), dtype=torch.float64, device=device))]

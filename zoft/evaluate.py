@@ -41,7 +41,7 @@ def evaluate(engine, encoded: list[Encoded], batch_size: int = 32, desc: str | N
 
 def write_predictions(path: str, rows: list[dict], examples=None) -> None:
     """One JSON row per example, written whole (aside, then renamed)."""
-    from zoft.rundir import write_atomic
+    from zoft.train.rundir import write_atomic
 
     lines = []
     for i, r in enumerate(rows):

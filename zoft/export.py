@@ -13,12 +13,12 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from zoft import rundir
 from zoft.config import TrainConfig
 from zoft.errors import ZoftError
 from zoft.files import load_tensors, read_json
 from zoft.lora import load_peft_weights, merge_lora
 from zoft.session import attach, load_session, resolve_alias
+from zoft.train import rundir
 
 MARKER = "zoft_export.json"  # what the export came from; marks the folder as zoft's to replace
 

@@ -54,7 +54,8 @@ from zoft.loading import DTYPES, resolve
 from zoft.models import llama, opt
 from zoft.session import attach, load_session, make_engine, pick_device, resolve_alias
 from zoft.tasks.encode import Encoded
-from zoft.train import HostCopy, snapshot, step_losses
+from zoft.train.pipeline import HostCopy, snapshot
+from zoft.train.step import step_losses
 from zoft.zo.trainable import direction_seeds
 from zoft.zo.update import sgd_update_
 
@@ -240,7 +241,7 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
     engine = make_engine(s)
 
     ahead: dict = {}
-    lazy = s.loras is not None  # zoft train pipelines LoRA steps (zoft.train): g stays on the device
+    lazy = s.loras is not None  # zoft train pipelines LoRA steps (zoft.train.loop): g stays on the device
 
     def step(i: int, read_now: bool = True, nxt_i: int | None = None):
         """One step as zoft train runs it: batch i+1 (or nxt_i) is packed while step i's forward runs; LoRA

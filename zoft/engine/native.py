@@ -266,14 +266,3 @@ def score_table(b: Batch, token_lp: torch.Tensor, logits_only: bool) -> Scores:
     table = torch.full((rows, E, b.n_slots), float("-inf"), dtype=token_lp.dtype, device=token_lp.device)
     table[:, b.cand_example, b.cand_slot] = cand_mean
     return Scores(token_lp, cand_sum, cand_mean, table, logits_only)
-
-
-def row_losses(s: Scores, b: Batch, loss: str) -> torch.Tensor:
-    """(P,) mean loss per row. 'candidate': CE over length-normalised candidate scores (MeZO);
-    'lm': mean NLL of the gold candidate's tokens (the batch must have been built gold_only)."""
-    if loss == "candidate":
-        rows, E, K = s.table.shape
-        return F.cross_entropy(s.table.reshape(rows * E, K), b.answers.repeat(rows), reduction="none").view(rows, E).mean(1)
-    if loss == "lm":
-        return -(s.cand_mean).mean(1)
-    raise ValueError(loss)

@@ -50,7 +50,7 @@ def make_segment(e: Encoded, cands: list[list[int]], share_prompt: bool, trim: b
 def longs_to(device, *arrays: list[int]) -> list[torch.Tensor]:
     """Integer lists as int64 tensors on `device`, through one host→device copy. On CUDA the copy is
     from pinned memory and asynchronous: a copy from pageable memory makes the host wait until the GPU
-    has drained its queue, which would stall the train loop's pipeline (zoft.train) once per tensor."""
+    has drained its queue, which would stall the train loop's pipeline (zoft.train.loop) once per tensor."""
     host = torch.tensor([x for a in arrays for x in a], dtype=torch.long)
     if torch.device(device).type == "cuda":
         host = host.pin_memory().to(device, non_blocking=True)

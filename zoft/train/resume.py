@@ -1,7 +1,7 @@
 """What `zoft train` checks before it writes anything: the output folder, the data, and on --resume the run.
 
 `prepare` runs before the model loads and writes nothing: it decides whether the folder may be used
-(zoft.files, zoft.rundir), reads and draws the data (`prepare_data`, so bad data fails in a second), and
+(zoft.files, zoft.train.rundir), reads and draws the data (`prepare_data`, so bad data fails in a second), and
 on --resume compares the run's saved config and recorded splits with the new flags. `check_loaded` repeats the comparison for what
 only the loaded model knows (its weights' fingerprint, the device type, z's backend), still before
 the first write.
@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zoft import rundir, steplog
 from zoft.config import TrainConfig
 from zoft.errors import ZoftError
 from zoft.files import check_output_dir, read_checkpoint
 from zoft.session import log
 from zoft.tasks import Splits, Task, check_splits, draw_splits, load_task
 from zoft.tasks.rows import ChatFn
+from zoft.train import rundir, steplog
 
 
 @dataclass

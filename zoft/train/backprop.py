@@ -13,10 +13,14 @@ import torch
 from zoft import tracking
 from zoft.card import write_model_card
 from zoft.config import TrainConfig
-from zoft.engine.native import row_losses
 from zoft.errors import ZoftError
 from zoft.evaluate import evaluate_split
 from zoft.session import attach, describe, load_session, log, make_engine, peft_base, progress
+from zoft.train import rundir
+from zoft.train.checkpoint import finish, save_checkpoint
+from zoft.train.data import batch_indices, load_data, metric_of, write_splits
+from zoft.train.losses import row_losses
+from zoft.zo.update import lr_at
 
 
 def peak_memory(device: str) -> dict:
@@ -27,11 +31,8 @@ def peak_memory(device: str) -> dict:
 
 
 def train_backprop(cfg: TrainConfig, plan, callbacks=()) -> dict:
-    """The first-order baseline. `plan`: zoft.resume.prepare's checks of the output folder and the data,
+    """The first-order baseline. `plan`: zoft.train.resume.prepare's checks of the output folder and the data,
     already passed (read before the model loaded)."""
-    from zoft import rundir
-    from zoft.train import batch_indices, finish, load_data, metric_of, save_checkpoint, write_splits
-
     rc, zc = cfg.run, cfg.zo
     if cfg.model.attention == "varlen":
         raise ZoftError("--optimizer adamw runs attention through the mask path (its backward is the tested one); "
@@ -60,8 +61,6 @@ def train_backprop(cfg: TrainConfig, plan, callbacks=()) -> dict:
         t.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": [t for t, d in trained if d], "weight_decay": zc.weight_decay},
                              {"params": [t for t, d in trained if not d], "weight_decay": 0.0}], lr=lr)
-    from zoft.zo.update import lr_at
-
     if str(s.device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(s.device)
     train_set, best_dev, t_loop = enc["train"], -1.0, time.time()

@@ -1,0 +1,146 @@
+"""Checkpoints: the trained parameters and the loop's state, written aside and swapped in whole (a kill
+leaves the old one or the new one, never half of each), checked by checksums on load; the final adapter,
+and the undo the divergence guard needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from zoft.errors import ZoftError
+from zoft.evaluate import evaluate_split, write_predictions
+from zoft.files import checkpoint_fix, load_tensors, read_checkpoint, sha256
+from zoft.lora import load_peft_weights, save_peft
+from zoft.session import Session, peft_base
+from zoft.train import rundir
+from zoft.train.data import metric_of
+
+
+def save_trained(s: Session, folder: str) -> None:
+    """The trained parameters: a PEFT adapter (LoRA) or trained.safetensors (full mode)."""
+    os.makedirs(folder, exist_ok=True)
+    if s.loras is not None:
+        save_peft(s.loras, folder, peft_base(s.source, s.folder), s.target_names, s.lora_args)
+    else:
+        tensors = {n: t.detach().cpu().contiguous() for n, t in zip(s.trainable.names, s.trainable.tensors)}  # as trained
+        save_file(tensors, os.path.join(folder, "trained.safetensors"))
+
+
+def save_checkpoint(s: Session, path: str, state: dict, undo: torch.Tensor | None = None) -> None:
+    """Atomically replace `path` with the trained parameters and `state` (write aside, then rename).
+    undo (LoRA): the parameters before the last update, which the divergence guard restores."""
+    for t in s.trainable.tensors:
+        if not torch.isfinite(t).all():
+            raise ZoftError(f"refusing to save non-finite parameters to {path}; the last good checkpoint is kept")
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_trained(s, tmp)
+    if undo is not None:
+        save_file({"flat": undo.detach().cpu().contiguous()}, os.path.join(tmp, "undo.safetensors"))
+    # checksums of what was just written: a checkpoint damaged later is refused on load, not resumed from
+    state = state | {"sha256": {name: sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}}
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    swap_in(tmp, path)
+
+
+def swap_in(tmp: str, path: str) -> None:
+    """Put the complete folder `tmp` in place of `path`: path → path.old, tmp → path, remove path.old.
+    A kill leaves path whole, or only path.old whole (recover_checkpoint puts it back)."""
+    old = path + ".old"
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)  # left by a kill during an earlier swap's cleanup
+        os.replace(path, old)
+    os.replace(tmp, path)
+    rundir.fsync_dir(os.path.dirname(os.path.abspath(path)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(path: str) -> None:
+    """Finish or undo a swap that a kill interrupted (swap_in). path whole: drop the leftovers. Only
+    path.old: it is the last whole one, put it back (the step log replays whatever came after it)."""
+    old = path + ".old"
+    if not os.path.isdir(path) and os.path.isdir(old):
+        os.replace(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+
+
+def load_checkpoint(s: Session, path: str, need: tuple[str, ...] = (), verify: bool = True) -> dict:
+    """Load a checkpoint's parameters; returns its state. A damaged checkpoint (state.json missing, malformed,
+    lacking a key in `need`, or a file whose checksum differs) is a ZoftError: resuming from it would be wrong.
+    verify=False: the checksums were checked already (resume.prepare, before anything was written)."""
+    state = read_checkpoint(path, need, verify)
+    fix = checkpoint_fix(path)
+    if s.loras is not None:
+        load_peft_weights(s.loras, path)
+    else:
+        tensors = load_tensors(os.path.join(path, "trained.safetensors"), fix)
+        with torch.no_grad():
+            for n, t in zip(s.trainable.names, s.trainable.tensors):
+                if n not in tensors or tensors[n].shape != t.shape:
+                    raise ZoftError(f"{path}/trained.safetensors lacks {n} or has another shape; {fix}")
+                t.copy_(tensors[n])
+    return state
+
+
+def load_undo(s: Session, path: str) -> torch.Tensor | None:
+    """The copy the guard restores (LoRA), as the checkpoint saved it; None if it saved none."""
+    f = os.path.join(path, "undo.safetensors")
+    if s.loras is None or not os.path.isfile(f):
+        return None
+    return load_tensors(f, checkpoint_fix(path))["flat"].to(s.trainable.tensors[0].device)
+
+
+def open_metrics(path: str, keep_to: int | None):
+    """metrics.jsonl for appending. keep_to (--resume): keep the rows up to the checkpoint's step; the
+    steps replayed from the log write theirs again, so no step has two rows and none is missing."""
+    if keep_to is None:
+        return open(path, "w")
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= keep_to:
+                        rows.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass  # a row torn by the kill
+    rundir.write_atomic(path, "".join(rows))
+    return open(path, "a")
+
+
+def finish(s: Session, engine, enc: dict, splits: dict, out: str, eval_batch_size: int, best_dev: float) -> dict:
+    """After training: the best dev checkpoint (if any) on the test set, predictions and the adapter."""
+    if best_dev >= 0:
+        load_checkpoint(s, os.path.join(out, "best"))
+    metric = metric_of(splits)
+    result = {f"best_dev_{metric}": best_dev if best_dev >= 0 else None, "metric": metric}
+    if enc["test"]:
+        ev = evaluate_split(engine, s, enc["test"], splits["test"], eval_batch_size, desc="test eval")
+        write_predictions(os.path.join(out, "test_predictions.jsonl"), ev["rows"])
+        result |= {"final_f1": ev["f1"], "final_exact_match": ev["em"]} if metric == "f1" else {"final_accuracy": ev["score"]}
+    if s.loras is not None:
+        tmp = os.path.join(out, "adapter.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_peft(s.loras, tmp, peft_base(s.source, s.folder), s.target_names, s.lora_args)
+        swap_in(tmp, os.path.join(out, "adapter"))
+    return result
+
+
+def undo_last(s: Session, ckpt: str, prev: torch.Tensor | None, applied: int) -> int:
+    """Undo exactly: LoRA restores the copy taken before the last update; otherwise reload the checkpoint."""
+    if prev is not None:
+        with torch.no_grad():
+            parts = prev.split([t.numel() for t in s.trainable.tensors])
+            torch._foreach_copy_([t.data for t in s.trainable.tensors],
+                                 [p.view_as(t).to(t.dtype) for p, t in zip(parts, s.trainable.tensors)])
+        return applied - 1
+    return load_checkpoint(s, ckpt)["applied"]
