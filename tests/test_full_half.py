@@ -209,3 +209,37 @@ def test_one_launch_update_equals_the_per_tensor_kernels():
             pt.update_sr_triton_(want, torch.tensor([param_seed(s, i) for s in seeds], device="cuda"),
                                  torch.tensor(coefs, device="cuda"), d, rounding_seed(seeds, i))
         assert torch.equal(got, want), i
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_guard_undo_in_full_mode_is_exactly_one_update(tmp_path, dtype):
+    """Full mode keeps no copy of θ: the guard's undo reloads the checkpoint and redoes the logged updates
+    after it but the last (or, when the checkpoint already holds that update, starts from the base
+    weights), and lands bitwise on θ before the last update, stochastic rounding included."""
+    from zoft.train import steplog
+    from zoft.train.checkpoint import save_checkpoint, undo_last
+    from zoft.zo.trainable import direction_seeds
+    from zoft.zo.update import sgd_update_
+
+    s = load_session(ModelConfig(model=make_tiny("llama", str(tmp_path)), dtype=dtype))
+    attach(s, ZOConfig(mode="full"))
+    eps, wd = 1e-3, 0.1
+    run = tmp_path / "run"
+    run.mkdir()
+    log = steplog.StepLog(str(run / "steps.jsonl"), {"note": "test"}, 1, fresh=True)
+    ckpt = str(run / "checkpoint")
+    snaps = [[t.clone() for t in s.trainable.tensors]]
+    for k in range(4):
+        seeds, grads = direction_seeds(0, k, 2), [0.3 - 0.2 * k, -0.7]
+        log.write({"step": k, "seeds": seeds, "grads": grads, "lr": 1e-3, "loss": 1.0})
+        sgd_update_(s.trainable, seeds, grads, 1e-3, wd)
+        snaps.append([t.clone() for t in s.trainable.tensors])
+        if k == 1:
+            save_checkpoint(s, ckpt, {"next_step": 2, "applied": 2})
+    log.sync()
+    assert undo_last(s, ckpt, None, 4, eps, wd) == 3  # from the checkpoint at 2: redo update 3
+    assert all(torch.equal(a, b) for a, b in zip(s.trainable.tensors, snaps[3]))
+    save_checkpoint(s, ckpt, {"next_step": 3, "applied": 3})  # now the checkpoint holds the suspect update
+    assert undo_last(s, ckpt, None, 3, eps, wd) == 2  # from the base weights: redo updates 1 and 2
+    assert all(torch.equal(a, b) for a, b in zip(s.trainable.tensors, snaps[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(snaps[2], snaps[3]))  # the undo undid something

@@ -74,6 +74,7 @@ class Session:
     attention: str = "auto"  # --attention: auto | varlen | mask
     full_step: str = "inplace"  # full mode: "inplace" passes or "rows" of one forward (zoft.zo.perturbers)
     perturber: object = None  # how a step evaluates L(θ ± εz) (zoft.zo.perturbers), chosen once at attach
+    load_dtype: torch.dtype = torch.float32  # --dtype: what the checkpoint's tensors were rounded to on load
 
     @property
     def native(self) -> bool:
@@ -111,7 +112,7 @@ def load_session(mc: ModelConfig, random_weights: bool = False) -> Session:
     tok = load_tokenizer(folder)
     max_len = min(mc.max_length, max_len) if mc.max_length else max_len
     return Session(model, tok, folder, mc.model, path, device, max_len, n_layers, prefix, short,
-                   offload=mc.offload, attention=mc.attention)
+                   offload=mc.offload, attention=mc.attention, load_dtype=dtype)
 
 
 def check_lora_targets(s: Session, zc: ZOConfig) -> None:

@@ -17,7 +17,7 @@ from zoft.evaluate import evaluate_split, write_predictions
 from zoft.files import checkpoint_fix, load_tensors, read_checkpoint, sha256
 from zoft.lora import load_peft_weights, save_peft
 from zoft.session import Session, peft_base
-from zoft.train import rundir
+from zoft.train import rundir, steplog
 from zoft.train.data import metric_of
 
 
@@ -135,12 +135,46 @@ def finish(s: Session, engine, enc: dict, splits: dict, out: str, eval_batch_siz
     return result
 
 
-def undo_last(s: Session, ckpt: str, prev: torch.Tensor | None, applied: int) -> int:
-    """Undo exactly: LoRA restores the copy taken before the last update; otherwise reload the checkpoint."""
+def undo_last(s: Session, ckpt: str, prev: torch.Tensor | None, applied: int, eps: float = 0.0,
+              weight_decay: float = 0.0) -> int:
+    """Undo exactly the last of `applied` updates. LoRA restores the copy taken before it (without one, after a
+    second strike in a row, it goes back to the checkpoint and returns its count). Full mode has no
+    copy (it would be a second model): it reloads the checkpoint and redoes the logged updates after it but
+    the last, with the arithmetic training did (steplog.apply), so θ is bitwise what it was before that
+    update. When the checkpoint already holds the update (one was saved just after it), it starts from the
+    base weights instead and redoes every logged update but the last, as `zoft replay` does."""
     if prev is not None:
         with torch.no_grad():
             parts = prev.split([t.numel() for t in s.trainable.tensors])
             torch._foreach_copy_([t.data for t in s.trainable.tensors],
                                  [p.view_as(t).to(t.dtype) for p, t in zip(parts, s.trainable.tensors)])
         return applied - 1
-    return load_checkpoint(s, ckpt)["applied"]
+    start = load_checkpoint(s, ckpt)["applied"]
+    if s.loras is not None:  # LoRA without its copy (a second strike in a row): back to the checkpoint, as ever
+        return start
+    if start >= applied:
+        load_base_weights(s)
+        start = 0
+    _, records = steplog.read(os.path.join(os.path.dirname(ckpt), "steps.jsonl"))
+    for r in steplog.effective(records)[start : applied - 1]:
+        steplog.apply(s.trainable, r, s.full_step or "rows", eps, weight_decay)
+    return applied - 1
+
+
+def load_base_weights(s: Session) -> None:
+    """The trained tensors' values as the model was loaded: its checkpoint's tensors, rounded to the load
+    dtype and then to the trained tensors' (a float32 master holds the loaded dtype's values)."""
+    from zoft.loading import load_state_dict, map_name
+
+    family = getattr(s.model, "family", None)
+    index = {n: t for n, t in zip(s.trainable.names, s.trainable.tensors)}
+    loaded = 0
+    with torch.no_grad():
+        for name, t in load_state_dict(s.folder).items():
+            key = map_name(family, name) if family else name
+            if key in index:
+                index[key].copy_(t.to(s.load_dtype).to(index[key].dtype))
+                loaded += 1
+    if loaded != len(index):
+        raise ZoftError(f"{s.folder} gave {loaded} of the {len(index)} trained tensors' base values; the guard cannot "
+                        "undo the last update exactly: continue with --resume and a lower --lr")

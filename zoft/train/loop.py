@@ -360,7 +360,7 @@ class Run:
         undoing = self.applied > 0
         stop = self.guard.strike(undoing)
         if undoing:  # the update before this loss is the suspect: undo it exactly
-            self.applied, self.undo = undo_last(self.s, self.ckpt, self.undo, self.applied), None
+            self.applied, self.undo = undo_last(self.s, self.ckpt, self.undo, self.applied, self.zc.eps_value, self.zc.weight_decay), None
             dist.barrier()  # every rank has read the checkpoint before rank 0 replaces it below
             if self.main:
                 self.slog.write({"step": r.step, "revert_to": self.applied, "reason": why,
@@ -406,7 +406,7 @@ class Run:
         for r in records:
             self.step = r["step"] + 1
             if "revert_to" in r:  # logged by reject(), which then saved a checkpoint
-                self.applied, self.undo = undo_last(s, self.ckpt, self.undo, self.applied), None
+                self.applied, self.undo = undo_last(s, self.ckpt, self.undo, self.applied, zc.eps_value, zc.weight_decay), None
                 dist.barrier()
                 stop = self.guard.replay_strike(r["lr_scale"])
                 if self.main:
