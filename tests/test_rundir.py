@@ -267,3 +267,25 @@ def test_an_empty_evaluation_split_is_an_error(model):
     code, err, _ = zoft("train", "--model", model, *DATA, "--n-dev", "0", "--eval-every", "2", "--steps", "2",
                         "--output-dir", "/nonexistent/never")
     one_error(code, err, "--eval-every 2 evaluates on the dev split, which came out empty")
+
+
+def test_numbered_checkpoints_with_a_total_limit(root, model):
+    """--save-total-limit 2 with --save-every 2 over 6 steps: checkpoint-4/ and checkpoint-6/ stay (each a
+    whole checkpoint, sharing checkpoint/'s files through hard links), checkpoint-2/ is pruned; the run is
+    otherwise the run without them (same adapter), and --overwrite-output-dir counts them as zoft's."""
+    base = [*DATA, "--steps", "6", "--save-every", "2", "--lr", "0.05"]
+    a, b = root / "plain", root / "numbered"
+    assert zoft("train", "--model", model, *base, "--output-dir", a)[0] == 0
+    code, err, _ = zoft("train", "--model", model, *base, "--save-total-limit", "2", "--output-dir", b)
+    assert code == 0, err
+    kept = sorted(n for n in os.listdir(b) if n.startswith("checkpoint-"))
+    assert kept == ["checkpoint-4", "checkpoint-6"]
+    for n in kept:
+        state = json.loads((b / n / "state.json").read_text())
+        assert state["next_step"] == int(n.split("-")[1])
+    final = b / "checkpoint" / "adapter_model.safetensors"
+    assert os.path.samefile(final, b / "checkpoint-6" / "adapter_model.safetensors")  # a link, not a copy
+    assert (a / "adapter" / "adapter_model.safetensors").read_bytes() == (b / "adapter" / "adapter_model.safetensors").read_bytes()
+    code, err, _ = zoft("train", "--model", model, *base, "--overwrite-output-dir", "--output-dir", b)
+    assert code == 0, err
+    assert not any(n.startswith("checkpoint-") for n in os.listdir(b))

@@ -196,6 +196,8 @@ class RunConfig:
                           aliases=["--eval-steps"])
     save_every: int = arg(0, "write a resumable checkpoint every N steps; 0: only at the end",
                           aliases=["--save-steps"])
+    save_total_limit: int = arg(0, "also keep each checkpoint of --save-every as RUN/checkpoint-STEP/ (hard links "
+                                "to checkpoint/'s files: no extra disk), the newest N of them; 0: none")
     resume: bool = arg(False, "continue the run in --output-dir (its flags must match the run's; zoft_config.json)")
     overwrite_output_dir: bool = arg(False, "replace the zoft run in --output-dir: removes zoft's own files there, "
                                      "nothing else (a folder that is not a zoft run is always refused)")
@@ -215,7 +217,8 @@ class RunConfig:
         check_finite(self)
         if not self.output_dir:
             raise ZoftError("--output-dir is empty; pass a folder")
-        for name in ("steps", "eval_every", "save_every", "log_every", "fsync_every", "guard_strikes", "cache_mb"):
+        for name in ("steps", "eval_every", "save_every", "save_total_limit", "log_every", "fsync_every",
+                     "guard_strikes", "cache_mb"):
             if getattr(self, name) < 0:
                 raise ZoftError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.eval_batch_size < 1 or self.pack_tokens < 1:

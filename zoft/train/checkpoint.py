@@ -135,6 +135,29 @@ def finish(s: Session, engine, enc: dict, splits: dict, out: str, eval_batch_siz
     return result
 
 
+def keep_numbered(ckpt: str, step: int, limit: int) -> str:
+    """RUN/checkpoint-STEP/: checkpoint/ as it is now, for users who keep a history of checkpoints (as the
+    Hugging Face Trainer does), made of hard links to its files (a save writes new files, so the links keep
+    this one's) and published by one rename; only the newest `limit` stay. Resume reads checkpoint/."""
+    parent = os.path.dirname(ckpt)
+    dst = os.path.join(parent, f"checkpoint-{step}")
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in os.listdir(ckpt):
+        try:
+            os.link(os.path.join(ckpt, name), os.path.join(tmp, name))
+        except OSError:  # a file system without hard links: a copy
+            shutil.copy2(os.path.join(ckpt, name), os.path.join(tmp, name))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    numbered = sorted((int(n.split("-", 1)[1]), n) for n in os.listdir(parent)
+                      if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit())
+    for _, name in numbered[:-limit]:
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return dst
+
+
 def undo_last(s: Session, ckpt: str, prev: torch.Tensor | None, applied: int, eps: float = 0.0,
               weight_decay: float = 0.0) -> int:
     """Undo exactly the last of `applied` updates. LoRA restores the copy taken before it (without one, after a

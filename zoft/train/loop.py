@@ -42,6 +42,7 @@ from zoft.train import rundir, steplog
 from zoft.train.backprop import peak_memory
 from zoft.train.checkpoint import (
     finish,
+    keep_numbered,
     load_checkpoint,
     load_undo,
     open_metrics,
@@ -398,6 +399,8 @@ class Run:
             self.metrics.flush()  # a checkpoint never runs ahead of the metrics rows it covers
             self.slog.sync()
             save_checkpoint(self.s, self.ckpt, self.state(at), self.undo)
+            if rc.save_total_limit and rc.save_every and at % rc.save_every == 0:
+                keep_numbered(self.ckpt, at, rc.save_total_limit)
 
     def catch_up(self, records: list[dict]) -> None:
         """--resume: redo the steps logged after the checkpoint as the run did them, without their forwards:

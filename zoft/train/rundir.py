@@ -106,7 +106,8 @@ def owned(name: str) -> bool:
     if stem in FILES:
         return True
     stem, _, suffix = name.partition(".")
-    return stem in FOLDERS and suffix in ("", "tmp", "old")
+    numbered = stem.startswith("checkpoint-") and stem[len("checkpoint-"):].isdigit()  # --save-total-limit's
+    return (stem in FOLDERS or numbered) and suffix in ("", "tmp", "old")
 
 
 def has_progress(run_dir: str) -> bool:
@@ -322,7 +323,8 @@ def publish(tmp: str, out: str) -> None:
 # ones added later, must match the run's. (The data itself is compared through the splits' hashes.)
 HARMLESS = {
     "run": {"output_dir", "resume", "overwrite_output_dir", "eval_every", "save_every", "eval_batch_size",
-            "log_every", "fsync_every", "zero_shot", "cuda_graphs", "pipeline", "cache_mb", "guard_strikes"},
+            "log_every", "fsync_every", "zero_shot", "cuda_graphs", "pipeline", "cache_mb", "guard_strikes",
+            "save_total_limit"},
     "model": {"device"},  # its type is compared once resolved (z depends on it), cuda:0 vs cuda:1 may differ
     "task": {"data_dir"},
 }
