@@ -224,23 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_arguments(sp, cls)
         sp.set_defaults(fn=fn, **(DEMO if name == "demo" else {}))
 
-    sp = sub.add_parser("eval", help="accuracy by candidate log-likelihood (F1 and exact match for generation)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(sp, ModelConfig)
-    add_arguments(sp, TaskConfig, skip=("n_train", "k_shot", "loss"))
-    # unset, these come from the run (--run, or an --adapter inside a run folder), else the defaults
-    sp.set_defaults(model=None, **{f.name: None for f in dataclasses.fields(TaskConfig)})
-    sp.add_argument("--run", default="", help="a zoft run folder: evaluate its trained parameters on the splits it "
-                    "recorded (its test split unless --split dev), with its model and task")
-    sp.add_argument("--adapter", default="", help="a PEFT/zoft LoRA adapter folder to apply (RUN/adapter: the run's "
-                    "recorded splits, as with --run)")
-    sp.add_argument("--split", default="test", choices=["test", "dev"])
-    sp.add_argument("--icl-k", type=int, default=0,
-                    help="in-context learning baseline: prepend k solved training examples to every prompt")
-    sp.add_argument("--output", default="", help="write one JSON row per example here")
-    sp.add_argument("--eval-batch-size", type=int, default=32)
-    sp.add_argument("--seed", type=int, default=0, help="draws the dev split (and the --icl-k examples)")
-    sp.set_defaults(fn=cmd_eval)
+    add_eval_parser(sub)
 
     sp = sub.add_parser("export", help="write a merged Hugging Face model folder from a run",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -261,26 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite-output-dir", action="store_true", help="replace an earlier replay in --output-dir")
     sp.set_defaults(fn=cmd_replay)
 
-    sp = sub.add_parser("bench", help="time zoft's step against the MeZO reference step and a plain forward",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sp.add_argument("--model", default="opt-125m",
-                    help="a preset with random weights (opt-125m, opt-1.3b, smollm2-135m, …) or a model folder")
-    sp.add_argument("--workload", default="sst2", choices=["sst2", "multirc"], help="synthetic batch lengths")
-    sp.add_argument("--mode", default="lora", choices=["lora", "full"])
-    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
-    sp.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
-    sp.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    sp.add_argument("--batch-size", type=int, default=16)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--reference", default="mezo", choices=["mezo", "none"],
-                    help="none: time zoft alone, on random weights built on the device (shapes whose "
-                         "transformers copy would not fit the disk or the GPU beside zoft's, e.g. opt-30b)")
-    sp.add_argument("--full-step", default="auto", choices=["auto", "rows", "inplace"], help="as zoft train's")
-    sp.add_argument("--master-dtype", default="auto", choices=["auto", "float32"], help="as zoft train's")
-    sp.add_argument("--offload", default="none", choices=["none", "cpu"], help="as zoft train's")
-    sp.add_argument("--layers", default="", help="as zoft train's (blocks trained; empty: all parameters)")
-    sp.set_defaults(fn=cmd_bench)
+    add_bench_parser(sub)
 
     sp = sub.add_parser("tasks", help="list built-in tasks, their source, and whether they load offline now",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -352,3 +317,48 @@ def _resume_hint(out: str) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+def add_eval_parser(sub) -> None:
+    """`zoft eval`: task flags unset come from the run (--run, or an adapter inside a run folder)."""
+    sp = sub.add_parser("eval", help="accuracy by candidate log-likelihood (F1 and exact match for generation)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(sp, ModelConfig)
+    add_arguments(sp, TaskConfig, skip=("n_train", "k_shot", "loss"))
+    # unset, these come from the run (--run, or an --adapter inside a run folder), else the defaults
+    sp.set_defaults(model=None, **{f.name: None for f in dataclasses.fields(TaskConfig)})
+    sp.add_argument("--run", default="", help="a zoft run folder: evaluate its trained parameters on the splits it "
+                    "recorded (its test split unless --split dev), with its model and task")
+    sp.add_argument("--adapter", default="", help="a PEFT/zoft LoRA adapter folder to apply (RUN/adapter: the run's "
+                    "recorded splits, as with --run)")
+    sp.add_argument("--split", default="test", choices=["test", "dev"])
+    sp.add_argument("--icl-k", type=int, default=0,
+                    help="in-context learning baseline: prepend k solved training examples to every prompt")
+    sp.add_argument("--output", default="", help="write one JSON row per example here")
+    sp.add_argument("--eval-batch-size", type=int, default=32)
+    sp.add_argument("--seed", type=int, default=0, help="draws the dev split (and the --icl-k examples)")
+    sp.set_defaults(fn=cmd_eval)
+
+
+def add_bench_parser(sub) -> None:
+    """`zoft bench` (zoft.bench.harness)."""
+    sp = sub.add_parser("bench", help="time zoft's step against the MeZO reference step and a plain forward",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sp.add_argument("--model", default="opt-125m",
+                    help="a preset with random weights (opt-125m, opt-1.3b, smollm2-135m, …) or a model folder")
+    sp.add_argument("--workload", default="sst2", choices=["sst2", "multirc"], help="synthetic batch lengths")
+    sp.add_argument("--mode", default="lora", choices=["lora", "full"])
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
+    sp.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    sp.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--reference", default="mezo", choices=["mezo", "none"],
+                    help="none: time zoft alone, on random weights built on the device (shapes whose "
+                         "transformers copy would not fit the disk or the GPU beside zoft's, e.g. opt-30b)")
+    sp.add_argument("--full-step", default="auto", choices=["auto", "rows", "inplace"], help="as zoft train's")
+    sp.add_argument("--master-dtype", default="auto", choices=["auto", "float32"], help="as zoft train's")
+    sp.add_argument("--offload", default="none", choices=["none", "cpu"], help="as zoft train's")
+    sp.add_argument("--layers", default="", help="as zoft train's (blocks trained; empty: all parameters)")
+    sp.set_defaults(fn=cmd_bench)

@@ -265,31 +265,7 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
             step(i)
         ahead.clear()
     times, peak = measure(step, warmup, steps, device, "zoft")
-    piped = None
-    if lazy:  # the train loop's pipeline: step i's losses are read after step i+1 is queued
-
-        # the timed batches in a cycle, at least 50 steps: filling and draining the pipeline (one step's
-        # latency) is then a small part of the window, as in a training run
-        order = list(range(warmup, warmup + steps)) * -(-50 // steps)
-
-        def window() -> float:
-            ahead.clear()
-            _sync(device)
-            t0, pending = time.perf_counter(), None
-            for k, i in enumerate(order):
-                nxt = step(i, read_now=False, nxt_i=order[(k + 1) % len(order)])
-                if pending is not None:
-                    pending.read()
-                pending = nxt
-            pending.read()
-            _sync(device)
-            return (time.perf_counter() - t0) * 1e3 / len(order)
-
-        recorded = engine.graphs.captures if engine.graphs is not None else 0  # every timed shape's, above
-        piped = window()
-        if engine.graphs is not None and engine.graphs.captures != recorded:
-            log(f"  note: {engine.graphs.captures - recorded} graph recordings fell in the timed window")
-        log(f"  zoft pipelined: {piped:.2f} ms a step over {len(order)} steps")
+    piped = pipelined_ms(step, ahead, engine, warmup, steps, device) if lazy else None
     build_ms = []
     for b in batches[warmup:]:
         t0 = time.perf_counter()
@@ -311,6 +287,29 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
         "zoft_tokens": packed.packs.ids.numel(),  # of the last batch
         **engine.stats.summary(),
     })
+
+
+def pipelined_ms(step, ahead: dict, engine, warmup: int, steps: int, device: str) -> float:
+    """The train loop's pipeline: step i's losses are read after step i+1 is queued. The timed batches run
+    in a cycle of at least 50 steps, so filling and draining the pipeline (one step's latency) is a small
+    part of the window, as in a training run; ms a step."""
+    order = list(range(warmup, warmup + steps)) * -(-50 // steps)
+    recorded = engine.graphs.captures if engine.graphs is not None else 0  # every timed shape's, recorded before
+    ahead.clear()
+    _sync(device)
+    t0, pending = time.perf_counter(), None
+    for k, i in enumerate(order):
+        nxt = step(i, read_now=False, nxt_i=order[(k + 1) % len(order)])
+        if pending is not None:
+            pending.read()
+        pending = nxt
+    pending.read()
+    _sync(device)
+    piped = (time.perf_counter() - t0) * 1e3 / len(order)
+    if engine.graphs is not None and engine.graphs.captures != recorded:
+        log(f"  note: {engine.graphs.captures - recorded} graph recordings fell in the timed window")
+    log(f"  zoft pipelined: {piped:.2f} ms a step over {len(order)} steps")
+    return piped
 
 
 def run_bench(
