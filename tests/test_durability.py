@@ -698,6 +698,74 @@ def test_pipelined_and_synchronous_runs_agree_through_guard_rejections(root, mod
         assert a.read_bytes() == b.read_bytes(), name
 
 
+def recording_updates(monkeypatch, into: list) -> None:
+    """Record the type of g each update the loop makes is given (a device tensor when it is queued)."""
+    import zoft.train.loop as T
+
+    real = getattr(T.sgd_update_, "__wrapped__", T.sgd_update_)  # not an earlier recorder
+
+    def update(tr, seeds, grads, *a):
+        into.append(type(grads).__name__)
+        return real(tr, seeds, grads, *a)
+
+    update.__wrapped__ = real
+    monkeypatch.setattr(T, "sgd_update_", update)
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["plain", "guard"])
+def test_pipelined_full_bf16_run_equals_the_synchronous_one(root, model, monkeypatch, busy):
+    """Full mode's rows step is pipelined: each bf16 update (stochastically rounded) is queued with g still a
+    tensor, and the losses are read a step later. --no-pipeline's run (g read, then the update) must log,
+    revert, evaluate and save the same bits. With the guard on, spikes are rejected while the next step's
+    update is queued: the undo reloads the checkpoint and redoes the logged updates, the queued one dropped."""
+    args = ([*BUSY["full"], "--dtype", "bfloat16", "--lr", "0.3"] if busy
+            else [*RUN, *MODES["full-bf16"], "--directions", "3", "--weight-decay", "0.1"])
+    runs, kinds = {}, {}
+    for flag in ("--pipeline", "--no-pipeline"):
+        recording_updates(monkeypatch, kinds.setdefault(flag, []))
+        runs[flag] = root / f"full-pipelined-{'guard' if busy else 'plain'}{flag}"
+        code, err, _ = zoft("train", "--model", model, *args, flag, "--output-dir", runs[flag])
+        assert code == 0, err
+    assert set(kinds["--pipeline"]) == {"Tensor"} and set(kinds["--no-pipeline"]) == {"list"}
+    assert_same_run(runs["--pipeline"], runs["--no-pipeline"])
+    header, records = steplog.read(str(runs["--pipeline"] / "steps.jsonl"))
+    assert header["resolved"]["full_step"] == "rows" and header["model"]["dtype"] == "bfloat16"
+    reverts = sum("revert_to" in r for r in records)
+    assert reverts >= 2 if busy else reverts == 0
+    if busy:  # some step's update was queued past a rejected step: the pipelined run made more updates
+        assert len(kinds["--pipeline"]) > len(kinds["--no-pipeline"])
+
+
+@pytest.mark.parametrize("mode", ["lora", "full-bf16"])
+def test_a_rejected_first_step_drops_the_update_queued_after_it(root, model, monkeypatch, mode):
+    """Step 0's losses are not finite (NaN injected into its forward's result): nothing to undo, so the run
+    stops with a checkpoint. Pipelined, step 1's update (finite g) is queued by the time step 0 is read:
+    it must be dropped, and the stopped run leave what --no-pipeline's leaves."""
+    import zoft.train.loop as T
+
+    real, runs = T.step_losses, {}
+
+    def losses(*a, **k):
+        lp, lm, g = real(*a, **k)
+        if not calls:
+            lp, g = lp * float("nan"), g * float("nan") if torch.is_tensor(g) else [float("nan")] * len(g)
+        calls.append(1)
+        return lp, lm, g
+
+    monkeypatch.setattr(T, "step_losses", losses)
+    for flag in ("--pipeline", "--no-pipeline"):
+        calls, kinds = [], []
+        recording_updates(monkeypatch, kinds)
+        runs[flag] = out = root / f"first-rejected-{mode}{flag}"
+        code, err, _ = zoft("train", "--model", model, *RUN, *MODES[mode], flag, "--output-dir", out)
+        assert code == 2 and "non-finite loss at step 1" in err, err[-2000:]
+        assert kinds == (["Tensor", "Tensor"] if flag == "--pipeline" else []), kinds  # step 1's update was queued
+    a, b = runs["--pipeline"] / "checkpoint", runs["--no-pipeline"] / "checkpoint"
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for p in a.iterdir():
+        assert p.read_bytes() == (b / p.name).read_bytes(), p.name
+
+
 def test_training_bar_is_quiet_in_a_log_file():
     """Off a terminal the bar refreshes every 30 s: 500 steps with a postfix each render a handful of times
     (at 0.1 s it was one line per step, megabytes for a 20k-step run)."""

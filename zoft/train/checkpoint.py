@@ -162,26 +162,37 @@ def undo_last(s: Session, ckpt: str, prev: torch.Tensor | None, applied: int, ep
               weight_decay: float = 0.0) -> int:
     """Undo exactly the last of `applied` updates. LoRA restores the copy taken before it (without one, after a
     second strike in a row, it goes back to the checkpoint and returns its count). Full mode has no
-    copy (it would be a second model): it reloads the checkpoint and redoes the logged updates after it but
-    the last, with the arithmetic training did (steplog.apply), so θ is bitwise what it was before that
-    update. When the checkpoint already holds the update (one was saved just after it), it starts from the
-    base weights instead and redoes every logged update but the last, as `zoft replay` does."""
+    copy (it would be a second model): rewind() to the updates before it."""
     if prev is not None:
-        with torch.no_grad():
-            parts = prev.split([t.numel() for t in s.trainable.tensors])
-            torch._foreach_copy_([t.data for t in s.trainable.tensors],
-                                 [p.view_as(t).to(t.dtype) for p, t in zip(parts, s.trainable.tensors)])
+        restore_copy(s, prev)
         return applied - 1
-    start = load_checkpoint(s, ckpt)["applied"]
     if s.loras is not None:  # LoRA without its copy (a second strike in a row): back to the checkpoint, as ever
-        return start
-    if start >= applied:
+        return load_checkpoint(s, ckpt)["applied"]
+    rewind(s, ckpt, applied - 1, eps, weight_decay)
+    return applied - 1
+
+
+def restore_copy(s: Session, flat: torch.Tensor) -> None:
+    """LoRA: the trained tensors from a flat copy of them (pipeline.snapshot)."""
+    with torch.no_grad():
+        parts = flat.split([t.numel() for t in s.trainable.tensors])
+        torch._foreach_copy_([t.data for t in s.trainable.tensors],
+                             [p.view_as(t).to(t.dtype) for p, t in zip(parts, s.trainable.tensors)])
+
+
+def rewind(s: Session, ckpt: str, n: int, eps: float = 0.0, weight_decay: float = 0.0) -> None:
+    """Full mode: θ bitwise as it was after the run's first n (effective) logged updates, whatever was applied
+    since (a suspect update, updates the pipelined loop queued): reload the checkpoint and redo the logged
+    updates after it up to n, with the arithmetic training did (steplog.apply). When the checkpoint holds
+    more than n (one was saved just after the suspect), start from the base weights instead and redo the
+    first n, as `zoft replay` does."""
+    start = load_checkpoint(s, ckpt)["applied"]
+    if start > n:
         load_base_weights(s)
         start = 0
     _, records = steplog.read(os.path.join(os.path.dirname(ckpt), "steps.jsonl"))
-    for r in steplog.effective(records)[start : applied - 1]:
+    for r in steplog.effective(records)[start:n]:
         steplog.apply(s.trainable, r, s.full_step or "rows", eps, weight_decay)
-    return applied - 1
 
 
 def load_base_weights(s: Session) -> None:

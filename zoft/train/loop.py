@@ -47,6 +47,8 @@ from zoft.train.checkpoint import (
     load_undo,
     open_metrics,
     recover_checkpoint,
+    restore_copy,
+    rewind,
     save_checkpoint,
     undo_last,
 )
@@ -184,8 +186,8 @@ class Run:
         self.train_set, self.metric = self.enc["train"], metric_of(self.splits)
         self.restore()
         self.open_outputs(resolved, callbacks)
-        self.pipe = Pipeline(lazy=self.rc.pipeline and s.loras is not None and self.loss != "f1"
-                             and not self.zc.spread_directions)
+        rows = s.loras is not None or (self.zc.mode == "full" and s.full_step == "rows")  # θ untouched by the step
+        self.pipe = Pipeline(lazy=self.rc.pipeline and rows and self.loss != "f1" and not self.zc.spread_directions)
         self.signalled = 0  # data parallel: a signal some rank got, learnt through the step's all-reduce
         self.ema, self.t_prev, self.t_flush = None, time.time(), time.time()
         self.bar = progress(total=self.rc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
@@ -362,10 +364,14 @@ class Run:
         stop = self.guard.strike(undoing)
         if undoing:  # the update before this loss is the suspect: undo it exactly
             self.applied, self.undo = undo_last(self.s, self.ckpt, self.undo, self.applied, self.zc.eps_value, self.zc.weight_decay), None
+        elif r.queued and r.snap is not None:  # nothing to undo, but r's update (and the next one) ran: LoRA's copy
+            restore_copy(self.s, r.snap)  # before r's update holds the accepted updates
+        elif r.queued:  # the same in full mode: the checkpoint and the logged updates
+            rewind(self.s, self.ckpt, self.applied, self.zc.eps_value, self.zc.weight_decay)
+        if undoing or r.queued:
             dist.barrier()  # every rank has read the checkpoint before rank 0 replaces it below
-            if self.main:
-                self.slog.write({"step": r.step, "revert_to": self.applied, "reason": why,
-                                 "lr_scale": self.guard.lr_scale})
+        if undoing and self.main:
+            self.slog.write({"step": r.step, "revert_to": self.applied, "reason": why, "lr_scale": self.guard.lr_scale})
         if self.main and (undoing or stop):  # a stop is marked: its --resume may lower --lr, with fresh strikes
             self.metrics.flush()  # a checkpoint never runs ahead of the metrics rows it covers
             save_checkpoint(self.s, self.ckpt, self.state(r.step + 1) | ({"stopped": "guard"} if stop else {}), self.undo)

@@ -8,20 +8,33 @@ differs between the two) and every pass that needs z asks the run's backend:
     p, m = backend.pair(t, seed, eps, table_ij)   (t + εz, t − εz) in t's dtype
     p, m = backend.pair_rows(t, idx, seed, eps, table_ij)   the same for rows idx of a 2-D t
     backend.update_(tensors, decay, table, coefs, rounding, cache)    ZO-SGD's update (table: (tensors,
-                                                  directions) seeds; rounding: each tensor's rounding seed)
+                                                  directions) seeds; rounding: each tensor's rounding seed;
+                                                  decay (tensors,) and coefs (directions,): float64 tensors,
+                                                  on the host or still on the device)
 
 `seed` is the tensor's own seed (param_seed(direction seed, tensor index)). Triton's z is a function of
 (seed, element index), so `pair_rows` generates z at the gathered rows only, and its kernels read their
 seeds from a device table (`table_ij`, one element), which a CUDA graph refills every step; the torch
 generator's z depends on the tensor's length, so its `pair_rows` draws the whole tensor and gathers.
-Half-precision tensors are updated in float32 and stochastically rounded by both.
+Half-precision tensors are updated in float32 and stochastically rounded by both. The update never reads
+its coefficients on the host: the pipelined loop queues it while g is still being computed, and a replay
+from the step log's host floats gives the same bits (each rounds float64 to the arithmetic's dtype alike).
 """
 
 from __future__ import annotations
 
 import torch
 
-from zoft.zo.noise import HALF, add_noise_, noise, perturbed_pair, update_half_
+from zoft.zo.noise import (
+    HALF,
+    add_noise_,
+    add_scaled_noise_,
+    coefficients,
+    noise,
+    perturbed_pair,
+    to_device,
+    update_half_,
+)
 
 
 class TorchZ:
@@ -42,21 +55,21 @@ class TorchZ:
     def pair_rows(self, t, idx, seed: int, eps: float, table_ij=None) -> tuple[torch.Tensor, torch.Tensor]:
         return perturbed_pair(t[idx], noise(t, seed)[idx], eps)
 
-    def update_(self, tensors: list[torch.Tensor], decay: list[float], table: torch.Tensor, coefs: list[float],
+    def update_(self, tensors: list[torch.Tensor], decay: torch.Tensor, table: torch.Tensor, coefs: torch.Tensor,
                 rounding: torch.Tensor, cache: dict) -> None:
         """Half tensors: the sum in float32, one stochastic rounding. Others: decay, then one rounded add per
-        direction (the arithmetic float32 runs have always had, so their replays stay bitwise)."""
-        seeds, rounding, wide = table.tolist(), rounding.tolist(), []
+        direction (the arithmetic float32 runs have always had, so their replays stay bitwise); float64
+        tensors (a float64 master) take the coefficients unrounded."""
+        seeds, rounding = table.tolist(), rounding.tolist()  # host tables: only decay and coefs may be on the device
         for i, t in enumerate(tensors):
+            wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+            d, c = coefficients(decay[i], wide, t.device), coefficients(coefs, wide, t.device)
             if t.dtype in HALF:
-                update_half_(t, seeds[i], coefs, decay[i], rounding[i])
-            else:
-                wide.append(i)
-        for d in sorted({decay[i] for i in wide if decay[i] != 1.0}):
-            torch._foreach_mul_([tensors[i] for i in wide if decay[i] == d], d)
-        for j, c in enumerate(coefs):
-            for i in wide:
-                add_noise_(tensors[i], seeds[i][j], c)
+                update_half_(t, seeds[i], c, d, rounding[i])
+                continue
+            t.mul_(d.to(t.dtype))
+            for j in range(len(seeds[i])):
+                add_scaled_noise_(t, seeds[i][j], c[j].to(t.dtype))
 
 
 class TritonZ:
@@ -85,14 +98,16 @@ class TritonZ:
 
         return perturbed_rows_triton(t, idx, table_ij if table_ij is not None else _seed_t(seed, t.device), eps)
 
-    def update_(self, tensors: list[torch.Tensor], decay: list[float], table: torch.Tensor, coefs: list[float],
+    def update_(self, tensors: list[torch.Tensor], decay: torch.Tensor, table: torch.Tensor, coefs: torch.Tensor,
                 rounding: torch.Tensor, cache: dict) -> None:
         """One launch per dtype for every tensor (a launch per tensor costs more host time than the GPU
-        spends on most of them); seeds and coefficients cross to the device once. cache: the caller's
-        UpdatePlans (each tensor's address and size on the device), per dtype."""
+        spends on most of them). The host's seeds cross through pinned memory without waiting for the GPU;
+        decay and coefs are rounded to float32 where they are. cache: the caller's UpdatePlans (each
+        tensor's address and size on the device), per dtype."""
         from zoft.zo.kernels.perturb_triton import UpdatePlan
 
-        decay_t = torch.tensor(decay, dtype=torch.float32)
+        dev = tensors[0].device
+        decay32, coefs32 = coefficients(decay, torch.float32, dev), coefficients(coefs, torch.float32, dev)
         for dtype in {t.dtype for t in tensors}:
             idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
             group = [tensors[i] for i in idx]
@@ -100,9 +115,9 @@ class TritonZ:
             if plan is None or not plan.valid(group):
                 plan = cache[dtype] = UpdatePlan(group)
             sel = torch.tensor(idx)
-            ints = torch.cat([table[sel].reshape(-1), rounding[sel]])
-            floats = torch.cat([decay_t[sel], torch.tensor(coefs, dtype=torch.float32)])
-            plan.run(ints.to(group[0].device), floats.to(group[0].device), len(coefs))
+            ints = to_device(torch.cat([table[sel].reshape(-1), rounding[sel]]), dev)
+            mine = decay32 if len(idx) == len(tensors) else decay32.index_select(0, to_device(sel, dev))
+            plan.run(ints, torch.cat([mine, coefs32]), coefs32.numel())
 
 
 def _seed_t(seed: int, device) -> torch.Tensor:

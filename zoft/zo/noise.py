@@ -100,20 +100,56 @@ def rounding_draw(n: int, dtype: torch.dtype, gen: torch.Generator, device) -> t
     return torch.rand(n, generator=gen, device=device, dtype=torch.float32)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the work queued there: on CUDA through pinned
+    memory (the caching host allocator keeps the buffer until the copy is done), where a pageable copy
+    would synchronize the stream."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def coefficients(c, dtype: torch.dtype, device) -> torch.Tensor:
+    """The update's coefficients (or decays) as a tensor of the arithmetic's `dtype` on `device`: host floats
+    or a float64 tensor (the pipelined loop's, still on the device) are rounded alike, to nearest, as
+    torch rounds a Python float that scales a `dtype` tensor."""
+    if not isinstance(c, torch.Tensor):
+        c = torch.tensor(c, dtype=torch.float64)
+    return to_device(c, device).to(dtype)
+
+
 @torch.no_grad()
-def update_half_(t: torch.Tensor, seeds: list[int], coefs: list[float], decay: float, sr_seed: int) -> None:
+def add_scaled_noise_(t: torch.Tensor, seed: int, c: torch.Tensor) -> None:
+    """t += c·z in place, chunk by chunk; c a 0-dim tensor of t's dtype. addcmul_ gives add_(z, alpha=c)'s
+    bits (one fused multiply-add; measured on the CPU) without reading c on the host."""
+    flat = t.view(-1)
+    for start, z in noise_chunks(flat.numel(), seed, t.device):
+        flat[start : start + z.numel()].addcmul_(z.to(t.dtype), c)
+
+
+@torch.no_grad()
+def update_half_(t: torch.Tensor, seeds: list[int], coefs: list[float] | torch.Tensor, decay: float | torch.Tensor,
+                 sr_seed: int) -> None:
     """t ← SR(decay·t + Σ_j coefs[j]·z(seeds[j])) for a bfloat16/float16 t, chunk by chunk: the sum in
     float32 (one rounding, stochastic, instead of one round-to-nearest per term: an update far below
-    half an ulp would otherwise vanish). z and the rounding are regenerated from their seeds."""
+    half an ulp would otherwise vanish). z and the rounding are regenerated from their seeds. coefs and
+    decay may be device tensors (nothing here reads them on the host), with the bits host floats give."""
     flat = t.view(-1)
+    coefs = coefficients(coefs, torch.float32, t.device)
+    if coefs.numel() != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds but {coefs.numel()} coefficients")
+    decay = coefficients(decay, torch.float32, t.device) if isinstance(decay, torch.Tensor) else decay
     streams = [noise_chunks(flat.numel(), s, t.device) for s in seeds]
     gen = torch.Generator(device=t.device)
     gen.manual_seed(sr_seed)
     for start in range(0, flat.numel(), CHUNK):
         part = flat[start : start + CHUNK]
         acc = part.float() * decay
-        for c, stream in zip(coefs, streams, strict=True):
-            acc.add_(next(stream)[1], alpha=c)
+        for j, stream in enumerate(streams):
+            acc.addcmul_(next(stream)[1], coefs[j])
         part.copy_(round_stochastic(acc, t.dtype, rounding_draw(part.numel(), t.dtype, gen, t.device)))
 
 

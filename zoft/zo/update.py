@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from zoft.zo.noise import param_seed, param_seeds
+from zoft.zo.noise import param_seed, param_seeds, to_device
 from zoft.zo.trainable import Trainable, _flat_z
 
 
@@ -21,18 +21,28 @@ def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tens
                 weight_decay: float) -> None:
     """θ ← θ − lr·((1/n) Σ_j g_j z_j + wd·θ), z regenerated from the seeds (chunk by chunk in full mode).
 
-    LoRA (flat) sets take g as a list or as a float64 tensor on the parameters' device, and do the same
-    arithmetic either way (a replay from the step log repeats a pipelined run's update bitwise). A
-    tensor g is never read on the host: a non-finite g makes the whole update, decay included, a no-op
-    on the device, and the caller, who reads g later, treats the step as rejected."""
+    g is a list, or a float64 tensor on the parameters' device (the pipelined loop's), and either gives
+    the same bits: the coefficients −lr·g_j/n and the decay 1 − lr·wd are the same double arithmetic on
+    the host or the device, rounded alike to the update's dtype (a replay from the step log repeats a
+    pipelined run's update bitwise). A tensor g is never read on the host: a non-finite g makes the
+    whole update, decay included, a no-op on the device (up to the sign of a zero weight in full mode),
+    and the caller, who reads g later, treats the step as rejected."""
     if tr.flat:
         _flat_update_(tr, seeds, grads, lr, weight_decay)
         return
-    grads = grads.tolist() if isinstance(grads, torch.Tensor) else grads
-    n, k = len(seeds), len(tr.tensors)
-    decay = [1 - lr * weight_decay if weight_decay and d else 1.0 for d in tr.decay]
+    n, k, dev = len(seeds), len(tr.tensors), tr.tensors[0].device
+    decays = [bool(weight_decay) and d for d in tr.decay]
+    if isinstance(grads, torch.Tensor):
+        g = grads.to(dev, torch.float64)
+        ok = torch.isfinite(g).all()
+        coefs = torch.where(ok, g * -lr / n, 0.0)  # the same double arithmetic as -lr * g / n below
+        keep = ~to_device(torch.tensor(decays), dev) | ~ok
+        decay = torch.full((k,), 1 - lr * weight_decay, dtype=torch.float64, device=dev).masked_fill_(keep, 1.0)
+    else:
+        coefs = torch.tensor([-lr * g / n for g in grads], dtype=torch.float64)
+        decay = torch.tensor([1 - lr * weight_decay if d else 1.0 for d in decays], dtype=torch.float64)
     rounding = param_seeds([param_seed(seeds[0], 1 << 40)], k)[:, 0]  # rounding_seed(seeds, i) for every i
-    tr.z.update_([t.data for t in tr.tensors], decay, param_seeds(seeds, k), [-lr * g / n for g in grads], rounding,
+    tr.z.update_([t.data for t in tr.tensors], decay, param_seeds(seeds, k), coefs, rounding,
                  tr.__dict__.setdefault("update_plans", {}))
 
 
