@@ -243,3 +243,68 @@ def test_guard_undo_in_full_mode_is_exactly_one_update(tmp_path, dtype):
     assert undo_last(s, ckpt, None, 3, eps, wd) == 2  # from the base weights: redo updates 1 and 2
     assert all(torch.equal(a, b) for a, b in zip(s.trainable.tensors, snaps[2]))
     assert not all(torch.equal(a, b) for a, b in zip(snaps[2], snaps[3]))  # the undo undid something
+
+
+def test_update_from_g_on_the_device_equals_the_host_floats():
+    """The pipelined loop hands sgd_update_ g as a float64 tensor it never reads; the synchronous loop and a
+    replay from steps.jsonl hand it host floats. Both must give the same bits in every dtype full mode
+    trains (stochastically rounded bf16/fp16, float32, a float64 master), with decay and three directions,
+    and the float32/float64 update must stay the arithmetic it always was (θ·d, then θ += c_j·z_j with
+    c_j = −lr·g_j/n rounded to θ's dtype: add_ with alpha). A non-finite g changes nothing."""
+    from zoft.zo.noise import noise
+    from zoft.zo.trainable import Trainable
+    from zoft.zo.update import sgd_update_
+
+    g = torch.Generator().manual_seed(3)
+    dts = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.bfloat16]
+    shapes = [(33, 17), (1000,), (7, 300), (2, 501), (1 << 20) + 3]  # the last spans two of the torch path's chunks
+    ts = [(torch.randn(s, generator=g) * 0.05).to(d) for s, d in zip(shapes, dts)]
+    decay = [True, False, True, True, False]
+    seeds, grads, lr, wd = [param_seed(7, 1), param_seed(7, 2), param_seed(7, 3)], [0.731, -1.29, 0.0417], 3e-3, 0.1
+    make = lambda: Trainable([f"t{i}" for i in range(len(ts))], [t.clone() for t in ts], decay)
+    host, dev, bad = make(), make(), make()
+    sgd_update_(host, seeds, grads, lr, wd)
+    sgd_update_(dev, seeds, torch.tensor(grads, dtype=torch.float64), lr, wd)
+    sgd_update_(bad, seeds, torch.tensor([grads[0], float("nan"), grads[2]], dtype=torch.float64), lr, wd)
+    for i, t in enumerate(ts):
+        assert torch.equal(host.tensors[i], dev.tensors[i]), dts[i]
+        assert (host.tensors[i] != t).float().mean() > 0.3, dts[i]  # it moved
+        assert torch.equal(bad.tensors[i], t), dts[i]
+        if t.dtype in (torch.float32, torch.float64):
+            want = t.clone().mul_(1 - lr * wd if decay[i] else 1.0)
+            for s, gj in zip(seeds, grads):
+                want.add_(noise(want, param_seed(s, i)).to(t.dtype), alpha=-lr * gj / 3)
+            assert torch.equal(host.tensors[i], want), dts[i]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_update_from_g_on_the_gpu_equals_the_host_floats_and_never_waits(backend):
+    """On CUDA, as on the CPU: g still on the device gives the host floats' bits (Triton: one launch per
+    dtype; torch: addcmul_), and a non-finite g changes nothing. Triton's update, once its plan is made,
+    queues without a single synchronizing call (torch's sync debug mode would raise on one)."""
+    from zoft.zo.trainable import Trainable
+    from zoft.zo.update import sgd_update_
+
+    g = torch.Generator("cuda").manual_seed(0)
+    dts = [torch.bfloat16, torch.float16, torch.float32, torch.bfloat16]
+    ts = [(torch.randn(s, device="cuda", generator=g) * 0.05).to(d) for s, d in zip([(7,), (3, 1000), (2049,), (64, 64)], dts)]
+    decay = [True, False, True, True]
+    make = lambda: Trainable([f"t{i}" for i in range(len(ts))], [t.clone() for t in ts], decay, z_backend=backend)
+    seeds, grads, lr, wd = [param_seed(1, 2), param_seed(3, 4), param_seed(5, 6)], [0.7, -1.3, 0.11], 1e-3, 0.1
+    host, dev = make(), make()
+    sgd_update_(host, seeds, grads, lr, wd)
+    gt = torch.tensor(grads, dtype=torch.float64, device="cuda")
+    sgd_update_(dev, seeds, gt, lr, wd)
+    after = [t.clone() for t in dev.tensors]
+    torch.cuda.synchronize()
+    if backend == "triton":  # dev's plans exist now: its next update must not wait for the GPU
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        sgd_update_(dev, seeds, gt * float("nan"), lr, wd)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for i, t in enumerate(ts):
+        assert torch.equal(host.tensors[i], after[i]), i
+        assert not torch.equal(host.tensors[i], t), i
+        assert torch.equal(dev.tensors[i], after[i]), i
