@@ -712,28 +712,40 @@ def recording_updates(monkeypatch, into: list) -> None:
     monkeypatch.setattr(T, "sgd_update_", update)
 
 
-@pytest.mark.parametrize("busy", [False, True], ids=["plain", "guard"])
-def test_pipelined_full_bf16_run_equals_the_synchronous_one(root, model, monkeypatch, busy):
-    """Full mode's rows step is pipelined: each bf16 update (stochastically rounded) is queued with g still a
-    tensor, and the losses are read a step later. --no-pipeline's run (g read, then the update) must log,
-    revert, evaluate and save the same bits. With the guard on, spikes are rejected while the next step's
-    update is queued: the undo reloads the checkpoint and redoes the logged updates, the queued one dropped."""
-    args = ([*BUSY["full"], "--dtype", "bfloat16", "--lr", "0.3"] if busy
-            else [*RUN, *MODES["full-bf16"], "--directions", "3", "--weight-decay", "0.1"])
+PIPELINED_FULL = {  # bf16 (the only copy, stochastically rounded), a float64 master, bf16 through guard rejections
+    "bf16": [*RUN, *MODES["full-bf16"], "--directions", "3", "--weight-decay", "0.1"],
+    "float64": [*RUN, *MODES["full"], "--master-dtype", "float64", "--directions", "3", "--weight-decay", "0.1"],
+    "bf16-guard": [*BUSY["full"], "--dtype", "bfloat16", "--lr", "0.3"],
+}
+
+
+@pytest.mark.parametrize("case", PIPELINED_FULL)
+def test_pipelined_full_run_equals_the_synchronous_one(root, model, monkeypatch, case):
+    """Full mode's rows step is pipelined: each update is queued with g still a tensor, and the losses are
+    read a step later. --no-pipeline's run (g read, then the update) must log, revert, evaluate and save the
+    same bits, and `zoft replay` of the pipelined run's log must rebuild them. With the guard on, spikes
+    are rejected while the next step's update is queued: the undo reloads the checkpoint and redoes the
+    logged updates, the queued one dropped."""
     runs, kinds = {}, {}
     for flag in ("--pipeline", "--no-pipeline"):
         recording_updates(monkeypatch, kinds.setdefault(flag, []))
-        runs[flag] = root / f"full-pipelined-{'guard' if busy else 'plain'}{flag}"
-        code, err, _ = zoft("train", "--model", model, *args, flag, "--output-dir", runs[flag])
+        runs[flag] = root / f"full-pipelined-{case}{flag}"
+        code, err, _ = zoft("train", "--model", model, *PIPELINED_FULL[case], flag, "--output-dir", runs[flag])
         assert code == 0, err
     assert set(kinds["--pipeline"]) == {"Tensor"} and set(kinds["--no-pipeline"]) == {"list"}
     assert_same_run(runs["--pipeline"], runs["--no-pipeline"])
     header, records = steplog.read(str(runs["--pipeline"] / "steps.jsonl"))
-    assert header["resolved"]["full_step"] == "rows" and header["model"]["dtype"] == "bfloat16"
+    assert header["resolved"]["full_step"] == "rows"
     reverts = sum("revert_to" in r for r in records)
-    assert reverts >= 2 if busy else reverts == 0
-    if busy:  # some step's update was queued past a rejected step: the pipelined run made more updates
+    assert reverts >= 2 if case.endswith("guard") else reverts == 0
+    if reverts:  # some step's update was queued past a rejected step: the pipelined run made more updates
         assert len(kinds["--pipeline"]) > len(kinds["--no-pipeline"])
+    r = root / f"full-pipelined-{case}-replay"
+    code, err, _ = zoft("replay", "--model", model, "--log", runs["--pipeline"] / "steps.jsonl", "--output-dir", r)
+    assert code == 0, err
+    assert_same_file(result_file(runs["--pipeline"], "full"), r / "trained.safetensors")
+    saved = tensors(r / "trained.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float64 if case == "float64" else torch.bfloat16}
 
 
 @pytest.mark.parametrize("mode", ["lora", "full-bf16"])

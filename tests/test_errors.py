@@ -236,3 +236,54 @@ def test_damaged_adapter_config_and_metrics(root, model, run):
     with open(plotted / "metrics.jsonl", "a") as f:
         f.write("garbage\n{}\n")
     user_error(zoft("plot", plotted, "--output", root / "x.png"), "metrics.jsonl:")
+
+
+# ---- --master-dtype the device cannot compute in ------------------------------------------------------
+
+
+def test_dtype_probe_fails_for_real_where_the_device_lacks_the_dtype():
+    """session.dtype_fails tries on the device what full mode does with its trained weights (a GEMM, a
+    residual add, a norm, a float32 z added to a copy). The CPU does all of them in the --master-dtype
+    choices; float8 (GEMMs only) and complex (no norm) fail for real, the meta device computes nothing."""
+    import torch
+
+    from zoft.session import MASTER_DTYPES, dtype_fails
+
+    assert all(dtype_fails("cpu", d) is None for d in MASTER_DTYPES.values())
+    assert "not implemented for 'Float8_e4m3fn'" in dtype_fails("cpu", torch.float8_e4m3fn)
+    assert "not implemented for 'ComplexFloat'" in dtype_fails("cpu", torch.complex64)
+    assert "meta" in dtype_fails("meta", torch.float32)
+
+
+def test_master_dtype_the_device_lacks_is_one_error_line(root, model, monkeypatch):
+    """`--master-dtype` naming a dtype the device cannot compute in is one zoft: error line before anything
+    is written. The CPU computes in every choice, so the name float16 is pointed at float8_e4m3fn here,
+    which the CPU really lacks (its add is not implemented): the probe and the error path run unmocked."""
+    import torch
+
+    from zoft import session
+
+    monkeypatch.setitem(session.MASTER_DTYPES, "float16", torch.float8_e4m3fn)
+    out = root / "master-lacking"
+    line = user_error(zoft("train", "--model", model, *DATA, "--steps", "1", "--mode", "full", "--layers", "1",
+                           "--master-dtype", "float16", "--output-dir", out),
+                      "--master-dtype float16: cpu cannot train in float16", "Float8_e4m3fn", "--master-dtype auto")
+    assert "add_stub" in line
+    assert not out.exists()
+
+
+def test_half_master_with_the_inplace_step_is_one_error_line(root, model):
+    """The in-place passes would round a half-precision master three times a step: refused, with the way out."""
+    user_error(zoft("train", "--model", model, *DATA, "--steps", "1", "--mode", "full", "--engine", "hf",
+                    "--master-dtype", "bfloat16", "--output-dir", root / "master-inplace"),
+               "--master-dtype bfloat16 with --full-step inplace", "--full-step rows")
+
+
+def test_float64_master_takes_the_torch_z():
+    """Triton's kernels update float32/bf16/fp16 weights: a float64 master gets torch's z under auto, and an
+    explicit --z-backend triton is refused (on CUDA; elsewhere triton is refused for the device first)."""
+    from zoft.session import resolve_z_backend
+
+    assert resolve_z_backend("auto", "cuda", wide=True) == "torch"
+    with pytest.raises(ZoftError, match="--master-dtype float64"):
+        resolve_z_backend("triton", "cuda", wide=True)

@@ -153,8 +153,10 @@ class ZOConfig:
     master_dtype: str = arg("auto", "full mode: dtype of the trained weights. auto: --dtype, the only copy on "
                             "the device, updated with seeded stochastic rounding in bf16/fp16 (float32 on the "
                             "transformers fallback); float32: a float32 master of every trained tensor (twice a "
-                            "bf16 model's memory; the trained blocks then compute in float32)",
-                            choices=["auto", "float32"])
+                            "bf16 model's memory; the trained blocks then compute in float32); bfloat16, float16: "
+                            "train the blocks in that dtype whatever --dtype is (--full-step rows only); float64: "
+                            "a float64 master (exactness checks; z from torch). Refused where the device cannot "
+                            "compute in it", choices=["auto", "float32", "bfloat16", "float16", "float64"])
     z_backend: str = arg("auto", "full mode's z generator: torch (chunked torch.randn, any device), triton "
                          "(fused Philox kernel, one pass per tensor, CUDA), auto: triton on CUDA when installed. "
                          "z differs between them: resume and replay a run with the one it used (zoft_config.json)",

@@ -145,7 +145,7 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
 
 
 def _attach_full(s: Session, zc: ZOConfig) -> None:
-    """Full mode: the chosen blocks' (or every) parameters, in --dtype or a float32 master, and the
+    """Full mode: the chosen blocks' (or every) parameters, in --dtype or --master-dtype, and the
     perturber that evaluates them (rows on native models, in place on the fallback)."""
     prefixes = None if s.layers is None else [f"{s.block_prefix}.{i}" for i in s.layers]
     if prefixes is None and s.offload == "cpu":
@@ -155,46 +155,81 @@ def _attach_full(s: Session, zc: ZOConfig) -> None:
         raise ZoftError("--full-step rows needs a native model (OPT, Llama family); this one runs on the "
                         "transformers fallback: use --full-step inplace (or auto)")
     owners = [s.model] if prefixes is None else [s.model.get_submodule(p) for p in prefixes]
-    half = any(p.dtype in HALF for o in owners for p in o.parameters())
-    master = zc.master_dtype == "float32" or (half and step == "inplace")
-    if half and step == "inplace" and zc.master_dtype == "auto":
-        log("zoft: full mode in place keeps a float32 master (three in-place passes would round half-precision "
-            "weights each step, far more than the update); use a native model for --full-step rows in "
-            f"{next(p.dtype for o in owners for p in o.parameters())}")
-    if master and not _device_has(s.device, torch.float32):
-        raise ZoftError(f"--master-dtype float32: {s.device} has no float32 support here; use --master-dtype auto")
+    master = _master_dtype(s, zc, step, {p.dtype for o in owners for p in o.parameters()})
     for o in owners:
-        if master:
-            o.float()
+        if master is not None:
+            o.to(master)
         o.to(s.device)
     s.trainable = full_trainable(s.model, prefixes)
     s.model.streamer = None  # a streamer made before the trained blocks moved would stream stale copies
-    s.trainable.z_backend = resolve_z_backend(zc.z_backend, s.device)
+    wide = any(t.dtype == torch.float64 for t in s.trainable.tensors)
+    s.trainable.z_backend = resolve_z_backend(zc.z_backend, s.device, wide)
     s.full_step = step
     s.perturber = FullRowsPerturber(s.model, s.trainable) if step == "rows" else InPlacePerturber(s.trainable)
 
 
-def _device_has(device: str, dtype: torch.dtype) -> bool:
+def _master_dtype(s: Session, zc: ZOConfig, step: str, loaded: set[torch.dtype]) -> torch.dtype | None:
+    """The dtype full mode converts the trained blocks to (None: train them as loaded), checked against the
+    step and the device before anything moves."""
+    name, half = zc.master_dtype, bool(loaded & set(HALF))
+    if name == "auto":
+        if not (half and step == "inplace"):
+            return None
+        log("zoft: full mode in place keeps a float32 master (three in-place passes would round half-precision "
+            "weights each step, far more than the update); use a native model for --full-step rows in "
+            f"{next(iter(loaded & set(HALF)))}")
+        name = "float32"
+    dtype = MASTER_DTYPES[name]
+    if dtype in HALF and step == "inplace":
+        raise ZoftError(f"--master-dtype {name} with --full-step inplace: the +εz, −2εz, +εz passes would round "
+                        f"{name} weights each step, far more than the update; use --full-step rows (native models) "
+                        "or --master-dtype float32")
+    if why := dtype_fails(s.device, dtype):
+        raise ZoftError(f"--master-dtype {name}: {s.device} cannot train in {name} ({why}); use --master-dtype "
+                        "auto or float32")
+    return dtype
+
+
+MASTER_DTYPES = DTYPES | {"float64": torch.float64}  # --master-dtype's names
+
+
+def dtype_fails(device: str, dtype: torch.dtype) -> str | None:
+    """Why `device` cannot do in `dtype` what full mode does with its trained weights (None: it can): hold
+    them, run a GEMM with them (the forward), and add a float32 z to a copy (the perturbation and the
+    update). Tried on the device itself; CUDA's bfloat16 must also be native (torch.cuda.is_bf16_supported:
+    on GPUs before Ampere torch emulates it, far slower than float32)."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cuda" and \
+            not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "no native bfloat16 on this GPU"
     try:
-        torch.zeros(1, dtype=dtype, device=device)
-        return True
-    except (RuntimeError, TypeError):
-        return False
+        w = torch.ones(4, 4, dtype=dtype, device=device)
+        x = torch.full((2, 4), 0.5, dtype=dtype, device=device)
+        y = torch.nn.functional.layer_norm(x @ w.t() + x, (4,), w[0], w[1])  # a GEMM, a residual add, a norm: 1s
+        p = (w.to(torch.float32) + torch.ones(4, 4, device=device)).to(dtype)  # a perturbed copy: 2s
+        if not (torch.equal(y.float().cpu(), torch.ones(2, 4)) and torch.equal(p.float().cpu(), torch.full((4, 4), 2.0))):
+            return "wrong results"
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        return str(e).split("\n")[0]
+    return None
 
 
-def resolve_z_backend(choice: str, device) -> str:
-    """auto → triton on CUDA when triton is installed, else torch; an impossible explicit choice is an error."""
+def resolve_z_backend(choice: str, device, wide: bool = False) -> str:
+    """auto → triton on CUDA when triton is installed, else torch; an impossible explicit choice is an error.
+    wide: float64 weights (a float64 master), which only the torch backend updates."""
     cuda = str(device).startswith("cuda")
     has_triton = importlib.util.find_spec("triton") is not None
     if choice == "triton":
         if not cuda:
             raise ZoftError(f"--z-backend triton needs a CUDA device, this run uses {device}; use --z-backend torch")
+        if wide:
+            raise ZoftError("--z-backend triton updates float32, bfloat16 and float16 weights; with --master-dtype "
+                            "float64 use --z-backend torch (or auto)")
         if not has_triton:
             raise ZoftError("--z-backend triton needs the triton package (pip install triton), or use --z-backend torch")
         return "triton"
     if choice == "torch":
         return "torch"
-    return "triton" if cuda and has_triton else "torch"
+    return "triton" if cuda and has_triton and not wide else "torch"
 
 
 def first_trained_block(s: Session) -> int:

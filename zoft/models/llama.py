@@ -138,6 +138,7 @@ class LlamaAttention(nn.Module):
         k = k.view(N, L, self.n_kv, self.hd).transpose(1, 2)  # (N, Hkv, L, hd)
         v = v.view(N, L, self.n_kv, self.hd).transpose(1, 2)
         cos, sin = rope  # (N|1, 1, L, hd), repeated over perturbation rows below if needed
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # a block trained in another dtype than the embeddings'
         if cos.shape[0] != N:
             cos, sin = cos.repeat(N // cos.shape[0], 1, 1, 1), sin.repeat(N // sin.shape[0], 1, 1, 1)
         q = q * cos + rotate_half(q) * sin
