@@ -76,7 +76,7 @@ def round_stochastic(acc: torch.Tensor, dtype: torch.dtype, draw: torch.Tensor) 
     element: for bfloat16 integers in [0, 2¹⁶) added below the 16 kept bits before truncating (so a
     value a fraction f of an ulp above the lower neighbour rounds up with probability f); for float16
     uniforms in [0, 1) compared with the residual after rounding toward zero, in ulps. The same
-    arithmetic as the Triton kernel (zoft.zo.kernels.perturb_triton._update_sr_kernel)."""
+    arithmetic as the Triton kernels (zoft.zo.kernels.perturb_triton._store_rounded)."""
     if dtype == torch.bfloat16:
         bits = acc.float().contiguous().view(torch.int32)
         return ((bits + draw.to(torch.int32)) & -65536).view(torch.float32).to(torch.bfloat16)

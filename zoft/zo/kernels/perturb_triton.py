@@ -165,31 +165,38 @@ if triton is not None:
         tl.store(m_ptr + r * D + cols, (w - z).to(m_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _store_rounded(ptr, offs, mask, acc, sr_seed, start, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        """Store float32 acc (elements start … start + BLOCK − 1 of a tensor) at ptr + offs in ptr's dtype.
+        HALF 0: to nearest. 1 (bfloat16): add 16 random bits below the kept ones, then truncate. 2 (float16):
+        round toward zero, then up one ulp with probability residual / ulp. The random bits are
+        Philox(sr_seed, element index): the torch path's arithmetic (zoft.zo.noise.round_stochastic), its
+        own stream."""
+        if HALF == 0:
+            tl.store(ptr + offs, acc.to(ptr.dtype.element_ty), mask=mask)
+        elif HALF == 1:
+            r = (_bits_block(sr_seed, start, BLOCK) & 0xFFFF).to(tl.int32)
+            out = ((acc.to(tl.int32, bitcast=True) + r) & -65536).to(tl.float32, bitcast=True)
+            tl.store(ptr + offs, out.to(tl.bfloat16), mask=mask)
+        else:
+            t = acc.to(tl.float16, fp_downcast_rounding="rtz")
+            up = (t.to(tl.int16, bitcast=True) + 1).to(tl.int16).to(tl.float16, bitcast=True)
+            tf = t.to(tl.float32)
+            p = (acc - tf) / (up.to(tl.float32) - tf)
+            u = (_bits_block(sr_seed, start, BLOCK) >> 8).to(tl.float32) * (1.0 / 16777216.0)  # [0, 1)
+            tl.store(ptr + offs, tl.where(u < p, up, t), mask=mask)
+
+    @triton.jit
     def _update_sr_kernel(x_ptr, n_elements, seeds_ptr, coefs_ptr, n_dirs, decay, sr_seed,
                           HALF: tl.constexpr, BLOCK: tl.constexpr):
-        """x ← SR(decay·x + Σ_j coefs[j]·z_j): the update of a half-precision tensor, stochastically
-        rounded with Philox(sr_seed, i). HALF: 1 bfloat16 (add 16 random bits below the kept ones, then
-        truncate), 2 float16 (round toward zero, then up one ulp with probability residual / ulp)."""
+        """x ← SR(decay·x + Σ_j coefs[j]·z_j): the update of a half-precision tensor (HALF 1 bfloat16,
+        2 float16), stochastically rounded with Philox(sr_seed, i) (_store_rounded)."""
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
         acc = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * decay
         for j in range(n_dirs):
             acc = acc + tl.load(coefs_ptr + j) * _z_block(tl.load(seeds_ptr + j), pid * BLOCK, BLOCK)
-        if HALF == 1:
-            bits = acc.to(tl.int32, bitcast=True)
-            r = (_bits_block(sr_seed, pid * BLOCK, BLOCK) & 0xFFFF).to(tl.int32)
-            out = ((bits + r) & -65536).to(tl.float32, bitcast=True)
-            tl.store(x_ptr + offs, out.to(tl.bfloat16), mask=mask)
-        else:
-            t = acc.to(tl.float16, fp_downcast_rounding="rtz")
-            up = (t.to(tl.int16, bitcast=True) + 1).to(tl.int16).to(tl.float16, bitcast=True)
-            tf = t.to(tl.float32)
-            p = (acc - tf) / (up.to(tl.float32) - tf)
-            u = (_bits_block(sr_seed, pid * BLOCK, BLOCK) >> 8).to(tl.float32) * (1.0 / 16777216.0)  # [0, 1)
-            out = tl.where(u < p, up, t)
-            tl.store(x_ptr + offs, out, mask=mask)
-
+        _store_rounded(x_ptr, offs, mask, acc, sr_seed, pid * BLOCK, HALF, BLOCK)
 
     @triton.jit
     def _update_many_kernel(ptrs_ptr, map_ptr, starts_ptr, numels_ptr, ints_ptr, floats_ptr, n_tensors, n_dirs,
@@ -212,19 +219,7 @@ if triton is not None:
             for j in range(n_dirs):
                 acc = acc + tl.load(floats_ptr + n_tensors + j) * _z_block(tl.load(ints_ptr + k * n_dirs + j),
                                                                           local, BLOCK)
-            if HALF == 0:
-                tl.store(base + offs, acc.to(ELT), mask=mask)
-            elif HALF == 1:
-                r = (_bits_block(sr, local, BLOCK) & 0xFFFF).to(tl.int32)
-                out = ((acc.to(tl.int32, bitcast=True) + r) & -65536).to(tl.float32, bitcast=True)
-                tl.store(base + offs, out.to(tl.bfloat16), mask=mask)
-            else:
-                t = acc.to(tl.float16, fp_downcast_rounding="rtz")
-                up = (t.to(tl.int16, bitcast=True) + 1).to(tl.int16).to(tl.float16, bitcast=True)
-                tf = t.to(tl.float32)
-                p = (acc - tf) / (up.to(tl.float32) - tf)
-                u = (_bits_block(sr, local, BLOCK) >> 8).to(tl.float32) * (1.0 / 16777216.0)
-                tl.store(base + offs, tl.where(u < p, up, t), mask=mask)
+            _store_rounded(base, offs, mask, acc, sr, local, HALF, BLOCK)
 
 
 SUB = 4  # blocks per program of the many-tensor update: fewer programs, each a larger share of one tensor
