@@ -18,10 +18,10 @@ around every timed region:
    rows, each prompt encoded once for its candidates, ±ε LoRA rows in one forward, logits only where the
    loss reads them. Building zoft's batch (packing, masks, the copy to the device) is inside the timed
    step; the reference's collation is not (MeZO's DataLoader does it), so the comparison leans to MeZO.
-   LoRA steps are timed twice: synchronously (median of per-step times, each step waits for its own
-   losses) and pipelined as ``zoft train`` runs them (the update queued with g on the device, step i's
-   losses read once step i+1 is queued; the --steps timed batches in a cycle of at least 50 steps,
-   after every timed batch has met its CUDA graph twice; window time / steps). The
+   LoRA and full-mode rows steps are timed twice: synchronously (median of per-step times, each step
+   waits for its own losses) and pipelined as ``zoft train`` runs them (the update queued with g on the
+   device, step i's losses read once step i+1 is queued; the --steps timed batches in a cycle of at
+   least 50 steps, after every timed batch has met its CUDA graph twice; window time / steps). The
    pipelined figure is ``zoft_step_ms``, what a training run sees per step; the reference cannot
    pipeline (MeZO reads g with ``.item()`` before its update), so its per-step time is its throughput.
 
@@ -54,7 +54,7 @@ from zoft.loading import DTYPES, resolve
 from zoft.models import llama, opt
 from zoft.session import attach, load_session, make_engine, pick_device, resolve_alias
 from zoft.tasks.encode import Encoded
-from zoft.train.pipeline import HostCopy, snapshot
+from zoft.train.pipeline import HostCopy, pipelines, snapshot
 from zoft.train.step import step_losses
 from zoft.zo.trainable import direction_seeds
 from zoft.zo.update import sgd_update_
@@ -241,10 +241,10 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
     engine = make_engine(s)
 
     ahead: dict = {}
-    lazy = s.loras is not None  # zoft train pipelines LoRA steps (zoft.train.loop): g stays on the device
+    lazy = pipelines(s)  # the steps zoft train pipelines (LoRA, full rows): g stays on the device
 
     def step(i: int, read_now: bool = True, nxt_i: int | None = None):
-        """One step as zoft train runs it: batch i+1 (or nxt_i) is packed while step i's forward runs; LoRA
+        """One step as zoft train runs it: batch i+1 (or nxt_i) is packed while step i's forward runs; lazy
         steps queue their update with g on the device and start copying the losses to the host. read_now:
         wait for them (a synchronous step); otherwise return them to read after the next step is queued."""
         dirs = direction_seeds(seed, i, zc.directions)

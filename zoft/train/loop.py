@@ -54,7 +54,7 @@ from zoft.train.checkpoint import (
 )
 from zoft.train.data import batch_indices, load_data, metric_of, model_chat, write_splits
 from zoft.train.guard import Guard
-from zoft.train.pipeline import HostCopy, Pipeline, snapshot
+from zoft.train.pipeline import HostCopy, Pipeline, pipelines, snapshot
 from zoft.train.resume import Plan, check_loaded, model_fingerprint, prepare
 from zoft.train.step import StepResult, clip, gather_directions, step_losses
 from zoft.zo.trainable import direction_seeds
@@ -186,8 +186,7 @@ class Run:
         self.train_set, self.metric = self.enc["train"], metric_of(self.splits)
         self.restore()
         self.open_outputs(resolved, callbacks)
-        rows = s.loras is not None or (self.zc.mode == "full" and s.full_step == "rows")  # θ untouched by the step
-        self.pipe = Pipeline(lazy=self.rc.pipeline and rows and self.loss != "f1" and not self.zc.spread_directions)
+        self.pipe = Pipeline(lazy=self.rc.pipeline and pipelines(s) and self.loss != "f1" and not self.zc.spread_directions)
         self.signalled = 0  # data parallel: a signal some rank got, learnt through the step's all-reduce
         self.ema, self.t_prev, self.t_flush = None, time.time(), time.time()
         self.bar = progress(total=self.rc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,

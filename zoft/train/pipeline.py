@@ -1,5 +1,6 @@
-"""What the pipelined loop needs to keep the GPU busy: a copy of a step's small results on its way to the
-host, and the copy of the LoRA parameters taken before an update so that it can be undone.
+"""What the pipelined loop needs to keep the GPU busy: which steps it pipelines, a copy of a step's small
+results on its way to the host, and the copy of the LoRA parameters taken before an update so that it can
+be undone (full mode's undo is the checkpoint and the step log: zoft.train.checkpoint.rewind).
 """
 
 from __future__ import annotations
@@ -7,6 +8,12 @@ from __future__ import annotations
 import torch
 
 from zoft.session import Session
+
+
+def pipelines(s: Session) -> bool:
+    """Whether the loop may queue this session's updates before reading their losses: the steps that leave
+    θ untouched until the update (LoRA rows, full mode's rows). MeZO's in-place passes are kept synchronous."""
+    return s.loras is not None or s.full_step == "rows"
 
 
 def snapshot(s: Session) -> torch.Tensor | None:
@@ -37,11 +44,13 @@ class HostCopy:
 
 
 class Pipeline:
-    """The one-deep pipeline of a LoRA run on the device. Step i's update is queued with g still on the
-    device, and the host reads step i's losses while step i+1 runs, so nothing waits for the GPU between
-    steps. A non-finite g makes the queued update a no-op; a rejected step (non-finite or a guard spike)
-    restores the copy taken before the last accepted update and the run goes on from the step after the
-    rejected one: the same parameters as the synchronous loop, which checks before it updates. Every
+    """The one-deep pipeline of a LoRA or full-mode (rows) run. Step i's update is queued with g still on
+    the device, and the host reads step i's losses while step i+1 runs, so nothing waits for the GPU
+    between steps. A non-finite g makes the queued update a no-op; a rejected step (non-finite or a guard
+    spike) goes back to the accepted updates before the suspect one (LoRA: the copy taken before it; full
+    mode: the checkpoint and the logged updates), the updates queued since dropped, and the run goes on
+    from the step after the rejected one: the same parameters as the synchronous loop, which checks before
+    it updates. Every
     boundary (eval, save, log, signals, the end) first reads every queued step, so what is evaluated and
     saved is exactly the accepted updates. Not lazy (synchronous steps): each step is read at once."""
 
