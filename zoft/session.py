@@ -149,7 +149,8 @@ def _attach_full(s: Session, zc: ZOConfig) -> None:
     perturber that evaluates them (rows on native models, in place on the fallback)."""
     prefixes = None if s.layers is None else [f"{s.block_prefix}.{i}" for i in s.layers]
     if prefixes is None and s.offload == "cpu":
-        raise ZoftError("--offload cpu with --mode full needs --layers: the trained blocks stay on the device")
+        raise ZoftError("--offload cpu with --mode full needs --layers (all of them if you like, e.g. --layers 0-23): "
+                        "the trained blocks are streamed with the frozen ones, the embeddings and head stay frozen")
     step = zc.full_step if zc.full_step != "auto" else ("rows" if s.native else "inplace")
     if step == "rows" and not s.native:
         raise ZoftError("--full-step rows needs a native model (OPT, Llama family); this one runs on the "
@@ -163,15 +164,18 @@ def _attach_full(s: Session, zc: ZOConfig) -> None:
             f"{next(p.dtype for o in owners for p in o.parameters())}")
     if master and not _device_has(s.device, torch.float32):
         raise ZoftError(f"--master-dtype float32: {s.device} has no float32 support here; use --master-dtype auto")
-    for o in owners:
+    for o in owners:  # --offload cpu: the trained blocks stay in host memory and are streamed (zoft.engine.offload)
         if master:
             o.float()
-        o.to(s.device)
+        if s.offload != "cpu":
+            o.to(s.device)
     s.trainable = full_trainable(s.model, prefixes)
-    s.model.streamer = None  # a streamer made before the trained blocks moved would stream stale copies
+    s.model.streamer = None  # a streamer made before the trained blocks changed would stream stale copies
+    if s.offload == "cpu":  # the update is written through to the streamed blocks' host copies
+        s.trainable.streamer = stream_blocks(s.model, s.device)
     s.trainable.z_backend = resolve_z_backend(zc.z_backend, s.device)
     s.full_step = step
-    s.perturber = FullRowsPerturber(s.model, s.trainable) if step == "rows" else InPlacePerturber(s.trainable)
+    s.perturber = FullRowsPerturber(s.model, s.trainable, s.device) if step == "rows" else InPlacePerturber(s.trainable)
 
 
 def _device_has(device: str, dtype: torch.dtype) -> bool:
@@ -213,7 +217,7 @@ def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda
     if fuse is None:
         fuse = str(s.device).startswith("cuda") and s.offload != "cpu" and (s.loras is not None or s.trainable is None)
     if s.native:
-        # the blocks' streamer is made here, after attach: trained blocks (full mode) are on the device by now
+        # the blocks' streamer is made here, after attach, so it streams the trained blocks' final tensors
         streamer = stream_blocks(s.model, s.device) if s.offload == "cpu" else None
         return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, streamer, cuda_graphs,
                             varlen, fuse)

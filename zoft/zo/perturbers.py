@@ -202,8 +202,9 @@ class FullRows(Rows):
 class FullRowsPerturber:
     """Full parameters perturbed as rows of one forward, θ never modified (module docstring)."""
 
-    def __init__(self, model: nn.Module, tr: Trainable):
+    def __init__(self, model: nn.Module, tr: Trainable, device: torch.device | str | None = None):
         self.tr = tr
+        self.device = torch.device(device) if device is not None else tr.tensors[0].device  # streamed θ is on the host
         self.index = {id(t): i for i, t in enumerate(tr.tensors)}
         self.perturbs_embeddings = any(isinstance(m, nn.Embedding) and id(m.weight) in self.index
                                        for m in model.modules())
@@ -212,7 +213,7 @@ class FullRowsPerturber:
     def rows(self, seeds: list[int], eps: float) -> FullRows:
         table = None
         if self.tr.z.needs_table:
-            table = seed_table(self, seeds, len(self.tr.tensors), self.tr.tensors[0].device)
+            table = seed_table(self, seeds, len(self.tr.tensors), self.device)
         return FullRows(self, seeds, eps, table)
 
     def losses(self, loss_fn: LossFn, seeds: list[int], eps: float) -> torch.Tensor:
