@@ -133,11 +133,11 @@ def bench_recipes() -> dict[str, Recipe]:
             bench("--model opt-13b --workload sst2 --mode full --steps 3 --warmup 1", timeout=420),
             bench("--model opt-30b --workload sst2 --mode full --steps 3 --warmup 1 --reference none", timeout=300)]),
         "full-offload": Recipe("zoft bench, full parameters streamed from host memory (--offload cpu), bf16: "
-                               "opt-13b and opt-30b, every block trained", [
-            bench("--model opt-13b --workload sst2 --mode full --steps 2 --warmup 1 --reference none --offload cpu "
-                  "--layers 0-39", timeout=300),
+                               "opt-1.3b and opt-30b, every block trained", [
+            bench("--model opt-1.3b --workload sst2 --mode full --steps 3 --warmup 1 --reference none --offload cpu "
+                  "--layers 0-23", timeout=120),
             bench("--model opt-30b --workload sst2 --mode full --steps 2 --warmup 1 --reference none --offload cpu "
-                  "--layers 0-47", timeout=420)]),
+                  "--layers 0-47", timeout=300)]),
         "full-rows": Recipe("full-parameter ZO on the top 4 blocks, --full-step inplace vs rows", [
             script(f"full_rows_{m}", f"bench/full_rows_bench.py --model {m} --workload sst2 --layers top4 "
                    "--device cuda", timeout=100) for m in ("opt-125m", "opt-1.3b")]),
