@@ -172,7 +172,7 @@ class ZOAdam(Method):
 
 class ZOSign(Method):
     """ZO-SignSGD (Liu et al. 2019, arXiv 1810.10794, Eq. 3; ZO-Bench's ZO-SGD-Sign):
-    θ ← θ − lr·sign(ĝ). No state. Forwards: 2n rows a step."""
+    θ ← θ − lr·sign(ĝ). No state (0 B/param). Forwards: 2n rows a step."""
 
     name = "zo-sign"
 
@@ -184,7 +184,7 @@ class ZOSign(Method):
 class FZOO(Method):
     """FZOO (Dang et al. 2025, arXiv 2506.09034, the update of its Alg. 1): N one-sided Rademacher directions
     and θ itself in one forward: L₀ = L(θ), Lᵢ = L(θ + εuᵢ), σ = std(L₁..L_N) (population form),
-    θ ← θ − lr/(N·σ)·Σᵢ (Lᵢ − L₀)·uᵢ  (σ = 0: no move). N = --directions ≥ 2. No state.
+    θ ← θ − lr/(N·σ)·Σᵢ (Lᵢ − L₀)·uᵢ  (σ = 0: no move). N = --directions ≥ 2. No state (0 B/param).
     Forwards: N + 1 rows a step. Logged g: (Lᵢ − L₀)/ε."""
 
     name = "fzoo"
@@ -272,8 +272,8 @@ class LOZO(Method):
                 if v is None:
                     parts.append(_randn((t.numel(),), param_seed(s, 2 + i), t.device))
                 else:
-                    parts.append((_randn((t.shape[0], r), param_seed(s, 2 + i), t.device) @ v.T).reshape(-1))
-            u = torch.cat(parts)
+                    parts.append((_randn((t.shape[0], r), param_seed(s, 2 + i), t.device).to(dt) @ v.T.to(dt)).reshape(-1))
+            u = torch.cat([p.to(dt) for p in parts])
             us.append(u if tr.z_mask is None else u * tr.z_mask)
         scale = torch.cat([torch.full((t.numel(),), 1 / r if t.dim() == 2 else 1.0, dtype=dt, device=t.device)
                            for t in tr.tensors])
@@ -295,7 +295,7 @@ class SparseMeZO(Method):
     """Sparse-MeZO (Liu et al. 2024, arXiv 2402.15751, Alg. 1): perturb and update only small-magnitude
     entries: per tensor, mask = 1[|θ| ≤ h] with h the ⌈(1−s)·numel⌉-th smallest |θ| (s = --sparsity, the
     fraction left out), recomputed from θ each step; z̃ⱼ = mask ⊙ zⱼ in the rows and in θ ← θ − lr·(1/n)Σⱼ gⱼz̃ⱼ.
-    No state (the mask is a function of θ). Forwards: 2n rows a step."""
+    No state (0 B/param: the mask is a function of θ). Forwards: 2n rows a step."""
 
     name = "sparse-mezo"
 
