@@ -205,11 +205,10 @@ class Run:
         zero-shot evaluation of a fresh run."""
         rc, s = self.rc, self.s
         self.step, self.applied, self.best_dev, self.zero_shot, self.undo, st = 0, 0, -1.0, None, None, None
-        self.undo_state, self.forwards = None, 0  # the method's state before the last update; forward rows so far
+        self.undo_state = None  # a method's state before the last update (beside self.undo, θ's copy)
         if rc.resume and self.plan.state is not None:
             st = load_checkpoint(s, self.ckpt, need=("next_step", "applied"), verify=False)  # prepare() checked it
             self.step, self.applied, self.best_dev = st["next_step"], st["applied"], st.get("best_dev", -1.0)
-            self.forwards = st.get("forwards", self.rows() * self.step)  # older checkpoints: the count they logged
             self.zero_shot = st.get("zero_shot")
             self.zero_shot = st.get("zero_shot_accuracy") if self.zero_shot is None else self.zero_shot  # older checkpoints
             self.undo, self.undo_state = load_undo(s, self.ckpt), load_undo_state(s, self.ckpt)
@@ -237,11 +236,14 @@ class Run:
 
     def state(self, next_step: int) -> dict:
         """What a checkpoint's state.json holds beside the parameters."""
-        return {"next_step": next_step, "applied": self.applied, "best_dev": self.best_dev, "forwards": self.forwards,
+        return {"next_step": next_step, "applied": self.applied, "best_dev": self.best_dev,
                 "zero_shot": self.zero_shot, "metric": self.metric, **self.guard.state()}
 
     def rows(self) -> int:
-        """Forward rows a step computes (all ranks' directions with --spread-directions)."""
+        """Forward rows a step computes (all ranks' directions with --spread-directions). Every step index runs its
+        forward once, a rejected one too (the run goes on from the step after it), so after step i the run has
+        computed rows()·(i + 1): metrics.jsonl's "forwards". (The pipeline's speculative next step, which a
+        rejection discards and the synchronous loop never runs, is not counted.)"""
         n = self.zc.directions * (self.world if self.zc.spread_directions else 1)
         return 2 * n if self.method is None else self.method.rows(n)
 
@@ -262,7 +264,6 @@ class Run:
                 self.pipe.push(self.query_step(step, lr, sig))
             else:
                 seeds, lp, lm, grads = self.estimate(step)
-                self.forwards += self.rows()
                 self.pipe.push(self.update(step, seeds, lr, lp, lm, grads, sig))
             self.step += 1
             self.log_work()
@@ -309,9 +310,8 @@ class Run:
         mine = self.examples(step)
         golds = [answers_of(self.splits["train"][i]) for i in mine] if self.loss == "f1" else None
         losses = query_losses(self.engine, self.s, [self.train_set[i] for i in mine], self.loss, q, golds)
-        self.forwards += len(q.dir)
         t, flag = time.time(), dist.stop_flag(sig.got, self.s.trainable.tensors[0].device)
-        return StepResult(step, seeds, lr, t, losses + [float(f) for f in flag], forwards=self.forwards, query=q)
+        return StepResult(step, seeds, lr, t, losses + [float(f) for f in flag], query=q)
 
     def update(self, step: int, seeds: list[int], lr: float, lp: torch.Tensor, lm: torch.Tensor,
                grads: torch.Tensor | list[float], sig: _Signals) -> StepResult:
@@ -319,12 +319,10 @@ class Run:
         is queued now (a no-op on the device if g is not finite); else accept() applies it once read."""
         t, flag = time.time(), dist.stop_flag(sig.got, lp.device)
         if not self.pipe.lazy:
-            return StepResult(step, seeds, lr, t, lp.tolist() + lm.tolist() + list(grads) + [float(f) for f in flag],
-                              forwards=self.forwards)
+            return StepResult(step, seeds, lr, t, lp.tolist() + lm.tolist() + list(grads) + [float(f) for f in flag])
         snap = snapshot(self.s)
         sgd_update_(self.s.trainable, seeds, grads, lr, self.zc.weight_decay)
-        return StepResult(step, seeds, lr, t, HostCopy(torch.cat([lp, lm, grads, *flag])), snap, queued=True,
-                          forwards=self.forwards)
+        return StepResult(step, seeds, lr, t, HostCopy(torch.cat([lp, lm, grads, *flag])), snap, queued=True)
 
     def log_work(self) -> None:
         """Every --log-every steps: the engine's work saved (host-side counts: no need to wait for the GPU)."""
@@ -362,8 +360,8 @@ class Run:
             return False
         if self.main:  # synchronous: written ahead of the update. Pipelined: the update is already queued, but no
             # checkpoint is written before a flush has logged every queued step, so a crash loses both together
-            self.slog.write({"step": r.step, "seeds": r.seeds, "grads": grads, "lr": r.lr, "loss": loss,
-                             "forwards": r.forwards} | ({"losses": losses} if losses is not None else {}))
+            self.slog.write({"step": r.step, "seeds": r.seeds, "grads": grads, "lr": r.lr, "loss": loss}
+                            | ({"losses": losses} if losses is not None else {}))
         if r.queued:
             self.undo = r.snap
         else:
@@ -387,7 +385,7 @@ class Run:
         if not self.main:
             return
         self.emit({"step": r.step + 1, "loss": loss, "projected_grad": g_mean, "lr": r.lr,
-                   "forwards": r.forwards,  # forward rows computed so far, rejected steps' included
+                   "forwards": self.rows() * (r.step + 1),  # forward rows so far, rejected steps' included (rows())
                    "seconds": round(now - self.t_start, 3), "step_seconds": round(dt, 4)})
         if now - self.t_flush > 2:  # readable while the run goes on, without a write call per step
             self.metrics.flush()
@@ -402,7 +400,7 @@ class Run:
             dist.barrier()  # every rank has read the checkpoint before rank 0 replaces it below
             if self.main:
                 self.slog.write({"step": r.step, "revert_to": self.applied, "reason": why,
-                                 "lr_scale": self.guard.lr_scale, "forwards": self.forwards})
+                                 "lr_scale": self.guard.lr_scale})
         if self.main and (undoing or stop):  # a stop is marked: its --resume may lower --lr, with fresh strikes
             self.metrics.flush()  # a checkpoint never runs ahead of the metrics rows it covers
             save_checkpoint(self.s, self.ckpt, self.state(r.step + 1) | ({"stopped": "guard"} if stop else {}), self.undo,
@@ -455,7 +453,6 @@ class Run:
         s, zc = self.s, self.zc
         for r in records:
             self.step = r["step"] + 1
-            self.forwards = r.get("forwards", self.rows() * self.step)  # older logs: the count they reported
             if "revert_to" in r:  # logged by reject(), which then saved a checkpoint
                 self.undo_update()
                 dist.barrier()
@@ -474,7 +471,7 @@ class Run:
             self.guard.accept(r["loss"])
             if self.main:  # the row the run wrote for this step, again (its seconds are this process's)
                 self.emit({"step": self.step, "loss": r["loss"], "projected_grad": sum(r["grads"]) / len(r["grads"]),
-                           "lr": r["lr"], "forwards": self.forwards,
+                           "lr": r["lr"], "forwards": self.rows() * self.step,
                            "seconds": round(time.time() - self.t_start, 3), "replayed": True})
             self.checkpoints(self.step)
 

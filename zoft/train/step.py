@@ -93,7 +93,6 @@ class StepResult:
     values: HostCopy | list[float]
     snap: torch.Tensor | None = None
     queued: bool = False
-    forwards: int = 0  # forward rows the run has computed, this step's included
     query: object = None  # a --optimizer method's step (zoft.zo.methods.Query); values: the row losses + flag
 
     def read(self) -> tuple[list[float], list[float], list[float], int]:

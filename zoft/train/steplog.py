@@ -3,7 +3,7 @@
 ``RUN_DIR/steps.jsonl`` starts with a header (the resolved config) and gets one record per step,
 written *before* the step's update is applied, flushed every step and fsynced every N steps:
 
-    {"step": 12, "seeds": [...], "grads": [...], "lr": 0.005, "loss": 0.61, "forwards": 26}
+    {"step": 12, "seeds": [...], "grads": [...], "lr": 0.005, "loss": 0.61}
     {"step": 12, ..., "losses": [...]}                  # --optimizer methods: every row's loss, for replay
     {"step": 40, "revert_to": 38, "reason": "..."}      # the divergence guard undid updates past 38
 
