@@ -171,7 +171,7 @@ class ZOAdam(Method):
 
 
 class ZOSign(Method):
-    """ZO-SignSGD (Liu et al. 2019, arXiv 1810.10794, Eq. 3; ZO-Bench's ZO-SGD-Sign):
+    """ZO-SignSGD ("signSGD via zeroth-order oracle", Liu et al., ICLR 2019; ZO-Bench, arXiv 2402.11592, ZO-SGD-Sign):
     θ ← θ − lr·sign(ĝ). No state (0 B/param). Forwards: 2n rows a step."""
 
     name = "zo-sign"
