@@ -29,6 +29,7 @@ from zoft.loading import (
 from zoft.logs import log
 from zoft.lora import LoraArgs, LoRALinear, flatten_lora_, inject_lora, linear_like, resolve_targets
 from zoft.models import hf
+from zoft.zo.methods import make_method
 from zoft.zo.noise import HALF
 from zoft.zo.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber
 from zoft.zo.trainable import Trainable, full_trainable, lora_trainable
@@ -74,6 +75,7 @@ class Session:
     attention: str = "auto"  # --attention: auto | varlen | mask
     full_step: str = "inplace"  # full mode: "inplace" passes or "rows" of one forward (zoft.zo.perturbers)
     perturber: object = None  # how a step evaluates L(θ ± εz) (zoft.zo.perturbers), chosen once at attach
+    method: object = None  # --optimizer's estimator and update rule (zoft.zo.methods); None: ZO-SGD
     load_dtype: torch.dtype = torch.float32  # --dtype: what the checkpoint's tensors were rounded to on load
 
     @property
@@ -140,6 +142,7 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
         flatten_lora_(s.loras)  # one flat tensor: θ, snapshots and updates in one op each
         s.trainable = lora_trainable(s.loras)
         s.perturber = LoRAPerturber(s.loras, s.trainable)
+        s.method = make_method(zc, s.trainable, seed)
     else:
         _attach_full(s, zc)
 
@@ -252,7 +255,9 @@ def describe(s: Session, engine, zo: bool = True) -> str:
             feats.append(f"{engine.fused} groups of frozen layers fused into one GEMM each (q/k/v, gate/up)")
         if engine.graphs is not None:
             feats.append("CUDA graph per training batch shape")
-    if s.loras and zo:
+    if s.loras and zo and s.method is not None:
+        feats.append(f"LoRA rows of {s.method.name} in one forward ({len(s.loras)} modules)")
+    elif s.loras and zo:
         feats.append(f"LoRA ±ε rows in one forward ({len(s.loras)} modules)")
     elif s.trainable is not None and zo:
         how = "±ε as rows of one forward, θ never modified" if s.full_step == "rows" else "perturbed in place"
