@@ -716,6 +716,8 @@ PIPELINED_FULL = {  # bf16 (the only copy, stochastically rounded), a float64 ma
     "bf16": [*RUN, *MODES["full-bf16"], "--directions", "3", "--weight-decay", "0.1"],
     "float64": [*RUN, *MODES["full"], "--master-dtype", "float64", "--directions", "3", "--weight-decay", "0.1"],
     "bf16-guard": [*BUSY["full"], "--dtype", "bfloat16", "--lr", "0.3"],
+    # the trained blocks streamed from host memory: each update is written through to their host copies
+    "bf16-offload": [*RUN, *MODES["full-bf16"], "--offload", "cpu", "--layers", "1-2", "--directions", "2"],
 }
 
 

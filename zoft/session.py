@@ -29,6 +29,7 @@ from zoft.loading import (
 from zoft.logs import log
 from zoft.lora import LoraArgs, LoRALinear, flatten_lora_, inject_lora, linear_like, resolve_targets
 from zoft.models import hf
+from zoft.zo.methods import make_method
 from zoft.zo.noise import HALF
 from zoft.zo.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber
 from zoft.zo.trainable import Trainable, full_trainable, lora_trainable
@@ -74,6 +75,7 @@ class Session:
     attention: str = "auto"  # --attention: auto | varlen | mask
     full_step: str = "inplace"  # full mode: "inplace" passes or "rows" of one forward (zoft.zo.perturbers)
     perturber: object = None  # how a step evaluates L(θ ± εz) (zoft.zo.perturbers), chosen once at attach
+    method: object = None  # --optimizer's estimator and update rule (zoft.zo.methods); None: ZO-SGD
     load_dtype: torch.dtype = torch.float32  # --dtype: what the checkpoint's tensors were rounded to on load
 
     @property
@@ -140,6 +142,7 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
         flatten_lora_(s.loras)  # one flat tensor: θ, snapshots and updates in one op each
         s.trainable = lora_trainable(s.loras)
         s.perturber = LoRAPerturber(s.loras, s.trainable)
+        s.method = make_method(zc, s.trainable, seed)
     else:
         _attach_full(s, zc)
 
@@ -149,23 +152,27 @@ def _attach_full(s: Session, zc: ZOConfig) -> None:
     perturber that evaluates them (rows on native models, in place on the fallback)."""
     prefixes = None if s.layers is None else [f"{s.block_prefix}.{i}" for i in s.layers]
     if prefixes is None and s.offload == "cpu":
-        raise ZoftError("--offload cpu with --mode full needs --layers: the trained blocks stay on the device")
+        raise ZoftError("--offload cpu with --mode full needs --layers (all of them if you like, e.g. --layers 0-23): "
+                        "the trained blocks are streamed with the frozen ones, the embeddings and head stay frozen")
     step = zc.full_step if zc.full_step != "auto" else ("rows" if s.native else "inplace")
     if step == "rows" and not s.native:
         raise ZoftError("--full-step rows needs a native model (OPT, Llama family); this one runs on the "
                         "transformers fallback: use --full-step inplace (or auto)")
     owners = [s.model] if prefixes is None else [s.model.get_submodule(p) for p in prefixes]
     master = _master_dtype(s, zc, step, {p.dtype for o in owners for p in o.parameters()})
-    for o in owners:
+    for o in owners:  # --offload cpu: the trained blocks stay in host memory and are streamed (zoft.engine.offload)
         if master is not None:
             o.to(master)
-        o.to(s.device)
+        if s.offload != "cpu":
+            o.to(s.device)
     s.trainable = full_trainable(s.model, prefixes)
-    s.model.streamer = None  # a streamer made before the trained blocks moved would stream stale copies
+    s.model.streamer = None  # a streamer made before the trained blocks changed would stream stale copies
+    if s.offload == "cpu":  # the update is written through to the streamed blocks' host copies
+        s.trainable.streamer = stream_blocks(s.model, s.device)
     wide = any(t.dtype == torch.float64 for t in s.trainable.tensors)
     s.trainable.z_backend = resolve_z_backend(zc.z_backend, s.device, wide)
     s.full_step = step
-    s.perturber = FullRowsPerturber(s.model, s.trainable) if step == "rows" else InPlacePerturber(s.trainable)
+    s.perturber = FullRowsPerturber(s.model, s.trainable, s.device) if step == "rows" else InPlacePerturber(s.trainable)
 
 
 def _master_dtype(s: Session, zc: ZOConfig, step: str, loaded: set[torch.dtype]) -> torch.dtype | None:
@@ -248,7 +255,7 @@ def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda
     if fuse is None:
         fuse = str(s.device).startswith("cuda") and s.offload != "cpu" and (s.loras is not None or s.trainable is None)
     if s.native:
-        # the blocks' streamer is made here, after attach: trained blocks (full mode) are on the device by now
+        # the blocks' streamer is made here, after attach, so it streams the trained blocks' final tensors
         streamer = stream_blocks(s.model, s.device) if s.offload == "cpu" else None
         return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, streamer, cuda_graphs,
                             varlen, fuse)
@@ -283,7 +290,9 @@ def describe(s: Session, engine, zo: bool = True) -> str:
             feats.append(f"{engine.fused} groups of frozen layers fused into one GEMM each (q/k/v, gate/up)")
         if engine.graphs is not None:
             feats.append("CUDA graph per training batch shape")
-    if s.loras and zo:
+    if s.loras and zo and s.method is not None:
+        feats.append(f"LoRA rows of {s.method.name} in one forward ({len(s.loras)} modules)")
+    elif s.loras and zo:
         feats.append(f"LoRA ±ε rows in one forward ({len(s.loras)} modules)")
     elif s.trainable is not None and zo:
         how = "±ε as rows of one forward, θ never modified" if s.full_step == "rows" else "perturbed in place"

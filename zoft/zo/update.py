@@ -21,7 +21,7 @@ def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tens
                 weight_decay: float) -> None:
     """θ ← θ − lr·((1/n) Σ_j g_j z_j + wd·θ), z regenerated from the seeds (chunk by chunk in full mode).
 
-    g is a list, or a float64 tensor on the parameters' device (the pipelined loop's), and either gives
+    g is a list, or a float64 tensor on the device that computed it (the pipelined loop's), and either gives
     the same bits: the coefficients −lr·g_j/n and the decay 1 − lr·wd are the same double arithmetic on
     the host or the device, rounded alike to the update's dtype (a replay from the step log repeats a
     pipelined run's update bitwise). A tensor g is never read on the host: a non-finite g makes the
@@ -30,10 +30,11 @@ def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tens
     if tr.flat:
         _flat_update_(tr, seeds, grads, lr, weight_decay)
         return
-    n, k, dev = len(seeds), len(tr.tensors), tr.tensors[0].device
+    n, k = len(seeds), len(tr.tensors)
     decays = [bool(weight_decay) and d for d in tr.decay]
-    if isinstance(grads, torch.Tensor):
-        g = grads.to(dev, torch.float64)
+    if isinstance(grads, torch.Tensor):  # on the device that computed it (streamed blocks' host copies are not)
+        dev = grads.device
+        g = grads.to(torch.float64)
         ok = torch.isfinite(g).all()
         coefs = torch.where(ok, g * -lr / n, 0.0)  # the same double arithmetic as -lr * g / n below
         keep = ~to_device(torch.tensor(decays), dev) | ~ok
@@ -42,8 +43,12 @@ def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tens
         coefs = torch.tensor([-lr * g / n for g in grads], dtype=torch.float64)
         decay = torch.tensor([1 - lr * weight_decay if d else 1.0 for d in decays], dtype=torch.float64)
     rounding = param_seeds([param_seed(seeds[0], 1 << 40)], k)[:, 0]  # rounding_seed(seeds, i) for every i
-    tr.z.update_([t.data for t in tr.tensors], decay, param_seeds(seeds, k), coefs, rounding,
-                 tr.__dict__.setdefault("update_plans", {}))
+    table = param_seeds(seeds, k)
+    if tr.streamer is None:
+        tr.z.update_([t.data for t in tr.tensors], decay, table, coefs, rounding, tr.__dict__.setdefault("update_plans", {}))
+        return
+    # --offload cpu: each streamed block's tensors go to the device, are updated there, and are written back
+    tr.streamer.write_through(tr.tensors, lambda idx, ts: tr.z.update_(ts, decay[idx], table[idx], coefs, rounding[idx], {}))
 
 
 def rounding_seed(seeds: list[int], i: int) -> int:
