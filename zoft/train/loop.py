@@ -184,7 +184,7 @@ class Run:
         self.train_set, self.metric = self.enc["train"], metric_of(self.splits)
         self.restore()
         self.open_outputs(resolved, callbacks)
-        self.pipe = Pipeline(lazy=self.rc.pipeline and s.loras is not None and self.loss != "f1"
+        self.pipe = Pipeline(lazy=self.rc.pipeline and s.trainable.flat and self.loss != "f1"
                              and not self.zc.spread_directions)
         self.signalled = 0  # data parallel: a signal some rank got, learnt through the step's all-reduce
         self.ema, self.t_prev, self.t_flush = None, time.time(), time.time()
@@ -462,7 +462,7 @@ class Run:
                    "seconds_per_step": round(train_seconds / max(1, rc.steps - self.first), 4),
                    "path": s.path, "world_size": self.world, "output_dir": self.out, **self.engine.stats.summary(),
                    **peak_memory(s.device)}
-        if s.loras is not None:
+        if s.loras is not None or s.prefix is not None:
             write_model_card(os.path.join(self.out, "adapter"), self.cfg, peft_base(s.source, s.folder),
                              self.plan.task.name, result)
         rundir.write_json(os.path.join(self.out, "results.json"), result)

@@ -10,8 +10,8 @@ from zoft.session import Session
 
 
 def snapshot(s: Session) -> torch.Tensor | None:
-    """LoRA parameters are small: keep a flat copy before each update so the guard can undo it exactly."""
-    if s.loras is None:
+    """LoRA (and prefix) parameters are small: keep a flat copy before each update so the guard can undo it exactly."""
+    if not s.trainable.flat:
         return None
     return s.trainable.flat_values(copy=True)
 
