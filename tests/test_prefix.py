@@ -155,6 +155,22 @@ def test_generation_with_prefix_equals_full_forward(root):
         assert out == seq[len(p):]
 
 
+def test_generation_rows_equal_separate_decodes(root):
+    """MeZO's F1 objective decodes once per row: row block r decodes under its own prefix θ ± εz."""
+    s = prefix_session(make_tiny("opt", root))
+    rows = s.perturber.rows([5], 2.0)  # ε large enough that the two signs decode differently
+    prompt = [5, 900, 31, 7]
+    outs = s.model.generate(prompt, 4, set(), rows=rows)
+    theta = s.prefix.theta.detach().clone()
+    for r in range(rows.P):
+        with torch.no_grad():
+            s.prefix.theta.copy_(rows.bank[r].view_as(theta))
+        assert outs[r] == s.model.generate(prompt, 4, set())[0]
+    with torch.no_grad():
+        s.prefix.theta.copy_(theta)
+    assert outs[0] != outs[1]
+
+
 def test_init_by_real_activations(root):
     """The initial prefix is the KV cache of P_v random vocabulary tokens (MeZO's init_by_real_act): the
     prefixed model scores a continuation as the plain model does after those tokens; the fallback's init

@@ -161,15 +161,16 @@ def _attach_prefix(s: Session, zc: ZOConfig, seed: int) -> None:
                         "have no prefix keys); use --attention auto or mask")
     cfg = read_config(s.folder)
     shape = prefix_shape(cfg, zc.prefix_tokens)
+    limit = getattr(s.model, "max_positions", None) or cfg.get("max_position_embeddings") or 2048
+    if limit - shape.tokens < 2:
+        raise ZoftError(f"--prefix-tokens {shape.tokens} leaves no positions of this model's {limit} for the text; "
+                        "use fewer (MeZO uses 5)")
     base = next(p.dtype for p in s.model.parameters())
     prefix = Prefix(shape, s.device, torch.float64 if base == torch.float64 else torch.float32)
     ids = random_tokens(cfg.get("vocab_size") or s.model.get_input_embeddings().weight.shape[0], shape.tokens, seed)
     prefix.fill(native_kv(s.model, ids) if s.native else hf_kv(s.model, ids))  # before the prefix is attached
     if s.native:
         attach_native(s.model, prefix)
-    limit = getattr(s.model, "max_positions", None) or cfg.get("max_position_embeddings") or 2048
-    if limit - shape.tokens < 2:
-        raise ZoftError(f"--prefix-tokens {shape.tokens} leaves no positions of this model's {limit} for the text")
     s.max_length = min(s.max_length, limit - shape.tokens)  # the text's positions start after the prefix
     s.prefix, s.trainable = prefix, prefix_trainable(prefix)
     s.perturber = PrefixPerturber(s.trainable)
