@@ -132,6 +132,12 @@ def bench_recipes() -> dict[str, Recipe]:
         "full-scale": Recipe("zoft bench, full parameters, bf16: opt-13b against the reference, opt-30b alone", [
             bench("--model opt-13b --workload sst2 --mode full --steps 3 --warmup 1", timeout=420),
             bench("--model opt-30b --workload sst2 --mode full --steps 3 --warmup 1 --reference none", timeout=300)]),
+        "full-offload": Recipe("zoft bench, full parameters streamed from host memory (--offload cpu), bf16: "
+                               "opt-1.3b and opt-30b, every block trained", [
+            bench("--model opt-1.3b --workload sst2 --mode full --steps 3 --warmup 1 --reference none --offload cpu "
+                  "--layers 0-23", timeout=120),
+            bench("--model opt-30b --workload sst2 --mode full --steps 2 --warmup 1 --reference none --offload cpu "
+                  "--layers 0-47", timeout=300)]),
         "full-rows": Recipe("full-parameter ZO on the top 4 blocks, --full-step inplace vs rows", [
             script(f"full_rows_{m}", f"bench/full_rows_bench.py --model {m} --workload sst2 --layers top4 "
                    "--device cuda", timeout=100) for m in ("opt-125m", "opt-1.3b")]),
@@ -312,6 +318,24 @@ def full_rt_recipes() -> dict[str, Recipe]:
     }
 
 
+def method_recipes() -> dict[str, Recipe]:
+    """The --optimizer methods on the real model (issue 16): LoRA top 12 on Rotten Tomatoes, one seed, one
+    first learning rate each, step counts sized for ~45 s of solo training; three lanes share the GPU,
+    so their seconds are under that load (each run's own seconds_per_step says how much)."""
+    base = "--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 500 --no-zero-shot"
+    arms = [("zo-sgd", "--lr 1e-3 --clip-grad 1 --steps 8000", "a"),
+            ("fzoo", "--optimizer fzoo --directions 8 --lr 1e-3 --steps 4000", "a"),
+            ("zo-adam", "--optimizer zo-adam --lr 1e-3 --steps 5000", "b"),
+            ("hizoo", "--optimizer hizoo --lr 5e-4 --steps 5000", "b"),
+            ("zo-momentum", "--optimizer zo-momentum --lr 1e-4 --steps 5000", "c"),
+            ("sparse-mezo", "--optimizer sparse-mezo --lr 1e-3 --steps 5000", "c")]
+    return {
+        "rt-methods": Recipe("--optimizer methods, LoRA top 12, one seed, first learning rates", [
+            train(f"method_{n}", f"{base} {a}", lane) for n, a, lane in arms],
+            common=[*RT, "--log-every", "1000"], threads=4, run_limit=420, fresh=True),
+    }
+
+
 def other_recipes() -> dict[str, Recipe]:
     """SQuAD on the GPU, and the first Rotten Tomatoes table on the CPU (--device cpu)."""
     q = "--task squad --n-train 1000 --n-dev 200 --n-test 500 --eval-batch-size 32"
@@ -340,7 +364,7 @@ def other_recipes() -> dict[str, Recipe]:
 
 
 def recipes() -> dict[str, Recipe]:
-    return {**bench_recipes(), **early_rt_recipes(), **rt_recipes(), **full_rt_recipes(), **other_recipes()}
+    return {**bench_recipes(), **early_rt_recipes(), **rt_recipes(), **full_rt_recipes(), **method_recipes(), **other_recipes()}
 
 
 # ---- running ----------------------------------------------------------------------------------------

@@ -133,3 +133,47 @@ def test_weights_beyond_host_memory_are_refused_before_allocating(tmp_path, monk
     lines = [x for x in err.getvalue().splitlines() if x.startswith("zoft: error:")]
     assert len(lines) == 1 and "GiB of host memory" in lines[0] and "available" in lines[0], err.getvalue()
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_full_mode_streams_its_trained_blocks(tmp_path):
+    """--offload cpu with --mode full: the trained blocks stay in host memory, held by the streamer (not moved
+    to the device), and the update writes through to those host copies."""
+    folder = make_tiny("llama", str(tmp_path))
+    s = load_session(ModelConfig(model=folder, offload="cpu", dtype="bfloat16"))
+    attach(s, ZOConfig(mode="full", layers="1-2"), seed=0)
+    streamed = {id(p) for items in s.model.streamer.host for p, _ in items}
+    assert s.trainable.streamer is s.model.streamer
+    assert all(id(t) in streamed for t in s.trainable.tensors)
+    before = [t.detach().clone() for t in s.trainable.tensors]
+    hosts = [t.data_ptr() for t in s.trainable.tensors]
+    sgd_update_(s.trainable, direction_seeds(0, 0, 1), [50.0], 1e-2, 0.0)
+    assert [t.data_ptr() for t in s.trainable.tensors] == hosts  # written back into the same host tensors
+    assert sum(not torch.equal(a, t) for a, t in zip(before, s.trainable.tensors)) > len(before) // 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("master", ["auto", "float32"])
+def test_streamed_full_mode_on_cuda(tmp_path, master):
+    """Full mode on the GPU with its trained blocks streamed (bf16, Triton z, stochastic rounding) gives the
+    losses and the updated weights of the resident run, bitwise, step after step."""
+    folder = make_tiny("llama", str(tmp_path))
+
+    def go(offload):
+        s = load_session(ModelConfig(model=folder, offload=offload, device="cuda", dtype="bfloat16"))
+        attach(s, ZOConfig(mode="full", layers="0-1", master_dtype=master), seed=0)
+        eng = make_engine(s, cache_mb=0)
+        enc, _ = encode(s.tokenizer, sample_splits(get_task("rotten_tomatoes"), 8, 0, 0)["train"], s.max_length)
+        out = []
+        for i in range(3):
+            seeds = direction_seeds(0, i, 2)
+            lp, lm, g = step_losses(eng, s, enc, "candidate", seeds, 1e-3)
+            sgd_update_(s.trainable, seeds, g, 1e-3, 0.1)
+            out.append((lp.tolist(), lm.tolist()))
+        assert s.trainable.z_backend == "triton"
+        return out, [t.detach().cpu() for t in s.trainable.tensors], s
+
+    (l1, t1, _), (l2, t2, s2) = go("none"), go("cpu")
+    assert all(t.device.type == "cpu" for t in s2.trainable.tensors)
+    assert l1 == l2
+    for a, b in zip(t1, t2, strict=True):
+        assert torch.equal(a, b)

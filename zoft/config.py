@@ -125,8 +125,9 @@ class ZOConfig:
     mode: str = arg("lora", "what is trained: LoRA adapters, all (or --layers') parameters, or prefix tuning's "
                     "key/value prefixes in every layer (MeZO's prefix setting; peft's PREFIX_TUNING format)",
                     choices=["lora", "full", "prefix"])
-    optimizer: str = arg("zo-sgd", "zo-sgd: MeZO; adamw: the first-order (backprop) baseline on the same data",
-                         choices=["zo-sgd", "adamw"])
+    optimizer: str = arg("zo-sgd", "zo-sgd: MeZO; adamw: the first-order (backprop) baseline on the same data; "
+                         "LoRA only: zo-momentum, zo-adam, zo-sign, fzoo, hizoo, lozo, sparse-mezo, conmezo "
+                         "(zoft.zo.methods; README's table gives each one's paper, state and forwards per step)")
     layers: str = arg("", "train only these blocks: '0,1,5-7', 'top4', 'bottom2'; empty: all")
     lora_r: int = arg(8, "LoRA rank")
     lora_alpha: float = arg(16.0, "LoRA alpha (update scaled by alpha / r)")
@@ -159,6 +160,15 @@ class ZOConfig:
                             "transformers fallback); float32: a float32 master of every trained tensor (twice a "
                             "bf16 model's memory; the trained blocks then compute in float32)",
                             choices=["auto", "float32"])
+    momentum: float = arg(0.9, "β in [0, 1): zo-momentum's m ← βm + ĝ, zo-adam's β₁, conmezo's momentum")
+    beta2: float = arg(0.999, "zo-adam's β₂ in [0, 1)")
+    adam_eps: float = arg(1e-8, "zo-adam's ε in the denominator (> 0)")
+    hizoo_alpha: float = arg(1e-6, "hizoo: the smoothing α in (0, 1) of its diagonal Hessian estimate")
+    lozo_rank: int = arg(2, "lozo: the rank r of each 2-D tensor's perturbation U·Vᵀ (>= 1)")
+    lozo_interval: int = arg(50, "lozo: V is redrawn every ν steps (>= 1)")
+    sparsity: float = arg(0.75, "sparse-mezo: the fraction in [0, 1) of each tensor's largest-magnitude entries "
+                          "left unperturbed")
+    cone_angle: float = arg(60.0, "conmezo: the cone's half-angle around the momentum, in degrees (0, 90]")
     z_backend: str = arg("auto", "full mode's z generator: torch (chunked torch.randn, any device), triton "
                          "(fused Philox kernel, one pass per tensor, CUDA), auto: triton on CUDA when installed. "
                          "z differs between them: resume and replay a run with the one it used (zoft_config.json)",
@@ -181,6 +191,7 @@ class ZOConfig:
             raise ZoftError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.clip_grad < 0:
             raise ZoftError(f"--clip-grad must be >= 0 (0 turns it off), got {self.clip_grad}")
+        check_optimizer(self)
 
     @property
     def eps_value(self) -> float:
@@ -191,6 +202,51 @@ class ZOConfig:
         if self.optimizer == "adamw":
             return self.lr or {"lora": 1e-4, "prefix": 1e-3}.get(self.mode, 1e-5)
         return self.lr or {"lora": 1e-4, "prefix": 1e-3}.get(self.mode, 1e-6)
+
+
+ZO_METHODS = ("zo-momentum", "zo-adam", "zo-sign", "fzoo", "hizoo", "lozo", "sparse-mezo", "conmezo")
+OPTIMIZERS = ("zo-sgd", "adamw", *ZO_METHODS)
+# the ZOConfig fields each method reads beyond the shared ones (a field set for another method is refused)
+METHOD_FIELDS = {"zo-momentum": ("momentum",), "zo-adam": ("momentum", "beta2", "adam_eps"), "hizoo": ("hizoo_alpha",),
+                 "lozo": ("lozo_rank", "lozo_interval"), "sparse-mezo": ("sparsity",), "conmezo": ("momentum", "cone_angle")}
+
+
+def check_optimizer(zc: ZOConfig) -> None:
+    """--optimizer's name, its hyperparameters' ranges, and the combinations that cannot work."""
+    name = zc.optimizer
+    if name not in OPTIMIZERS:
+        close = difflib.get_close_matches(name, OPTIMIZERS, n=1)
+        raise ZoftError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}"
+                        + (f"; did you mean {close[0]}?" if close else ""))
+    ranges = {"momentum": (0 <= zc.momentum < 1, "in [0, 1)"), "beta2": (0 <= zc.beta2 < 1, "in [0, 1)"),
+              "adam_eps": (zc.adam_eps > 0, "> 0"), "hizoo_alpha": (0 < zc.hizoo_alpha < 1, "in (0, 1)"),
+              "lozo_rank": (zc.lozo_rank >= 1, ">= 1"), "lozo_interval": (zc.lozo_interval >= 1, ">= 1"),
+              "sparsity": (0 <= zc.sparsity < 1, "in [0, 1)"), "cone_angle": (0 < zc.cone_angle <= 90, "in (0, 90]")}
+    for f, (ok, want) in ranges.items():
+        if not ok:
+            raise ZoftError(f"--{f.replace('_', '-')} must be {want}, got {getattr(zc, f)}")
+    defaults = ZOConfig.__dataclass_fields__
+    used = METHOD_FIELDS.get(name, ())
+    for f in ranges:
+        if f not in used and getattr(zc, f) != defaults[f].default:
+            users = [m for m, fs in METHOD_FIELDS.items() if f in fs]
+            raise ZoftError(f"--{f.replace('_', '-')} is a setting of --optimizer {' / '.join(users)}; this run uses "
+                            f"{name}: drop it, or pick that optimizer")
+    if name not in ZO_METHODS:
+        return
+    if zc.mode != "lora":
+        raise ZoftError(f"--optimizer {name} trains LoRA adapters (--mode lora): its state or materialised directions "
+                        "per trained parameter would cost full mode the memory zeroth-order training saves; "
+                        f"{zc.mode} mode trains with zo-sgd")
+    if zc.spread_directions:
+        raise ZoftError(f"--spread-directions splits zo-sgd's directions over ranks; --optimizer {name} evaluates "
+                        "all of a step's rows in one forward on every rank: drop --spread-directions")
+    if zc.clip_grad:
+        raise ZoftError(f"--clip-grad clips zo-sgd's projected gradients; --optimizer {name} has its own update: "
+                        "drop --clip-grad")
+    if name == "fzoo" and zc.directions < 2:
+        raise ZoftError(f"--optimizer fzoo normalises its step by the spread of its N one-sided losses, which needs "
+                        f"--directions N >= 2 (got {zc.directions}); the paper uses N = 8 or more, e.g. --directions 8")
 
 
 @dataclass

@@ -209,9 +209,16 @@ def build_native(folder: str, cfg: dict, dtype: torch.dtype, device: str, weight
     if torch.device(device).type == "cpu":  # the weights live in host memory (CPU runs, --offload cpu)
         check_host_memory(sum(p.numel() for p in model.parameters()) * dtype.itemsize, folder)
     model = model.to(dtype).to_empty(device=device)
-    if not weights:
-        for p in model.parameters():  # random weights of the real shapes, for benchmarks
-            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    if not weights:  # random weights of the real shapes, for benchmarks
+        drawn: dict[tuple, torch.Tensor] = {}
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() < 2:
+                    p.fill_(1.0)
+                elif (src := drawn.get(tuple(p.shape))) is not None:
+                    p.copy_(src)  # every block alike: a copy is ~10× faster than drawing (OPT-30B on a host's CPUs)
+                else:
+                    drawn[tuple(p.shape)] = torch.nn.init.normal_(p, std=0.02)
         return model
     ours = model.state_dict()
     loaded = set()

@@ -30,6 +30,7 @@ from zoft.logs import log
 from zoft.lora import LoraArgs, LoRALinear, flatten_lora_, inject_lora, linear_like, resolve_targets
 from zoft.models import hf
 from zoft.prefix import Prefix, attach_native, hf_kv, native_kv, prefix_shape, random_tokens
+from zoft.zo.methods import make_method
 from zoft.zo.noise import HALF
 from zoft.zo.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber, PrefixPerturber
 from zoft.zo.trainable import Trainable, full_trainable, lora_trainable, prefix_trainable
@@ -76,6 +77,7 @@ class Session:
     attention: str = "auto"  # --attention: auto | varlen | mask
     full_step: str = "inplace"  # full mode: "inplace" passes or "rows" of one forward (zoft.zo.perturbers)
     perturber: object = None  # how a step evaluates L(θ ± εz) (zoft.zo.perturbers), chosen once at attach
+    method: object = None  # --optimizer's estimator and update rule (zoft.zo.methods); None: ZO-SGD
     load_dtype: torch.dtype = torch.float32  # --dtype: what the checkpoint's tensors were rounded to on load
 
     @property
@@ -142,6 +144,7 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
         flatten_lora_(s.loras)  # one flat tensor: θ, snapshots and updates in one op each
         s.trainable = lora_trainable(s.loras)
         s.perturber = LoRAPerturber(s.loras, s.trainable)
+        s.method = make_method(zc, s.trainable, seed)
     elif zc.mode == "prefix":
         _attach_prefix(s, zc, seed)
     else:
@@ -181,7 +184,8 @@ def _attach_full(s: Session, zc: ZOConfig) -> None:
     perturber that evaluates them (rows on native models, in place on the fallback)."""
     prefixes = None if s.layers is None else [f"{s.block_prefix}.{i}" for i in s.layers]
     if prefixes is None and s.offload == "cpu":
-        raise ZoftError("--offload cpu with --mode full needs --layers: the trained blocks stay on the device")
+        raise ZoftError("--offload cpu with --mode full needs --layers (all of them if you like, e.g. --layers 0-23): "
+                        "the trained blocks are streamed with the frozen ones, the embeddings and head stay frozen")
     step = zc.full_step if zc.full_step != "auto" else ("rows" if s.native else "inplace")
     if step == "rows" and not s.native:
         raise ZoftError("--full-step rows needs a native model (OPT, Llama family); this one runs on the "
@@ -195,15 +199,18 @@ def _attach_full(s: Session, zc: ZOConfig) -> None:
             f"{next(p.dtype for o in owners for p in o.parameters())}")
     if master and not _device_has(s.device, torch.float32):
         raise ZoftError(f"--master-dtype float32: {s.device} has no float32 support here; use --master-dtype auto")
-    for o in owners:
+    for o in owners:  # --offload cpu: the trained blocks stay in host memory and are streamed (zoft.engine.offload)
         if master:
             o.float()
-        o.to(s.device)
+        if s.offload != "cpu":
+            o.to(s.device)
     s.trainable = full_trainable(s.model, prefixes)
-    s.model.streamer = None  # a streamer made before the trained blocks moved would stream stale copies
+    s.model.streamer = None  # a streamer made before the trained blocks changed would stream stale copies
+    if s.offload == "cpu":  # the update is written through to the streamed blocks' host copies
+        s.trainable.streamer = stream_blocks(s.model, s.device)
     s.trainable.z_backend = resolve_z_backend(zc.z_backend, s.device)
     s.full_step = step
-    s.perturber = FullRowsPerturber(s.model, s.trainable) if step == "rows" else InPlacePerturber(s.trainable)
+    s.perturber = FullRowsPerturber(s.model, s.trainable, s.device) if step == "rows" else InPlacePerturber(s.trainable)
 
 
 def _device_has(device: str, dtype: torch.dtype) -> bool:
@@ -250,7 +257,7 @@ def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda
         fuse = (str(s.device).startswith("cuda") and s.offload != "cpu"
                 and (s.loras is not None or s.prefix is not None or s.trainable is None))
     if s.native:
-        # the blocks' streamer is made here, after attach: trained blocks (full mode) are on the device by now
+        # the blocks' streamer is made here, after attach, so it streams the trained blocks' final tensors
         streamer = stream_blocks(s.model, s.device) if s.offload == "cpu" else None
         return NativeEngine(s.model, first_trained_block(s), cache_mb, pack_tokens, streamer, cuda_graphs,
                             varlen, fuse)
@@ -285,7 +292,9 @@ def describe(s: Session, engine, zo: bool = True) -> str:
             feats.append(f"{engine.fused} groups of frozen layers fused into one GEMM each (q/k/v, gate/up)")
         if engine.graphs is not None:
             feats.append("CUDA graph per training batch shape")
-    if s.loras and zo:
+    if s.loras and zo and s.method is not None:
+        feats.append(f"LoRA rows of {s.method.name} in one forward ({len(s.loras)} modules)")
+    elif s.loras and zo:
         feats.append(f"LoRA ±ε rows in one forward ({len(s.loras)} modules)")
     elif s.prefix is not None and zo:
         sh = s.prefix.shape

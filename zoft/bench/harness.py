@@ -37,6 +37,7 @@ from __future__ import annotations
 import gc
 import json
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -285,6 +286,9 @@ def zoft_phase(folder: str, dtype: str, batches: list[list[Encoded]], zc: ZOConf
         "zoft_fused_groups": engine.fused,
         "zoft_weights_dtype": str(base.dtype).removeprefix("torch."),
         "zoft_tokens": packed.packs.ids.numel(),  # of the last batch
+        "zoft_offload": offload,
+        "zoft_streamed_gib_per_pass": None if engine.streamer is None else round(engine.streamer.bytes_per_pass / 2**30, 2),
+        "host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # Linux: KiB
         **engine.stats.summary(),
     })
 

@@ -3,8 +3,10 @@
 The frozen weights of every block live in (pinned) CPU memory. When the engine runs block i, its
 weights are copied to the GPU on a side stream (block i+1's copy is already under way while block i
 computes), every perturbation row goes through the block, and the GPU copies are dropped. So each
-block crosses the bus once per engine call, whatever the number of rows. Trained parameters (LoRA
-factors, or the blocks trained in full mode) are moved to the GPU once and stay there.
+block crosses the bus once per engine call, whatever the number of rows. LoRA factors are moved to the
+GPU once and stay there. Blocks trained in full mode are streamed like the frozen ones: a streamed
+block is perturbed (as rows, θ unchanged), used, and after the step its trained tensors cross to the
+device again, are updated there with the z the forward used, and are written back (`write_through`).
 
 The vocabulary tables stay in CPU memory too (at 135M parameters the token embedding is a fifth of
 the model): the lookup runs on the CPU and only the batch's rows cross the bus; the LM head sends
@@ -107,14 +109,7 @@ class LayerStreamer:
     def prefetch(self, i: int) -> None:
         if i >= len(self.host) or i in self.pending:
             return
-        if not self.cuda:
-            self.pending[i] = ([h.clone() for _, h in self.host[i]], None)  # exercises the swap on CPU
-            return
-        with torch.cuda.stream(self.stream):
-            dev = [h.to(self.device, non_blocking=True) for _, h in self.host[i]]
-            ev = torch.cuda.Event()
-            ev.record(self.stream)
-        self.pending[i] = (dev, ev)
+        self.pending[i] = self._copy_in([h for _, h in self.host[i]])  # on CPU, clones exercise the swap
 
     def enter(self, i: int) -> None:
         self.prefetch(i)
@@ -125,6 +120,49 @@ class LayerStreamer:
             if self.cuda:
                 d.record_stream(torch.cuda.current_stream(self.device))
             p.data = d
+
+    def write_through(self, params: list[torch.Tensor], update) -> None:
+        """update(indices, tensors) changes `tensors` (params[i] for i in indices) in place. Full mode's trained
+        blocks live here: each block's trained tensors are copied to the device (the next block's copy under
+        way on the side stream meanwhile), updated there (the z the forward used is generated on the device)
+        and copied back to their host copies; parameters not streamed are updated where they are. Returns
+        once every host copy is written (the next forward, a checkpoint or a replay reads them)."""
+        block = {id(p): b for b, items in enumerate(self.host) for p, _ in items}
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault(block.get(id(p), -1), []).append(i)
+        if -1 in groups:
+            rest = groups.pop(-1)
+            update(rest, [params[i].data for i in rest])
+        order = sorted(groups)
+        for b in order:
+            self.pending.pop(b, None)  # a copy made before the update would be stale
+        fetch = lambda b: self._copy_in([params[i].data for i in groups[b]])  # noqa: E731
+        nxt = fetch(order[0]) if order else None
+        for k, b in enumerate(order):
+            dev, ev = nxt
+            nxt = fetch(order[k + 1]) if k + 1 < len(order) else None
+            if ev is not None:
+                cur = torch.cuda.current_stream(self.device)
+                cur.wait_event(ev)
+                for d in dev:
+                    d.record_stream(cur)
+            update(groups[b], dev)
+            for i, d in zip(groups[b], dev, strict=True):
+                params[i].data.copy_(d, non_blocking=self.cuda)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _copy_in(self, hosts: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
+        """Device copies of host tensors: on the side stream with its event (CUDA), else clones (the CPU path
+        runs the same steps)."""
+        if not self.cuda:
+            return [h.clone() for h in hosts], None
+        with torch.cuda.stream(self.stream):
+            dev = [h.to(self.device, non_blocking=True) for h in hosts]
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        return dev, ev
 
     def exit(self, i: int) -> None:
         for p, h in self.host[i]:

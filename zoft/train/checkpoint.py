@@ -34,9 +34,12 @@ def save_trained(s: Session, folder: str) -> None:
         save_file(tensors, os.path.join(folder, "trained.safetensors"))
 
 
-def save_checkpoint(s: Session, path: str, state: dict, undo: torch.Tensor | None = None) -> None:
+def save_checkpoint(s: Session, path: str, state: dict, undo: torch.Tensor | None = None,
+                    undo_state: dict | None = None) -> None:
     """Atomically replace `path` with the trained parameters and `state` (write aside, then rename).
-    undo (LoRA): the parameters before the last update, which the divergence guard restores."""
+    undo (LoRA): the parameters before the last update, which the divergence guard restores. A --optimizer
+    method's state goes in optimizer.safetensors ("state.*"), with undo_state, its state before that update
+    ("undo.*")."""
     for t in s.trainable.tensors:
         if not torch.isfinite(t).all():
             raise ZoftError(f"refusing to save non-finite parameters to {path}; the last good checkpoint is kept")
@@ -45,6 +48,10 @@ def save_checkpoint(s: Session, path: str, state: dict, undo: torch.Tensor | Non
     save_trained(s, tmp)
     if undo is not None:
         save_file({"flat": undo.detach().cpu().contiguous()}, os.path.join(tmp, "undo.safetensors"))
+    if s.method is not None:
+        parts = [("state", s.method.state_dict())] + ([("undo", undo_state)] if undo_state is not None else [])
+        save_file({f"{p}.{k}": v.detach().cpu().contiguous() for p, d in parts for k, v in d.items()},
+                  os.path.join(tmp, OPTIMIZER))
     # checksums of what was just written: a checkpoint damaged later is refused on load, not resumed from
     state = state | {"sha256": {name: sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}}
     with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -82,6 +89,8 @@ def load_checkpoint(s: Session, path: str, need: tuple[str, ...] = (), verify: b
     verify=False: the checksums were checked already (resume.prepare, before anything was written)."""
     state = read_checkpoint(path, need, verify)
     fix = checkpoint_fix(path)
+    if s.method is not None:
+        s.method.load_state_dict(_optimizer_part(s, path, "state"))
     if s.loras is not None:
         load_peft_weights(s.loras, path)
     elif s.prefix is not None:
@@ -102,6 +111,30 @@ def load_undo(s: Session, path: str) -> torch.Tensor | None:
     if not s.trainable.flat or not os.path.isfile(f):
         return None
     return load_tensors(f, checkpoint_fix(path))["flat"].to(s.trainable.tensors[0].device)
+
+
+OPTIMIZER = "optimizer.safetensors"
+
+
+def _optimizer_part(s: Session, path: str, part: str) -> dict | None:
+    """The method's tensors saved under `part` ("state" or "undo"); None for an undo never saved."""
+    f = os.path.join(path, OPTIMIZER)
+    if not os.path.isfile(f):
+        raise ZoftError(f"{path} holds no {OPTIMIZER}, the state of --optimizer {s.method.name}; it was written by "
+                        "another optimizer's run: resume with that run's --optimizer")
+    saved = load_tensors(f, checkpoint_fix(path))
+    d = {k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith(part + ".")}
+    if part == "state" and set(d) != set(s.method.state):
+        raise ZoftError(f"{f} holds {sorted(d)}, not the state of --optimizer {s.method.name} "
+                        f"({sorted(s.method.state)}); {checkpoint_fix(path)}")
+    return d or None
+
+
+def load_undo_state(s: Session, path: str) -> dict | None:
+    """The method's state before the last update (what the guard restores with load_undo's copy)."""
+    if s.method is None or not os.path.isfile(os.path.join(path, "undo.safetensors")):
+        return None
+    return _optimizer_part(s, path, "undo") or {}
 
 
 def open_metrics(path: str, keep_to: int | None):

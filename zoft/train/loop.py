@@ -4,8 +4,10 @@ Every step is a pure function of (parameters, step index, run seed): the batch c
 per-epoch permutation seeded by (seed, epoch), the directions from (seed, step). That is what makes
 --resume exact: restoring the parameters and the step index restores the run. The parts live beside
 this file: the step (step.py), the guard (guard.py), the pipeline (pipeline.py), checkpoints
-(checkpoint.py), the step log (steplog.py). The tests patch step_losses, sgd_update_ and save_checkpoint
-here: the loop looks them up in this module.
+(checkpoint.py), the step log (steplog.py). A --optimizer method (zoft.zo.methods) replaces the estimate
+and the update: its query's rows in one forward (query_losses), read at once, then update_method_. The
+tests patch step_losses, query_losses, sgd_update_, update_method_ and save_checkpoint here: the loop
+looks them up in this module.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from zoft.train.checkpoint import (
     keep_numbered,
     load_checkpoint,
     load_undo,
+    load_undo_state,
     open_metrics,
     recover_checkpoint,
     save_checkpoint,
@@ -54,7 +57,8 @@ from zoft.train.data import batch_indices, load_data, metric_of, model_chat, wri
 from zoft.train.guard import Guard
 from zoft.train.pipeline import HostCopy, Pipeline, snapshot
 from zoft.train.resume import Plan, check_loaded, model_fingerprint, prepare
-from zoft.train.step import StepResult, clip, gather_directions, step_losses
+from zoft.train.step import StepResult, clip, gather_directions, query_losses, step_losses
+from zoft.zo.methods import update_method_
 from zoft.zo.trainable import direction_seeds
 from zoft.zo.update import lr_at, sgd_update_
 
@@ -182,10 +186,11 @@ class Run:
         self.say(f"zoft: task {plan.task.name}: {len(self.enc['train'])} train / {len(self.enc['dev'])} dev / "
                  f"{len(self.enc['test'])} test, loss={self.loss}")
         self.train_set, self.metric = self.enc["train"], metric_of(self.splits)
+        self.method = s.method  # None: ZO-SGD (zoft.zo.update)
         self.restore()
         self.open_outputs(resolved, callbacks)
         self.pipe = Pipeline(lazy=self.rc.pipeline and s.trainable.flat and self.loss != "f1"
-                             and not self.zc.spread_directions)
+                             and not self.zc.spread_directions and self.method is None)
         self.signalled = 0  # data parallel: a signal some rank got, learnt through the step's all-reduce
         self.ema, self.t_prev, self.t_flush = None, time.time(), time.time()
         self.bar = progress(total=self.rc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
@@ -200,12 +205,13 @@ class Run:
         zero-shot evaluation of a fresh run."""
         rc, s = self.rc, self.s
         self.step, self.applied, self.best_dev, self.zero_shot, self.undo, st = 0, 0, -1.0, None, None, None
+        self.undo_state = None  # a method's state before the last update (beside self.undo, θ's copy)
         if rc.resume and self.plan.state is not None:
             st = load_checkpoint(s, self.ckpt, need=("next_step", "applied"), verify=False)  # prepare() checked it
             self.step, self.applied, self.best_dev = st["next_step"], st["applied"], st.get("best_dev", -1.0)
             self.zero_shot = st.get("zero_shot")
             self.zero_shot = st.get("zero_shot_accuracy") if self.zero_shot is None else self.zero_shot  # older checkpoints
-            self.undo = load_undo(s, self.ckpt)
+            self.undo, self.undo_state = load_undo(s, self.ckpt), load_undo_state(s, self.ckpt)
         self.guard = Guard(rc.guard_threshold, rc.guard_strikes, rc.guard_lr_factor, st)
         if rc.resume:
             self.say(f"zoft: resumed from {self.ckpt if self.plan.state is not None else 'the base weights'} "
@@ -224,7 +230,7 @@ class Run:
         rc = self.rc
         self.slog = steplog.StepLog(os.path.join(self.out, "steps.jsonl"), resolved, rc.fsync_every, fresh=not rc.resume)
         if self.plan.state is None:
-            save_checkpoint(self.s, self.ckpt, self.state(0))
+            save_checkpoint(self.s, self.ckpt, self.state(0))  # (a method's state: as it starts)
         self.metrics = open_metrics(os.path.join(self.out, "metrics.jsonl"), self.step if rc.resume else None)
         self.reporters = tracking.Reporters(rc.report_to, self.out, resolved, callbacks)
 
@@ -232,6 +238,14 @@ class Run:
         """What a checkpoint's state.json holds beside the parameters."""
         return {"next_step": next_step, "applied": self.applied, "best_dev": self.best_dev,
                 "zero_shot": self.zero_shot, "metric": self.metric, **self.guard.state()}
+
+    def rows(self) -> int:
+        """Forward rows a step computes (all ranks' directions with --spread-directions). Every step index runs its
+        forward once, a rejected one too (the run goes on from the step after it), so after step i the run has
+        computed rows()·(i + 1): metrics.jsonl's "forwards". (The pipeline's speculative next step, which a
+        rejection discards and the synchronous loop never runs, is not counted.)"""
+        n = self.zc.directions * (self.world if self.zc.spread_directions else 1)
+        return 2 * n if self.method is None else self.method.rows(n)
 
     def emit(self, row: dict) -> None:
         """One metrics row: metrics.jsonl, then the trackers and callbacks."""
@@ -246,8 +260,11 @@ class Run:
         self.t_loop = time.time()
         while self.step < self.rc.steps:
             step, lr = self.step, self.lr(self.step)
-            seeds, lp, lm, grads = self.estimate(step)
-            self.pipe.push(self.update(step, seeds, lr, lp, lm, grads, sig))
+            if self.method is not None:
+                self.pipe.push(self.query_step(step, lr, sig))
+            else:
+                seeds, lp, lm, grads = self.estimate(step)
+                self.pipe.push(self.update(step, seeds, lr, lp, lm, grads, sig))
             self.step += 1
             self.log_work()
             boundary = self.boundary(sig)
@@ -284,6 +301,17 @@ class Run:
         if zc.clip_grad:
             grads = clip(grads, zc.clip_grad)
         return seeds, lp, lm, grads
+
+    def query_step(self, step: int, lr: float, sig: _Signals) -> StepResult:
+        """A --optimizer method's step: its query's rows in one forward, read at once (accept() updates)."""
+        zc, rc = self.zc, self.rc
+        seeds = direction_seeds(rc.seed, step, zc.directions)
+        q = self.method.query(self.s.trainable, seeds, step, zc.eps_value)
+        mine = self.examples(step)
+        golds = [answers_of(self.splits["train"][i]) for i in mine] if self.loss == "f1" else None
+        losses = query_losses(self.engine, self.s, [self.train_set[i] for i in mine], self.loss, q, golds)
+        t, flag = time.time(), dist.stop_flag(sig.got, self.s.trainable.tensors[0].device)
+        return StepResult(step, seeds, lr, t, losses + [float(f) for f in flag], query=q)
 
     def update(self, step: int, seeds: list[int], lr: float, lp: torch.Tensor, lm: torch.Tensor,
                grads: torch.Tensor | list[float], sig: _Signals) -> StepResult:
@@ -323,18 +351,25 @@ class Run:
         """Read step r's losses; log and count it, or reject it. (Synchronous steps update here.)"""
         lp, lm, grads, flag = r.read()
         self.signalled = flag or self.signalled  # some rank was signalled during this step: all stop together
-        loss = sum(a + b for a, b in zip(lp, lm)) / (2 * len(r.seeds))
-        if why := self.guard.verdict(loss, grads):
+        losses = lp if r.query is not None else None  # a method's step: every row's loss
+        loss = sum(losses) / len(losses) if losses is not None else sum(a + b for a, b in zip(lp, lm)) / (2 * len(r.seeds))
+        if losses is not None:
+            grads = self.method.grads(r.query, losses)
+        if why := self.guard.verdict(loss, grads + (losses or [])):
             self.reject(r, why)
             return False
         if self.main:  # synchronous: written ahead of the update. Pipelined: the update is already queued, but no
             # checkpoint is written before a flush has logged every queued step, so a crash loses both together
-            self.slog.write({"step": r.step, "seeds": r.seeds, "grads": grads, "lr": r.lr, "loss": loss})
+            self.slog.write({"step": r.step, "seeds": r.seeds, "grads": grads, "lr": r.lr, "loss": loss}
+                            | ({"losses": losses} if losses is not None else {}))
         if r.queued:
             self.undo = r.snap
         else:
-            self.undo = snapshot(self.s)
-            sgd_update_(self.s.trainable, r.seeds, grads, r.lr, self.zc.weight_decay)
+            self.undo, self.undo_state = snapshot(self.s), self.method and self.method.state_dict()
+            if losses is not None:
+                update_method_(self.method, self.s.trainable, r.query, losses, r.lr, self.zc.weight_decay)
+            else:
+                sgd_update_(self.s.trainable, r.seeds, grads, r.lr, self.zc.weight_decay)
         self.applied += 1
         self.guard.accept(loss)
         self.log_step(r, loss, sum(grads) / len(grads))
@@ -350,7 +385,7 @@ class Run:
         if not self.main:
             return
         self.emit({"step": r.step + 1, "loss": loss, "projected_grad": g_mean, "lr": r.lr,
-                   "forwards": 2 * len(r.seeds) * (r.step + 1),  # two perturbed passes per direction, every step so far
+                   "forwards": self.rows() * (r.step + 1),  # forward rows so far, rejected steps' included (rows())
                    "seconds": round(now - self.t_start, 3), "step_seconds": round(dt, 4)})
         if now - self.t_flush > 2:  # readable while the run goes on, without a write call per step
             self.metrics.flush()
@@ -361,14 +396,15 @@ class Run:
         undoing = self.applied > 0
         stop = self.guard.strike(undoing)
         if undoing:  # the update before this loss is the suspect: undo it exactly
-            self.applied, self.undo = undo_last(self.s, self.ckpt, self.undo, self.applied, self.zc.eps_value, self.zc.weight_decay), None
+            self.undo_update()
             dist.barrier()  # every rank has read the checkpoint before rank 0 replaces it below
             if self.main:
                 self.slog.write({"step": r.step, "revert_to": self.applied, "reason": why,
                                  "lr_scale": self.guard.lr_scale})
         if self.main and (undoing or stop):  # a stop is marked: its --resume may lower --lr, with fresh strikes
             self.metrics.flush()  # a checkpoint never runs ahead of the metrics rows it covers
-            save_checkpoint(self.s, self.ckpt, self.state(r.step + 1) | ({"stopped": "guard"} if stop else {}), self.undo)
+            save_checkpoint(self.s, self.ckpt, self.state(r.step + 1) | ({"stopped": "guard"} if stop else {}), self.undo,
+                            self.undo_state)
         if stop:
             if self.main:
                 self.slog.close()
@@ -380,6 +416,15 @@ class Run:
         self.pipe.clear()
         self.step = self.bar.n = r.step + 1
         self.bar.refresh()
+
+    def undo_update(self) -> None:
+        """Undo the last update exactly: θ (zoft.train.checkpoint.undo_last) and a method's state with it, from the
+        copies taken before it, or (no copy) from the checkpoint, which load_checkpoint restores together."""
+        prev = self.undo_state if self.undo is not None else None
+        self.applied = undo_last(self.s, self.ckpt, self.undo, self.applied, self.zc.eps_value, self.zc.weight_decay)
+        if prev is not None:
+            self.method.load_state_dict(prev)
+        self.undo = self.undo_state = None
 
     def checkpoints(self, at: int) -> None:
         """After `at` accepted steps: the dev evaluation and the checkpoint that are due then."""
@@ -398,7 +443,7 @@ class Run:
         if (rc.save_every and at % rc.save_every == 0) or at == rc.steps:
             self.metrics.flush()  # a checkpoint never runs ahead of the metrics rows it covers
             self.slog.sync()
-            save_checkpoint(self.s, self.ckpt, self.state(at), self.undo)
+            save_checkpoint(self.s, self.ckpt, self.state(at), self.undo, self.undo_state)
             if rc.save_total_limit and rc.save_every and at % rc.save_every == 0:
                 keep_numbered(self.ckpt, at, rc.save_total_limit)
 
@@ -409,22 +454,24 @@ class Run:
         for r in records:
             self.step = r["step"] + 1
             if "revert_to" in r:  # logged by reject(), which then saved a checkpoint
-                self.applied, self.undo = undo_last(s, self.ckpt, self.undo, self.applied, zc.eps_value, zc.weight_decay), None
+                self.undo_update()
                 dist.barrier()
                 stop = self.guard.replay_strike(r["lr_scale"])
                 if self.main:
                     self.metrics.flush()
-                    save_checkpoint(s, self.ckpt, self.state(self.step) | ({"stopped": "guard"} if stop else {}), self.undo)
+                    save_checkpoint(s, self.ckpt, self.state(self.step) | ({"stopped": "guard"} if stop else {}), self.undo,
+                                    self.undo_state)
                 if stop:
                     raise ZoftError(self.guard.stop_message(r["reason"], r["step"], self.ckpt))
                 continue
-            self.undo = snapshot(s)
-            steplog.apply(s.trainable, r, s.full_step if zc.mode == "full" else "rows", zc.eps_value, zc.weight_decay)
+            self.undo, self.undo_state = snapshot(s), self.method and self.method.state_dict()
+            steplog.apply(s.trainable, r, s.full_step if zc.mode == "full" else "rows", zc.eps_value, zc.weight_decay,
+                          self.method)
             self.applied += 1
             self.guard.accept(r["loss"])
             if self.main:  # the row the run wrote for this step, again (its seconds are this process's)
                 self.emit({"step": self.step, "loss": r["loss"], "projected_grad": sum(r["grads"]) / len(r["grads"]),
-                           "lr": r["lr"], "forwards": 2 * len(r["seeds"]) * self.step,
+                           "lr": r["lr"], "forwards": self.rows() * self.step,
                            "seconds": round(time.time() - self.t_start, 3), "replayed": True})
             self.checkpoints(self.step)
 
@@ -437,7 +484,7 @@ class Run:
         if self.main:
             self.metrics.flush()
             self.slog.sync()
-            save_checkpoint(self.s, self.ckpt, self.state(self.step), self.undo)
+            save_checkpoint(self.s, self.ckpt, self.state(self.step), self.undo, self.undo_state)
             self.close()
         dist.barrier()  # no rank exits before the checkpoint is written (torchrun would kill rank 0)
         self.bar.close()

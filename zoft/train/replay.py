@@ -48,7 +48,7 @@ def replay(model: str, log_path: str, output_dir: str, device: str = "", overwri
     todo = steplog.effective(records)
     for r in tqdm(todo, desc="replay", unit="step", disable=not sys.stderr.isatty()):
         steplog.apply(s.trainable, r, s.full_step if cfg.zo.mode == "full" else "rows", cfg.zo.eps_value,
-                      cfg.zo.weight_decay)
+                      cfg.zo.weight_decay, s.method)
     if not all(torch.isfinite(t).all() for t in s.trainable.tensors):
         raise ZoftError(f"replaying {log_path} gives non-finite parameters; nothing was saved (the log records a "
                         "diverged run: replay a copy cut before the divergence)")

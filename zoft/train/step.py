@@ -30,24 +30,37 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
     already packed (pack_batch). `next_batch`: the next step's examples, packed into ahead["packed"]
     while this step's forward runs (on a GPU the packing overlaps the forward).
     lazy: g is returned as a device tensor and nothing waits for the forward; else a list."""
-    if loss == "f1":
-        row_fn = lambda rows: f1_row_losses(s, batch, golds, rows)
-    else:
-        b = packed if packed is not None else pack_batch(engine, batch, loss)
-        logits_only = loss == "candidate" and b.single_token
-        row_fn = lambda rows: row_losses(engine.scores(b, rows, logits_only, graph=True), b, loss)
-
-    def mean_over_ranks(v: torch.Tensor) -> torch.Tensor:  # (P,) local means -> global means
-        if not reduce or dist.world()[1] == 1:
-            return v
-        tot = dist.all_reduce_sum(torch.cat([v.double() * len(batch), torch.full((1,), float(len(batch)), dtype=torch.float64, device=v.device)]))
-        return tot[:-1] / tot[-1]
-
+    row_fn = _row_fn(engine, s, batch, loss, golds, packed)
     early = None
     if next_batch is not None and ahead is not None and loss != "f1":
         early = lambda: ahead.update(packed=pack_batch(engine, next_batch, loss))
-    lp, lm, g = estimate(lambda rows: mean_over_ranks(row_fn(rows)), s.perturber, seeds, eps, early)
+    lp, lm, g = estimate(lambda rows: _mean_over_ranks(row_fn(rows), len(batch), reduce), s.perturber, seeds, eps, early)
     return lp, lm, (g if lazy else g.tolist())
+
+
+def query_losses(engine, s: Session, batch: list[Encoded], loss: str, query,
+                 golds: list[list[str]] | None = None) -> list[float]:
+    """Every row's loss for a --optimizer method's Query (zoft.zo.methods): one forward, means over ranks,
+    as float64 values on the host (what the step log records and the update reads)."""
+    rows = s.perturber.query_rows(query)
+    return _mean_over_ranks(_row_fn(engine, s, batch, loss, golds)(rows), len(batch), True).double().tolist()
+
+
+def _row_fn(engine, s: Session, batch: list[Encoded], loss: str, golds, packed=None):
+    """rows -> (P,) this rank's mean loss per row."""
+    if loss == "f1":
+        return lambda rows: f1_row_losses(s, batch, golds, rows)
+    b = packed if packed is not None else pack_batch(engine, batch, loss)
+    logits_only = loss == "candidate" and b.single_token
+    return lambda rows: row_losses(engine.scores(b, rows, logits_only, graph=True), b, loss)
+
+
+def _mean_over_ranks(v: torch.Tensor, n: int, reduce: bool) -> torch.Tensor:
+    """(P,) local means over n examples -> global means (data parallel), or v as it is."""
+    if not reduce or dist.world()[1] == 1:
+        return v
+    tot = dist.all_reduce_sum(torch.cat([v.double() * n, torch.full((1,), float(n), dtype=torch.float64, device=v.device)]))
+    return tot[:-1] / tot[-1]
 
 
 def gather_directions(seeds: list[int], lp: torch.Tensor, lm: torch.Tensor, grads: list[float], n: int,
@@ -80,9 +93,13 @@ class StepResult:
     values: HostCopy | list[float]
     snap: torch.Tensor | None = None
     queued: bool = False
+    query: object = None  # a --optimizer method's step (zoft.zo.methods.Query); values: the row losses + flag
 
     def read(self) -> tuple[list[float], list[float], list[float], int]:
         """(L₊, L₋, g, the signal some rank got or 0); waits for this step's copy alone."""
         vals = self.values.read() if isinstance(self.values, HostCopy) else self.values
+        if self.query is not None:  # a method's step: (row losses, -, -, flag)
+            P = len(self.query.dir)
+            return vals[:P], [], [], int(vals[P]) if len(vals) > P else 0
         n = len(self.seeds)
         return vals[:n], vals[n : 2 * n], vals[2 * n : 3 * n], int(vals[3 * n]) if len(vals) > 3 * n else 0

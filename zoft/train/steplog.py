@@ -4,6 +4,7 @@
 written *before* the step's update is applied, flushed every step and fsynced every N steps:
 
     {"step": 12, "seeds": [...], "grads": [...], "lr": 0.005, "loss": 0.61}
+    {"step": 12, ..., "losses": [...]}                  # --optimizer methods: every row's loss, for replay
     {"step": 40, "revert_to": 38, "reason": "..."}      # the divergence guard undid updates past 38
 
 ``effective`` turns the log into the list of updates that the parameters hold; ``apply`` replays
@@ -98,6 +99,9 @@ def _problem(r, n: int, prev_step: int, held: int) -> str | None:
         return f"'grads' is not a list of {len(seeds)} finite numbers"
     if not _is_num(r.get("lr")):
         return f"'lr' is {r.get('lr')!r}, not a finite number"
+    losses = r.get("losses", [])
+    if not (isinstance(losses, list) and all(_is_num(x) for x in losses)):
+        return "'losses' is not a list of finite numbers"
     return None
 
 
@@ -145,9 +149,16 @@ def next_step(records: list[dict]) -> int:
     return max((r["step"] for r in records), default=-1) + 1
 
 
-def apply(tr: Trainable, r: dict, perturbed: str, eps: float, weight_decay: float) -> None:
+def apply(tr: Trainable, r: dict, perturbed: str, eps: float, weight_decay: float, method=None) -> None:
     """Repeat one logged step's parameter arithmetic (no forward passes). perturbed: how the step
-    evaluated L(θ ± εz), "rows" (θ untouched) or "inplace" (session.full_step)."""
+    evaluated L(θ ± εz), "rows" (θ untouched) or "inplace" (session.full_step). method: the run's
+    --optimizer method (zoft.zo.methods), which redoes its update and state from the record's row losses."""
+    if method is not None:
+        if "losses" not in r:
+            raise ZoftError(f"the step log's record of step {r['step']} has no row losses: it was written by a zo-sgd "
+                            f"run, which --optimizer {method.name} can't replay; pass the run's own --optimizer")
+        method.replay_(tr, r, eps, weight_decay)
+        return
     if perturbed == "inplace":  # +ε, −2ε, +ε passes over θ leave rounding that replay must repeat
         for s in r["seeds"]:
             perturb_(tr, s, eps)

@@ -90,11 +90,24 @@ class LoRAPerturber:
         signs[1::2] = -eps
         # float32 z; float64 θ (the exactness tests) stays float64
         P, D, dtype = 2 * len(seeds), theta.numel(), torch.promote_types(theta.dtype, z.dtype)
-        rb = self.banks.get(P)
-        if rb is None or not rb.matches(self.modules, D, dtype, theta.device):
-            rb = self.banks[P] = RowBank(self.modules, P, D, dtype, theta.device,
-                                         _half_plan(self.modules, theta.device, dtype))
+        rb = self.bank(P, D, dtype, theta.device)
         torch.add(theta[None], signs * z, out=rb.bank)
+        return LoRARows(P, rb.refresh(), rb.bank, self.modules)
+
+    def bank(self, P: int, D: int, dtype: torch.dtype, device: torch.device) -> RowBank:
+        rb = self.banks.get(P)
+        if rb is None or not rb.matches(self.modules, D, dtype, device):
+            rb = self.banks[P] = RowBank(self.modules, P, D, dtype, device, _half_plan(self.modules, device, dtype))
+        return rb
+
+    def query_rows(self, q) -> LoRARows:
+        """The rows of a zoft.zo.methods Query: row r holds θ + coef[r]·u[dir[r]] (dir −1: θ itself)."""
+        theta = self.tr.flat_values()
+        P, D, dtype = len(q.dir), theta.numel(), torch.promote_types(theta.dtype, q.u.dtype)
+        u = torch.cat([q.u.new_zeros(1, D), q.u])[torch.tensor(q.dir, device=q.u.device) + 1]  # (P, D)
+        coef = torch.tensor(q.coef, dtype=torch.float64).to(theta.device, dtype)[:, None]
+        rb = self.bank(P, D, dtype, theta.device)
+        torch.add(theta[None], coef * u, out=rb.bank)
         return LoRARows(P, rb.refresh(), rb.bank, self.modules)
 
     def losses(self, loss_fn: LossFn, seeds: list[int], eps: float) -> torch.Tensor:
@@ -248,8 +261,9 @@ class FullRows(Rows):
 class FullRowsPerturber:
     """Full parameters perturbed as rows of one forward, θ never modified (module docstring)."""
 
-    def __init__(self, model: nn.Module, tr: Trainable):
+    def __init__(self, model: nn.Module, tr: Trainable, device: torch.device | str | None = None):
         self.tr = tr
+        self.device = torch.device(device) if device is not None else tr.tensors[0].device  # streamed θ is on the host
         self.index = {id(t): i for i, t in enumerate(tr.tensors)}
         self.perturbs_embeddings = any(isinstance(m, nn.Embedding) and id(m.weight) in self.index
                                        for m in model.modules())
@@ -258,7 +272,7 @@ class FullRowsPerturber:
     def rows(self, seeds: list[int], eps: float) -> FullRows:
         table = None
         if self.tr.z.needs_table:
-            table = seed_table(self, seeds, len(self.tr.tensors), self.tr.tensors[0].device)
+            table = seed_table(self, seeds, len(self.tr.tensors), self.device)
         return FullRows(self, seeds, eps, table)
 
     def losses(self, loss_fn: LossFn, seeds: list[int], eps: float) -> torch.Tensor:

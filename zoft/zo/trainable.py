@@ -34,6 +34,7 @@ class Trainable:
     store: torch.Tensor | None = None  # LoRA: the flat buffer the tensors were laid out in (zoft.lora.flatten_lora_)
     fixed: list[bool] | None = None  # per tensor: held at its initial value (LoRA-FA's A factors)
     z_mask: torch.Tensor | None = None  # flat sets with fixed tensors: z is multiplied by this (0 on them)
+    streamer: object | None = None  # full mode with --offload cpu: the LayerStreamer that holds the trained blocks
 
     @property
     def z(self):

@@ -32,8 +32,13 @@ def sgd_update_(tr: Trainable, seeds: list[int], grads: list[float] | torch.Tens
     n, k = len(seeds), len(tr.tensors)
     decay = [1 - lr * weight_decay if weight_decay and d else 1.0 for d in tr.decay]
     rounding = param_seeds([param_seed(seeds[0], 1 << 40)], k)[:, 0]  # rounding_seed(seeds, i) for every i
-    tr.z.update_([t.data for t in tr.tensors], decay, param_seeds(seeds, k), [-lr * g / n for g in grads], rounding,
-                 tr.__dict__.setdefault("update_plans", {}))
+    table, coefs = param_seeds(seeds, k), [-lr * g / n for g in grads]
+    if tr.streamer is None:
+        tr.z.update_([t.data for t in tr.tensors], decay, table, coefs, rounding, tr.__dict__.setdefault("update_plans", {}))
+        return
+    # --offload cpu: each streamed block's tensors go to the device, are updated there, and are written back
+    tr.streamer.write_through(tr.tensors, lambda idx, ts: tr.z.update_(ts, [decay[i] for i in idx], table[idx], coefs,
+                                                                       rounding[idx], {}))
 
 
 def rounding_seed(seeds: list[int], i: int) -> int:
