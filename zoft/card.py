@@ -14,6 +14,9 @@ def write_model_card(adapter_dir: str, cfg: TrainConfig, base: str, task: str, r
     method = ("MeZO (zeroth-order SGD, two-sided SPSA)" if zc.optimizer == "zo-sgd" else "backprop + AdamW (baseline)")
     lora = f"LoRA r={zc.lora_r}, alpha={zc.lora_alpha:g} on {', '.join(zc.lora_targets)}" + (
         f", blocks {zc.layers}" if zc.layers else "") + (", A frozen (LoRA-FA)" if zc.lora_freeze_a else "")
+    kind = "LoRA"
+    if zc.mode == "prefix":
+        kind, lora = "Prefix-tuning", f"prefix tuning, {zc.prefix_tokens} virtual tokens per layer (PREFIX_TUNING)"
     names = ("accuracy",) if result.get("metric", "accuracy") == "accuracy" else ("f1", "exact_match")
     metrics = {f"{when}_{m}": result.get(f"{when}_{m}") for m in names for when in ("zero_shot", "best_dev", "final")}
     metrics["metric"] = result.get("metric")
@@ -22,10 +25,10 @@ def write_model_card(adapter_dir: str, cfg: TrainConfig, base: str, task: str, r
     text = f"""---
 base_model: {base}
 library_name: peft
-tags: [zoft, mezo, lora, zeroth-order]
+tags: [zoft, mezo, {kind.lower()}, zeroth-order]
 ---
 
-# LoRA adapter for {os.path.basename(base.rstrip('/')) or base}, trained with zoft {__version__}
+# {kind} adapter for {os.path.basename(base.rstrip('/')) or base}, trained with zoft {__version__}
 
 - **Base model:** `{base}`
 - **Task:** `{task}` ({cfg.task.n_train} training examples asked, seed {cfg.run.seed})

@@ -139,6 +139,7 @@ def load_trained(s, ns) -> None:
     from zoft.export import load_run_config, trained_dir
     from zoft.files import load_tensors
     from zoft.lora import load_peft_weights, read_adapter_config
+    from zoft.prefix import PEFT_TYPE, check_adapter_config, load_prefix
     from zoft.session import attach
 
     adapter = ns.adapter
@@ -154,6 +155,11 @@ def load_trained(s, ns) -> None:
         adapter = src
     if adapter:
         ac = read_adapter_config(adapter)
+        if ac.get("peft_type") == PEFT_TYPE:
+            tokens = check_adapter_config(ac, None, f"{adapter}/adapter_config.json")
+            attach(s, ZOConfig(mode="prefix", prefix_tokens=tokens))
+            load_prefix(s.prefix, adapter)
+            return
         layers = ac.get("layers_to_transform")
         try:
             zc = ZOConfig(mode="lora", lora_r=ac["r"], lora_alpha=ac["lora_alpha"],
@@ -230,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sp.add_argument("run_dir")
     sp.add_argument("--output-dir", required=True, help="a new or empty folder (written aside, then renamed)")
-    sp.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
+    sp.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights (not for --mode prefix: a prefix "
+                    "cannot be folded into weights)")
     sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="the merged weights' dtype; auto: the base checkpoint's own")
     sp.add_argument("--overwrite-output-dir", action="store_true", help="replace an earlier export in --output-dir")
@@ -329,7 +336,7 @@ def add_eval_parser(sub) -> None:
     sp.set_defaults(model=None, **{f.name: None for f in dataclasses.fields(TaskConfig)})
     sp.add_argument("--run", default="", help="a zoft run folder: evaluate its trained parameters on the splits it "
                     "recorded (its test split unless --split dev), with its model and task")
-    sp.add_argument("--adapter", default="", help="a PEFT/zoft LoRA adapter folder to apply (RUN/adapter: the run's "
+    sp.add_argument("--adapter", default="", help="a PEFT/zoft LoRA or prefix-tuning adapter folder to apply (RUN/adapter: the run's "
                     "recorded splits, as with --run)")
     sp.add_argument("--split", default="test", choices=["test", "dev"])
     sp.add_argument("--icl-k", type=int, default=0,

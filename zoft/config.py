@@ -122,7 +122,9 @@ class TaskConfig:
 
 @dataclass
 class ZOConfig:
-    mode: str = arg("lora", "what is trained", choices=["lora", "full"])
+    mode: str = arg("lora", "what is trained: LoRA adapters, all (or --layers') parameters, or prefix tuning's "
+                    "key/value prefixes in every layer (MeZO's prefix setting; peft's PREFIX_TUNING format)",
+                    choices=["lora", "full", "prefix"])
     optimizer: str = arg("zo-sgd", "zo-sgd: MeZO; adamw: the first-order (backprop) baseline on the same data; "
                          "LoRA only: zo-momentum, zo-adam, zo-sign, fzoo, hizoo, lozo, sparse-mezo, conmezo "
                          "(zoft.zo.methods; README's table gives each one's paper, state and forwards per step)")
@@ -133,11 +135,13 @@ class ZOConfig:
     lora_freeze_a: bool = arg(False, "LoRA-FA: keep every A at its random initialisation and train B only "
                               "(ZO perturbs and updates B alone; with q/v targets that is ~40%% of the LoRA "
                               "coordinates); the saved adapter is an ordinary PEFT LoRA")
-    eps: float = arg(0.0, "perturbation scale ε; 0: MeZO's 1e-2 for LoRA, 1e-3 for full")
+    prefix_tokens: int = arg(5, "prefix mode: virtual tokens per layer (MeZO's 5), initialised from the keys and "
+                             "values of as many random vocabulary tokens (MeZO's init_by_real_act)")
+    eps: float = arg(0.0, "perturbation scale ε; 0: MeZO's 1e-2 for LoRA, 1e-3 for full, 1e-1 for prefix")
     directions: int = arg(1, "random directions per step (each costs two forward rows)")
     spread_directions: bool = arg(False, "under torchrun: every rank evaluates the whole batch on its own "
                                   "directions (--directions each), and all ranks apply every direction's update")
-    lr: float = arg(0.0, "learning rate; 0: 1e-4 for LoRA, 1e-6 for full (MeZO's, for ~20k steps)",
+    lr: float = arg(0.0, "learning rate; 0: 1e-4 for LoRA, 1e-6 for full, 1e-3 for prefix (MeZO's, for ~20k steps)",
                     aliases=["--learning-rate"])
     weight_decay: float = arg(0.0, "decoupled weight decay (never on norms or biases)")
     clip_grad: float = arg(0.0, "clip each projected gradient g to [-C, C] before the update (0: off); "
@@ -181,6 +185,8 @@ class ZOConfig:
             raise ZoftError(f"--lora-alpha must be positive, got {self.lora_alpha}")
         if self.warmup < 0:
             raise ZoftError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.prefix_tokens < 1:
+            raise ZoftError(f"--prefix-tokens must be at least 1 (MeZO uses 5), got {self.prefix_tokens}")
         if self.directions < 1 or self.batch_size < 1:
             raise ZoftError("--directions and --batch-size must be at least 1")
         if self.weight_decay < 0:
@@ -191,13 +197,13 @@ class ZOConfig:
 
     @property
     def eps_value(self) -> float:
-        return self.eps or (1e-2 if self.mode == "lora" else 1e-3)
+        return self.eps or {"lora": 1e-2, "prefix": 1e-1}.get(self.mode, 1e-3)
 
     @property
     def lr_value(self) -> float:
         if self.optimizer == "adamw":
-            return self.lr or (1e-4 if self.mode == "lora" else 1e-5)
-        return self.lr or (1e-4 if self.mode == "lora" else 1e-6)
+            return self.lr or {"lora": 1e-4, "prefix": 1e-3}.get(self.mode, 1e-5)
+        return self.lr or {"lora": 1e-4, "prefix": 1e-3}.get(self.mode, 1e-6)
 
 
 ZO_METHODS = ("zo-momentum", "zo-adam", "zo-sign", "fzoo", "hizoo", "lozo", "sparse-mezo", "conmezo")
@@ -233,7 +239,7 @@ def check_optimizer(zc: ZOConfig) -> None:
     if zc.mode != "lora":
         raise ZoftError(f"--optimizer {name} trains LoRA adapters (--mode lora): its state or materialised directions "
                         "per trained parameter would cost full mode the memory zeroth-order training saves; "
-                        "full mode trains with zo-sgd")
+                        f"{zc.mode} mode trains with zo-sgd")
     if zc.spread_directions:
         raise ZoftError(f"--spread-directions splits zo-sgd's directions over ranks; --optimizer {name} evaluates "
                         "all of a step's rows in one forward on every rank: drop --spread-directions")

@@ -64,6 +64,9 @@ def export_merged(run_dir: str, output_dir: str, merge: bool = True, dtype: str 
     if dtype != "auto" and dtype not in DTYPES:
         raise ZoftError(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
     cfg = load_run_config(run_dir)
+    if merge and cfg.zo.mode == "prefix":
+        raise ZoftError(f"{run_dir} trained a prefix (--mode prefix): key/value prefixes cannot be folded into the "
+                        "weights; run zoft export without --merge to save the adapter (peft loads it)")
     rundir.check_target(output_dir, overwrite=overwrite, marker=MARKER, what="export", model=cfg.model.model,
                         run=run_dir)
     src = trained_dir(run_dir)
@@ -81,13 +84,13 @@ def export_merged(run_dir: str, output_dir: str, merge: bool = True, dtype: str 
 def _write(cfg: TrainConfig, src: str, out: str, merge: bool, dtype: str) -> str:
     from zoft.loading import DTYPES, load_tokenizer, resolve
 
-    if cfg.zo.mode == "lora" and not merge:
+    if cfg.zo.mode in ("lora", "prefix") and not merge:
         shutil.copytree(src, out, dirs_exist_ok=True)
         for name in ("state.json", "undo.safetensors"):  # a checkpoint's own files are no part of an adapter
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
         load_tokenizer(resolve(resolve_alias(cfg.model.model))).save_pretrained(out)
-        return "float32"  # LoRA factors are trained and saved in float32
+        return "float32"  # LoRA factors and prefixes are trained and saved in float32
     cfg.model.device, cfg.model.dtype = "cpu", "float32"  # merge in float32, then cast once
     s = load_session(cfg.model)
     dtype = base_dtype(s.folder, "float32") if dtype == "auto" else dtype

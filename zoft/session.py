@@ -29,10 +29,11 @@ from zoft.loading import (
 from zoft.logs import log
 from zoft.lora import LoraArgs, LoRALinear, flatten_lora_, inject_lora, linear_like, resolve_targets
 from zoft.models import hf
+from zoft.prefix import Prefix, attach_native, hf_kv, native_kv, prefix_shape, random_tokens
 from zoft.zo.methods import make_method
 from zoft.zo.noise import HALF
-from zoft.zo.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber
-from zoft.zo.trainable import Trainable, full_trainable, lora_trainable
+from zoft.zo.perturbers import FullRowsPerturber, InPlacePerturber, LoRAPerturber, PrefixPerturber
+from zoft.zo.trainable import Trainable, full_trainable, lora_trainable, prefix_trainable
 
 
 def peft_base(source: str, folder: str) -> str:
@@ -71,6 +72,7 @@ class Session:
     target_names: list[str] | None = None
     layers: list[int] | None = None
     lora_args: LoraArgs | None = None
+    prefix: Prefix | None = None  # --mode prefix: the trained key/value prefixes (zoft.prefix)
     offload: str = "none"
     attention: str = "auto"  # --attention: auto | varlen | mask
     full_step: str = "inplace"  # full mode: "inplace" passes or "rows" of one forward (zoft.zo.perturbers)
@@ -143,8 +145,38 @@ def attach(s: Session, zc: ZOConfig, seed: int = 0) -> None:
         s.trainable = lora_trainable(s.loras)
         s.perturber = LoRAPerturber(s.loras, s.trainable)
         s.method = make_method(zc, s.trainable, seed)
+    elif zc.mode == "prefix":
+        _attach_prefix(s, zc, seed)
     else:
         _attach_full(s, zc)
+
+
+def _attach_prefix(s: Session, zc: ZOConfig, seed: int) -> None:
+    """Prefix mode: a prefix for every layer, initialised from the keys and values of random vocabulary
+    tokens (zoft.prefix), given to the native model's attention modules (the fallback's engine reads it)."""
+    if s.layers is not None:
+        raise ZoftError(f"--layers {zc.layers} with --mode prefix: peft's prefix-tuning format holds a prefix for every "
+                        "layer, so zoft trains them all; drop --layers (or use --mode lora)")
+    if s.offload == "cpu":
+        raise ZoftError("--offload cpu with --mode prefix is not supported; drop --offload or use --mode lora")
+    if s.attention == "varlen":
+        raise ZoftError("--attention varlen with --mode prefix: prefix rows run attention with masks (varlen plans "
+                        "have no prefix keys); use --attention auto or mask")
+    cfg = read_config(s.folder)
+    shape = prefix_shape(cfg, zc.prefix_tokens)
+    limit = getattr(s.model, "max_positions", None) or cfg.get("max_position_embeddings") or 2048
+    if limit - shape.tokens < 2:
+        raise ZoftError(f"--prefix-tokens {shape.tokens} leaves no positions of this model's {limit} for the text; "
+                        "use fewer (MeZO uses 5)")
+    base = next(p.dtype for p in s.model.parameters())
+    prefix = Prefix(shape, s.device, torch.float64 if base == torch.float64 else torch.float32)
+    ids = random_tokens(cfg.get("vocab_size") or s.model.get_input_embeddings().weight.shape[0], shape.tokens, seed)
+    prefix.fill(native_kv(s.model, ids) if s.native else hf_kv(s.model, ids))  # before the prefix is attached
+    if s.native:
+        attach_native(s.model, prefix)
+    s.max_length = min(s.max_length, limit - shape.tokens)  # the text's positions start after the prefix
+    s.prefix, s.trainable = prefix, prefix_trainable(prefix)
+    s.perturber = PrefixPerturber(s.trainable)
 
 
 def _attach_full(s: Session, zc: ZOConfig) -> None:
@@ -252,8 +284,13 @@ def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda
     (q/k/v, gate/up; NativeModel.fuse_frozen) on CUDA, unless blocks are trained in full or streamed."""
     if varlen is None and s.attention != "auto":
         varlen = s.attention == "varlen"
+    if s.prefix is not None:  # prefix keys go in front of each row's keys: the mask path (zoft.models.common)
+        if varlen:
+            raise ZoftError("--attention varlen with --mode prefix: use --attention auto or mask")
+        varlen = False
     if fuse is None:
-        fuse = str(s.device).startswith("cuda") and s.offload != "cpu" and (s.loras is not None or s.trainable is None)
+        fuse = (str(s.device).startswith("cuda") and s.offload != "cpu"
+                and (s.loras is not None or s.prefix is not None or s.trainable is None))
     if s.native:
         # the blocks' streamer is made here, after attach, so it streams the trained blocks' final tensors
         streamer = stream_blocks(s.model, s.device) if s.offload == "cpu" else None
@@ -263,7 +300,7 @@ def make_engine(s: Session, cache_mb: float = 0.0, pack_tokens: int = 1024, cuda
         raise ZoftError(f"--attention varlen needs a native model (OPT, Llama family); {s.path} packs nothing")
     from zoft.engine.hf import HFEngine
 
-    return HFEngine(s.model)
+    return HFEngine(s.model, s.prefix)
 
 
 def describe(s: Session, engine, zo: bool = True) -> str:
@@ -294,6 +331,9 @@ def describe(s: Session, engine, zo: bool = True) -> str:
         feats.append(f"LoRA rows of {s.method.name} in one forward ({len(s.loras)} modules)")
     elif s.loras and zo:
         feats.append(f"LoRA ±ε rows in one forward ({len(s.loras)} modules)")
+    elif s.prefix is not None and zo:
+        sh = s.prefix.shape
+        feats.append(f"prefix tuning: {sh.tokens} virtual tokens × {sh.layers} layers, ±ε prefixes as rows of one forward")
     elif s.trainable is not None and zo:
         how = "±ε as rows of one forward, θ never modified" if s.full_step == "rows" else "perturbed in place"
         dt = str(s.trainable.tensors[0].dtype).removeprefix("torch.")

@@ -1,7 +1,13 @@
 """The transformers fallback's engine: the NativeEngine interface over AutoModelForCausalLM (no packing,
-no prompt sharing, full logits; each (example, candidate) its own right-padded sequence)."""
+no prompt sharing, full logits; each (example, candidate) its own right-padded sequence).
+
+Prefix tuning (zoft.prefix) enters as peft feeds it: a ``DynamicCache`` holding each row block's prefix
+keys and values as ``past_key_values`` and the attention mask widened by P_v ones; transformers then
+places the tokens after the prefix itself."""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -9,7 +15,7 @@ from torch import nn
 from zoft.engine.native import Scores, Stats, score_table
 from zoft.engine.packing import Batch, build_batch
 from zoft.lora import FALLBACK_ROWS
-from zoft.models.common import Rows
+from zoft.models.common import Rows, expand_rows
 from zoft.models.hf import block_prefix
 from zoft.tasks.encode import Encoded
 
@@ -17,8 +23,11 @@ from zoft.tasks.encode import Encoded
 class HFEngine:
     """Same interface as NativeEngine, over a transformers model (no packing, full logits)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, prefix=None):
         self.model = model
+        self.prefix = prefix  # zoft.prefix.Prefix in prefix mode
+        # the forward's name for a KV cache: `cache` in recent transformers, `past_key_values` before
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.first_trained = 0
         self.cache = None
         self.stats = Stats()
@@ -42,14 +51,22 @@ class HFEngine:
         token = FALLBACK_ROWS.set(rows if hasattr(rows, "views") else None)
         try:
             with torch.set_grad_enabled(grad):
-                return self._scores(b, rows.P, logits_only)
+                return self._scores(b, rows, logits_only)
         finally:
             FALLBACK_ROWS.reset(token)
 
-    def _scores(self, b: Batch, rows: int, logits_only: bool) -> Scores:
-        p = b.packs
+    def _scores(self, b: Batch, rows_: Rows, logits_only: bool) -> Scores:
+        p, rows = b.packs, rows_.P
         ids, att = p.ids.repeat(rows, 1), p.valid.long().repeat(rows, 1)
-        logits = self.model(input_ids=ids, attention_mask=att).logits.float()  # (P*N, L, V)
+        extra = {}
+        if self.prefix is not None:  # row block r's prefix for its N rows, in front of every layer's keys
+            from transformers import DynamicCache
+
+            n, dtype = ids.shape[0], next(self.model.parameters()).dtype
+            kv = [rows_.prefix_kv(slot) for slot in self.prefix.slots]
+            extra[self.cache_arg] = DynamicCache([tuple(expand_rows(t, n).to(dtype) for t in pair) for pair in kv])
+            att = torch.cat([att.new_ones(n, self.prefix.shape.tokens), att], dim=1)
+        logits = self.model(input_ids=ids, attention_mask=att, **extra).logits.float()  # (P*N, L, V)
         N, L = p.ids.shape
         self.stats.computed += rows * N * L * self.n_layers
         self.stats.naive += rows * b.naive_tokens * self.n_layers

@@ -70,6 +70,16 @@ class Rows:
     def logits(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(h.to(w.dtype), w)
 
+    def prefix(self, attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The prefix keys and values an attention module puts in front of its own (prefix tuning,
+        zoft.prefix): (R, kv_heads, P_v, head_dim) each, R = 1 or one per row block; None: no prefix."""
+        slot = getattr(attn, "zoft_prefix", None)
+        return None if slot is None else self.prefix_kv(slot)
+
+    def prefix_kv(self, slot) -> tuple[torch.Tensor, torch.Tensor]:
+        """A zoft.prefix.PrefixSlot's keys and values for these rows: θ itself, shared by every row."""
+        return slot.kv()
+
     def graph_tensor(self) -> torch.Tensor | None:
         """The device tensor that carries this step's perturbation into a CUDA graph (None: nothing)."""
         return None
@@ -198,6 +208,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def add_prefix(kv: tuple[torch.Tensor, torch.Tensor] | None, k: torch.Tensor, v: torch.Tensor, mask):
+    """k, v (N, Hkv, Lk, hd) with a prefix's keys and values (R, Hkv, P_v, hd) in front, row block r of
+    the N rows (N/R consecutive rows) getting prefix r; the mask widened so that every query attends to the
+    whole prefix (packed segments and padding too: a prefix belongs to the row, not to a segment).
+    kv None: unchanged."""
+    if kv is None:
+        return k, v, mask
+    N, Lk = k.shape[0], k.shape[2]
+    pk, pv = (expand_rows(t, N).to(k.dtype) for t in kv)
+    k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+    if mask is False:  # a decode step: every key visible anyway
+        return k, v, mask
+    if isinstance(mask, Varlen):
+        raise ValueError("prefix tuning runs attention with masks; the engine must not build a varlen plan")
+    if mask is None:  # plain causal over Lk tokens
+        mask = torch.ones(Lk, Lk, dtype=torch.bool, device=k.device).tril()[None, None]
+    ones = torch.ones(*mask.shape[:3], pk.shape[2], dtype=torch.bool, device=mask.device)
+    return k, v, torch.cat([ones, mask], dim=-1)
+
+
+def expand_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(R, ...) -> (n, ...): entry r repeated for n/R consecutive rows (rows stack perturbation blocks)."""
+    if t.shape[0] == n:
+        return t
+    return t[:, None].expand(t.shape[0], n // t.shape[0], *t.shape[1:]).reshape(n, *t.shape[1:])
+
+
 def extend_cache(cache: dict | None, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Append this step's K/V (N, H, L, hd) to the layer's cache and return the whole sequence's."""
     if cache is None:
@@ -300,6 +337,7 @@ class NativeModel(nn.Module):
     family: str
     lora_targets: dict[str, str]  # short name -> module name, e.g. {"q": "q_proj"}
     embed_path: str  # the token embedding's module path, e.g. "model.embed_tokens"
+    prefix_len = 0  # prefix tuning (zoft.prefix): real tokens' positions start after the P_v virtual ones
     streamer = None  # zoft.engine.offload.LayerStreamer when --offload cpu keeps the frozen weights in CPU memory
     offload_device = None  # the compute device when --offload cpu keeps blocks and vocabulary on the host
 

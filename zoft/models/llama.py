@@ -14,7 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoft.models.common import PLAIN, Fused, NativeModel, Rows, attention, extend_cache, run_linears
+from zoft.models.common import (
+    PLAIN,
+    Fused,
+    NativeModel,
+    Rows,
+    add_prefix,
+    attention,
+    extend_cache,
+    run_linears,
+)
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -144,6 +153,7 @@ class LlamaAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k, v = extend_cache(cache, k, v)
+        k, v, mask = add_prefix(rows.prefix(self), k, v, mask)  # prefix keys carry no rotation (as in peft)
         y = attention(q, k, v, mask).transpose(1, 2).reshape(N, L, -1)
         return rows.linear(self.o_proj, y)
 
@@ -210,7 +220,8 @@ class Llama(NativeModel):
         inv_freq = self._inv_freq.get(pos.device)  # kept per device (not a buffer: no meta-device state)
         if inv_freq is None:
             inv_freq = self._inv_freq[pos.device] = rope_inv_freq(self.args).to(pos.device)
-        freqs = pos.float()[..., None] * inv_freq  # (N, L, hd/2)
+        # with a prefix the tokens sit after its P_v virtual ones, as transformers places them after a cache
+        freqs = (pos + self.prefix_len).float()[..., None] * inv_freq  # (N, L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (N, 1, L, hd)
         dtype = self.model.embed_tokens.weight.dtype
         return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -17,6 +17,7 @@ from zoft.models.common import (
     Fused,
     NativeModel,
     Rows,
+    add_prefix,
     attention,
     extend_cache,
     linear_relu,
@@ -93,6 +94,7 @@ class OPTAttention(nn.Module):
         q, k, v = (t.view(N, L, self.n_head, hd).transpose(1, 2)  # (N, H, L, hd)
                    for t in run_linears(self.qkv, [self.q_proj, self.k_proj, self.v_proj], x, rows))
         k, v = extend_cache(cache, k, v)
+        k, v, mask = add_prefix(rows.prefix(self), k, v, mask)
         y = attention(q, k, v, mask).transpose(1, 2).reshape(N, L, D)
         return rows.linear(self.out_proj, y)
 
@@ -169,7 +171,9 @@ class OPT(NativeModel):
         h = rows.embedding(dec.embed_tokens, ids)
         if dec.project_in is not None:
             h = rows.linear(dec.project_in, h)
-        return h + rows.embedding(dec.embed_positions, pos + 2)
+        # OPT's positions are offset by 2; with a prefix, by its P_v too (what transformers computes from the
+        # attention mask that peft widens by P_v ones)
+        return h + rows.embedding(dec.embed_positions, pos + 2 + self.prefix_len)
 
     def norm_out(self, h: torch.Tensor, rows: Rows = PLAIN) -> torch.Tensor:
         dec = self.model.decoder

@@ -104,7 +104,7 @@ def train_backprop(cfg: TrainConfig, plan, callbacks=()) -> dict:
     result |= {f"zero_shot_{metric_of(splits)}": zero_shot, "steps": rc.steps, "optimizer": "adamw",
                "seconds": round(time.time() - t_start, 1), "train_seconds": round(train_seconds, 1),
                "seconds_per_step": round(train_seconds / max(1, rc.steps), 4), "path": s.path, **mem}
-    if s.loras is not None:
+    if s.loras is not None or s.prefix is not None:
         write_model_card(os.path.join(out, "adapter"), cfg, peft_base(s.source, s.folder), plan.task.name, result)
     rundir.write_json(os.path.join(out, "results.json"), result)
     return result

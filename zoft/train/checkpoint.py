@@ -16,16 +16,19 @@ from zoft.errors import ZoftError
 from zoft.evaluate import evaluate_split, write_predictions
 from zoft.files import checkpoint_fix, load_tensors, read_checkpoint, sha256
 from zoft.lora import load_peft_weights, save_peft
+from zoft.prefix import load_prefix, save_prefix
 from zoft.session import Session, peft_base
 from zoft.train import rundir, steplog
 from zoft.train.data import metric_of
 
 
 def save_trained(s: Session, folder: str) -> None:
-    """The trained parameters: a PEFT adapter (LoRA) or trained.safetensors (full mode)."""
+    """The trained parameters: a PEFT adapter (LoRA, prefix) or trained.safetensors (full mode)."""
     os.makedirs(folder, exist_ok=True)
     if s.loras is not None:
         save_peft(s.loras, folder, peft_base(s.source, s.folder), s.target_names, s.lora_args)
+    elif s.prefix is not None:
+        save_prefix(s.prefix, folder, peft_base(s.source, s.folder))
     else:
         tensors = {n: t.detach().cpu().contiguous() for n, t in zip(s.trainable.names, s.trainable.tensors)}  # as trained
         save_file(tensors, os.path.join(folder, "trained.safetensors"))
@@ -90,6 +93,8 @@ def load_checkpoint(s: Session, path: str, need: tuple[str, ...] = (), verify: b
         s.method.load_state_dict(_optimizer_part(s, path, "state"))
     if s.loras is not None:
         load_peft_weights(s.loras, path)
+    elif s.prefix is not None:
+        load_prefix(s.prefix, path)
     else:
         tensors = load_tensors(os.path.join(path, "trained.safetensors"), fix)
         with torch.no_grad():
@@ -101,9 +106,9 @@ def load_checkpoint(s: Session, path: str, need: tuple[str, ...] = (), verify: b
 
 
 def load_undo(s: Session, path: str) -> torch.Tensor | None:
-    """The copy the guard restores (LoRA), as the checkpoint saved it; None if it saved none."""
+    """The copy the guard restores (LoRA, prefix), as the checkpoint saved it; None if it saved none."""
     f = os.path.join(path, "undo.safetensors")
-    if s.loras is None or not os.path.isfile(f):
+    if not s.trainable.flat or not os.path.isfile(f):
         return None
     return load_tensors(f, checkpoint_fix(path))["flat"].to(s.trainable.tensors[0].device)
 
@@ -160,10 +165,10 @@ def finish(s: Session, engine, enc: dict, splits: dict, out: str, eval_batch_siz
         ev = evaluate_split(engine, s, enc["test"], splits["test"], eval_batch_size, desc="test eval")
         write_predictions(os.path.join(out, "test_predictions.jsonl"), ev["rows"])
         result |= {"final_f1": ev["f1"], "final_exact_match": ev["em"]} if metric == "f1" else {"final_accuracy": ev["score"]}
-    if s.loras is not None:
+    if s.loras is not None or s.prefix is not None:
         tmp = os.path.join(out, "adapter.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_peft(s.loras, tmp, peft_base(s.source, s.folder), s.target_names, s.lora_args)
+        save_trained(s, tmp)
         swap_in(tmp, os.path.join(out, "adapter"))
     return result
 
@@ -199,7 +204,7 @@ def undo_last(s: Session, ckpt: str, prev: torch.Tensor | None, applied: int, ep
     if prev is not None:
         restore_copy(s, prev)
         return applied - 1
-    if s.loras is not None:  # LoRA without its copy (a second strike in a row): back to the checkpoint, as ever
+    if s.trainable.flat:  # LoRA (or prefix) without its copy (a second strike in a row): back to the checkpoint, as ever
         return load_checkpoint(s, ckpt)["applied"]
     rewind(s, ckpt, applied - 1, eps, weight_decay)
     return applied - 1

@@ -515,7 +515,7 @@ class Run:
                    "seconds_per_step": round(train_seconds / max(1, rc.steps - self.first), 4),
                    "path": s.path, "world_size": self.world, "output_dir": self.out, **self.engine.stats.summary(),
                    **peak_memory(s.device)}
-        if s.loras is not None:
+        if s.loras is not None or s.prefix is not None:
             write_model_card(os.path.join(self.out, "adapter"), self.cfg, peft_base(s.source, s.folder),
                              self.plan.task.name, result)
         rundir.write_json(os.path.join(self.out, "results.json"), result)

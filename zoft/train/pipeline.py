@@ -12,13 +12,14 @@ from zoft.session import Session
 
 def pipelines(s: Session) -> bool:
     """Whether the loop may queue this session's updates before reading their losses: the steps that leave
-    θ untouched until the update (LoRA rows, full mode's rows). MeZO's in-place passes are kept synchronous."""
-    return s.loras is not None or s.full_step == "rows"
+    θ untouched until the update (LoRA and prefix rows, full mode's rows). MeZO's in-place passes are kept
+    synchronous."""
+    return s.trainable.flat or s.full_step == "rows"
 
 
 def snapshot(s: Session) -> torch.Tensor | None:
-    """LoRA parameters are small: keep a flat copy before each update so the guard can undo it exactly."""
-    if s.loras is None:
+    """LoRA (and prefix) parameters are small: keep a flat copy before each update so the guard can undo it exactly."""
+    if not s.trainable.flat:
         return None
     return s.trainable.flat_values(copy=True)
 

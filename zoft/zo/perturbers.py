@@ -7,6 +7,9 @@ A perturber turns the step's direction seeds into losses, interleaved [L(θ+εz_
 * ``LoRAPerturber``: all 2n perturbed adapters as rows of one forward. Every module's rows are slices
   of one flat (2n, D) bank (``zoft.lora.RowBank``) written from θ and z in a few kernels; the forward
   receives them as a ``LoRARows`` argument. θ is not touched until the update.
+* ``PrefixPerturber``: prefix tuning's P_v keys and values per layer (zoft.prefix) as rows of one
+  forward, the same way: a (2n, D) bank of θ ± εz_j, row block p's attention reading its prefix from
+  row p of the bank (``PrefixRows.prefix_kv``).
 * ``FullRowsPerturber``: full parameters as rows of one forward. Each trained Linear computes row block
   2j with W + εZ_j and block 2j+1 with W − εZ_j, the two perturbed weights made for that one layer from
   one read of W (z from (seed, element index); the Triton kernel never stores z) and dropped after its
@@ -106,6 +109,49 @@ class LoRAPerturber:
         rb = self.bank(P, D, dtype, theta.device)
         torch.add(theta[None], coef * u, out=rb.bank)
         return LoRARows(P, rb.refresh(), rb.bank, self.modules)
+
+    def losses(self, loss_fn: LossFn, seeds: list[int], eps: float) -> torch.Tensor:
+        return loss_fn(self.rows(seeds, eps))
+
+
+# ---- prefix tuning -------------------------------------------------------------------------------
+
+
+class PrefixRows(Rows):
+    """Row block 2j attends to the prefix θ + εz_j, block 2j+1 to θ − εz_j: rows of one (P, D) bank."""
+
+    def __init__(self, P: int, bank: torch.Tensor):
+        super().__init__(P)
+        self.bank = bank
+
+    def prefix_kv(self, slot) -> tuple[torch.Tensor, torch.Tensor]:
+        return slot.kv(self.bank)  # (P, kv_heads, P_v, head_dim) each: views of the bank
+
+    def graph_tensor(self) -> torch.Tensor:
+        return self.bank
+
+    def over(self, t: torch.Tensor) -> PrefixRows:
+        return PrefixRows(self.P, t)
+
+
+class PrefixPerturber:
+    """The prefix perturbed as rows of one forward (module docstring); θ is not touched until the update."""
+
+    def __init__(self, tr: Trainable):
+        self.tr = tr
+        self.banks: dict[int, torch.Tensor] = {}  # one persistent bank per row count (a CUDA graph's input)
+
+    def rows(self, seeds: list[int], eps: float) -> PrefixRows:
+        theta = self.tr.flat_values()
+        z = torch.stack([_flat_z(self.tr, s) for s in seeds]).repeat_interleave(2, dim=0)  # (2n, D)
+        signs = torch.full((2 * len(seeds), 1), eps, device=theta.device, dtype=z.dtype)
+        signs[1::2] = -eps
+        P, dtype = 2 * len(seeds), torch.promote_types(theta.dtype, z.dtype)  # float64 θ (tests) stays float64
+        bank = self.banks.get(P)
+        if bank is None or bank.shape[1] != theta.numel() or bank.dtype != dtype or bank.device != theta.device:
+            bank = self.banks[P] = torch.empty(P, theta.numel(), dtype=dtype, device=theta.device)
+        torch.add(theta[None], signs * z, out=bank)
+        return PrefixRows(P, bank)
 
     def losses(self, loss_fn: LossFn, seeds: list[int], eps: float) -> torch.Tensor:
         return loss_fn(self.rows(seeds, eps))

@@ -128,6 +128,12 @@ def lora_trainable(loras: dict[str, LoRALinear]) -> Trainable:
                      fixed=fixed if any(fixed) else None, z_mask=mask)
 
 
+def prefix_trainable(prefix) -> Trainable:
+    """Prefix tuning (zoft.prefix.Prefix): one tensor, peft's prompt_embeddings, over one flat store, so
+    it takes LoRA's flat path (one z draw, one update, the guard's undo copy, the pipeline)."""
+    return Trainable(["prompt_embeddings"], [prefix.theta], [True], flat=True, store=prefix.store)
+
+
 def full_trainable(model: nn.Module, prefixes: list[str] | None) -> Trainable:
     """Every parameter (or those under the given module prefixes); decay decided by the owning module's type."""
     names, tensors, decay = [], [], []
