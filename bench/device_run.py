@@ -329,7 +329,28 @@ def method_recipes() -> dict[str, Recipe]:
             ("hizoo", "--optimizer hizoo --lr 5e-4 --steps 5000", "b"),
             ("zo-momentum", "--optimizer zo-momentum --lr 1e-4 --steps 5000", "c"),
             ("sparse-mezo", "--optimizer sparse-mezo --lr 1e-3 --steps 5000", "c")]
+    sweep = "--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 500 --no-zero-shot --log-every 500"
+    # (method, its flags, two rates a factor 3-10 apart, steps sized for ~15 s of solo training each)
+    grid = [("zo-sgd", "--clip-grad 1", ("1e-3", "3e-3"), 2000), ("zo-momentum", "", ("1e-3", "3e-3"), 2000),
+            ("zo-adam", "", ("1e-4", "1e-3"), 2000), ("zo-sign", "", ("1e-5", "1e-4"), 2000),
+            ("fzoo", "--directions 8", ("1e-4", "1e-3"), 1000), ("hizoo", "", ("3e-4", "1e-3"), 1600),
+            ("lozo", "", ("1e-3", "3e-3"), 2000), ("sparse-mezo", "", ("1e-3", "3e-3"), 2000),
+            ("conmezo", "", ("1e-3", "3e-3"), 2000)]
+    jobs = [train(f"sweep_{m}_lr{lr}", f"{sweep} {'' if m == 'zo-sgd' else '--optimizer ' + m} {fl} --lr {lr} "
+                  f"--steps {n}", "abc"[i % 3]) for i, (m, fl, lrs, n) in enumerate(grid) for lr in lrs]
+    cmp = ("--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 500 --eval-test --no-zero-shot "
+           "--log-every 500")
     return {
+        "rt-sweep": Recipe("--optimizer methods, LoRA top 12, Rotten Tomatoes: two learning rates each, one seed, "
+                           "three lanes sharing the GPU (seconds under that load)", jobs,
+                           common=[*RT], threads=4, run_limit=200, fresh=True),
+        "rt-compare": Recipe("ZO-SGD and the sweep's two best methods at their best rates (bench/pick_methods.py), "
+                             "three seeds, one at a time (solo seconds), test scored at every evaluation; after "
+                             "rt-sweep on the same warm machine", [
+            train(f"cmp_arm{k}_seed{s}", f"{cmp} {{arm{k}}} --seed {s}", "solo") for s in (0, 1, 2) for k in (0, 1, 2)],
+            before=[script("pick", "bench/pick_methods.py {work}/runs --prefix sweep_ --out {work}/picked.json "
+                                   "--arms 3 --steps-scale 2", timeout=60)],
+            common=[*RT], threads=4, run_limit=75, fresh=True),
         "rt-methods": Recipe("--optimizer methods, LoRA top 12, one seed, first learning rates", [
             train(f"method_{n}", f"{base} {a}", lane) for n, a, lane in arms],
             common=[*RT, "--log-every", "1000"], threads=4, run_limit=420, fresh=True),
@@ -396,8 +417,23 @@ class Ctx:
             self.lines.append(line)
 
 
+def picked(ctx: Ctx) -> dict[str, str]:
+    """rt-compare's arms ({arm0} …), chosen by bench/pick_methods.py from a sweep in WORK/picked.json."""
+    path = ctx.work / "picked.json"
+    if ctx.dry_run and not path.exists():
+        return {f"arm{k}": f"<arm{k} from the sweep>" for k in range(8)}
+    if not path.exists():
+        raise UserError(f"{path} is missing: run rt-sweep (then its pick job) on this machine first")
+    return {k: v for k, v in json.loads(path.read_text()).items() if k.startswith("arm")}
+
+
 def command(job: Job, rcp: Recipe, ctx: Ctx) -> list[str]:
-    """The job's argv: train and eval jobs get the model, the device and (train) the output folder."""
+    """The job's argv: train and eval jobs get the model, the device and (train) the output folder. An argument
+    "{armK}" becomes the flags bench/pick_methods.py chose for arm K."""
+    if any(a.startswith("{arm") for a in job.argv):
+        arms = picked(ctx)
+        job = Job(job.name, [x for a in job.argv for x in (arms[a[1:-1]].split() if a.startswith("{arm") else [a])],
+                  job.kind, job.lane, job.gpu, job.timeout, job.grep, job.clean)
     if job.kind == "train":
         argv = [*ZOFT, "train", "--model", "{model}", "--device", "{device}",
                 "--output-dir", f"{{work}}/runs/{job.name}", *rcp.common, *job.argv]

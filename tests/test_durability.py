@@ -300,7 +300,7 @@ BUSY = {
     "full": [*RUN, "--mode", "full", "--lr", "0.1", "--steps", "26", "--guard-strikes", "10", "--guard-threshold",
              "1.5", "--eval-every", "4"],
 }
-TIMED = {"seconds", "step_seconds", "replayed"}
+TIMED = {"seconds", "train_seconds", "step_seconds", "replayed"}
 
 
 @pytest.fixture(scope="module")

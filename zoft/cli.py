@@ -216,6 +216,18 @@ def cmd_plot(ns) -> None:
     print(json.dumps({"output": plot(ns.run_dirs, ns.output, ns.window, ns.x)}))
 
 
+def cmd_compare(ns) -> None:
+    from zoft.compare import compare, parse_thresholds, table
+
+    thresholds = parse_thresholds(ns.thresholds)
+    split, rows = compare(ns.run_dirs, thresholds, ns.split)
+    if ns.json:
+        for r in rows:
+            print(json.dumps(r | {"split": split}))
+    else:
+        print(table(split, rows, thresholds))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoft", description="Zeroth-order (MeZO) fine-tuning of causal language models.")
     p.add_argument("--version", action="version", version=f"zoft {__version__}")
@@ -266,8 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output", default="curves.png")
     sp.add_argument("--window", type=int, default=20, help="moving-average window for the loss")
     sp.add_argument("--x", default="steps", choices=["steps", "forwards", "seconds"],
-                    help="the curves' x axis: optimizer steps, forward passes used, or wall-clock seconds")
+                    help="the curves' x axis: optimizer steps, forward passes used, or seconds of training (without "
+                    "loading, evaluations and saves)")
     sp.set_defaults(fn=cmd_plot)
+
+    sp = sub.add_parser("compare", help="runs side by side: steps, forwards and training seconds to reach each "
+                        "threshold, final score, state and memory; seeds of one setting averaged",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sp.add_argument("run_dirs", nargs="+")
+    sp.add_argument("--thresholds", default="0.80,0.84", help="scores to reach, separated by commas")
+    sp.add_argument("--split", default="auto", choices=["auto", "dev", "test"],
+                    help="the curve the thresholds are read on; auto: test when every run has one (--eval-test)")
+    sp.add_argument("--json", action="store_true", help="one JSON line per arm instead of the Markdown table")
+    sp.set_defaults(fn=cmd_compare)
     return p
 
 

@@ -276,6 +276,8 @@ class RunConfig:
                          "every step)")
     log_every: int = arg(50, "print reuse accounting every N steps")
     zero_shot: bool = arg(True, "evaluate on test before training")
+    eval_test: bool = arg(False, "with --eval-every: also score the test split at each evaluation (test curves "
+                          "for zoft compare and zoft plot; the best checkpoint is still picked on dev)")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -286,6 +288,8 @@ class RunConfig:
                      "guard_strikes", "cache_mb"):
             if getattr(self, name) < 0:
                 raise ZoftError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.eval_test and not self.eval_every:
+            raise ZoftError("--eval-test scores the test split at each --eval-every evaluation; set --eval-every N")
         if self.eval_batch_size < 1 or self.pack_tokens < 1:
             raise ZoftError("--eval-batch-size and --pack-tokens must be at least 1")
         if 0 < self.guard_threshold <= 1 or self.guard_threshold < 0:  # ≤ 1× the median would flag ordinary steps

@@ -102,6 +102,17 @@ def evaluate_split(engine, session, encoded: list[Encoded], examples, batch_size
     return ev | {"score": ev["accuracy"], "metric": "accuracy"}
 
 
+def evaluation_row(engine, session, enc: dict, splits: dict, at: int, batch_size: int, with_test: bool) -> dict:
+    """The metrics row of a training run's evaluation after `at` steps: dev's score (dev_accuracy or dev_f1),
+    and with `with_test` (--eval-test) test's beside it, for curves; the best checkpoint is picked on dev."""
+    ev = evaluate_split(engine, session, enc["dev"], splits["dev"], batch_size)
+    row = {"step": at, f"dev_{ev['metric']}": ev["score"]}
+    if with_test and enc["test"]:
+        row[f"test_{ev['metric']}"] = evaluate_split(engine, session, enc["test"], splits["test"], batch_size,
+                                                     desc="test eval")["score"]
+    return row
+
+
 def with_demonstrations(examples, demos, sep: str = "\n\n") -> list:
     """In-context learning: each prompt preceded by the same k solved training examples (prompt + gold)."""
     import dataclasses

@@ -7,36 +7,53 @@ import os
 
 from zoft.errors import ZoftError
 
-AXES = {"steps": ("step", "step"), "forwards": ("forwards", "forward passes"), "seconds": ("seconds", "seconds")}
+AXES = {"steps": ("step", "step"), "forwards": ("forwards", "forward passes"),
+        "seconds": ("train_seconds", "training seconds")}
+
+
+def read_rows(run_dir: str) -> list[dict]:
+    """metrics.jsonl's rows (a run killed mid-write leaves a half line at the end: dropped)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ZoftError(f"{run_dir} has no metrics.jsonl; pass the --output-dir of a zoft train run")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, start=1):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if not line.endswith("\n"):
+                    break
+                raise ZoftError(f"{path}:{n} is not JSON; the metrics file is damaged") from None
+    return rows
+
+
+def x_of(row: dict, x: str, path: str) -> float:
+    """A step row's x. Training seconds exclude model loading, evaluations and checkpoints; runs from
+    before they were logged fall back to the seconds since the run started."""
+    key = AXES[x][0]
+    if key in row:
+        return row[key]
+    if x == "seconds" and "seconds" in row:
+        return row["seconds"]
+    raise ZoftError(f"{path} has no {key!r} in its step rows (an older run); use --x steps")
 
 
 def read_metrics(run_dir: str, x: str = "steps") -> tuple[list, list, list, list, str]:
     """(x of each step, its loss, x of each dev evaluation, its score, the dev metric's name: accuracy or f1);
-    x: steps, forwards or seconds."""
+    x: steps, forwards or seconds (of training)."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise ZoftError(f"{run_dir} has no metrics.jsonl; pass the --output-dir of a zoft train run")
-    key = AXES[x][0]
     at, xs, losses, dsteps, dev, name = {}, [], [], [], [], ""
-    with open(path) as f:
-        for n, line in enumerate(f, start=1):
-            try:
-                r = json.loads(line)
-            except ValueError:
-                if not line.endswith("\n"):
-                    break  # a run killed mid-write: its last line is half there
-                raise ZoftError(f"{path}:{n} is not JSON; the metrics file is damaged") from None
-            if "loss" in r:
-                if key not in r:
-                    raise ZoftError(f"{path} has no {key!r} in its step rows (an older run); use --x steps")
-                at[r["step"]] = r[key]
-                xs.append(r[key])
-                losses.append(r["loss"])
-            dkey = next((k for k in r if k.startswith("dev_")), None)  # dev_accuracy or dev_f1
-            if dkey and r["step"] in at:  # an evaluation sits at the x of the step it follows
-                dsteps.append(at[r["step"]])
-                dev.append(r[dkey])
-                name = dkey.removeprefix("dev_")
+    for r in read_rows(run_dir):
+        if "loss" in r:
+            at[r["step"]] = x_of(r, x, path)
+            xs.append(at[r["step"]])
+            losses.append(r["loss"])
+        dkey = next((k for k in r if k.startswith("dev_")), None)  # dev_accuracy or dev_f1
+        if dkey and r["step"] in at:  # an evaluation sits at the x of the step it follows
+            dsteps.append(at[r["step"]])
+            dev.append(r[dkey])
+            name = dkey.removeprefix("dev_")
     return xs, losses, dsteps, dev, name
 
 

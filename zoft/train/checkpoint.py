@@ -155,6 +155,18 @@ def open_metrics(path: str, keep_to: int | None):
     return open(path, "a")
 
 
+def logged_train_seconds(path: str) -> float:
+    """The training seconds of the last step row in metrics.jsonl (--resume goes on counting from there)."""
+    last = 0.0
+    with open(path) as f:
+        for line in f:
+            try:
+                last = json.loads(line).get("train_seconds", last)
+            except ValueError:
+                pass  # a row torn by a kill
+    return last
+
+
 def finish(s: Session, engine, enc: dict, splits: dict, out: str, eval_batch_size: int, best_dev: float) -> dict:
     """After training: the best dev checkpoint (if any) on the test set, predictions and the adapter."""
     if best_dev >= 0:

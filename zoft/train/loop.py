@@ -26,7 +26,7 @@ from zoft import tracking
 from zoft.card import write_model_card
 from zoft.config import TrainConfig
 from zoft.errors import Interrupted, ZoftError
-from zoft.evaluate import answers_of, evaluate_split
+from zoft.evaluate import answers_of, evaluate_split, evaluation_row
 from zoft.session import (
     Session,
     attach,
@@ -48,6 +48,7 @@ from zoft.train.checkpoint import (
     load_checkpoint,
     load_undo,
     load_undo_state,
+    logged_train_seconds,
     open_metrics,
     recover_checkpoint,
     restore_copy,
@@ -207,6 +208,7 @@ class Run:
         zero-shot evaluation of a fresh run."""
         rc, s = self.rc, self.s
         self.step, self.applied, self.best_dev, self.zero_shot, self.undo, st = 0, 0, -1.0, None, None, None
+        self.train_before, self.t_loop, self.paused = 0.0, None, 0.0  # train_before: earlier processes' (--resume)
         self.undo_state = None  # a method's state before the last update (beside self.undo, θ's copy)
         if rc.resume and self.plan.state is not None:
             st = load_checkpoint(s, self.ckpt, need=("next_step", "applied"), verify=False)  # prepare() checked it
@@ -234,12 +236,21 @@ class Run:
         if self.plan.state is None:
             save_checkpoint(self.s, self.ckpt, self.state(0))  # (a method's state: as it starts)
         self.metrics = open_metrics(os.path.join(self.out, "metrics.jsonl"), self.step if rc.resume else None)
+        if rc.resume:  # the checkpoint stays a pure function of the run: the clock lives in the metrics rows
+            self.train_before = logged_train_seconds(os.path.join(self.out, "metrics.jsonl"))
         self.reporters = tracking.Reporters(rc.report_to, self.out, resolved, callbacks)
 
     def state(self, next_step: int) -> dict:
         """What a checkpoint's state.json holds beside the parameters."""
         return {"next_step": next_step, "applied": self.applied, "best_dev": self.best_dev,
                 "zero_shot": self.zero_shot, "metric": self.metric, **self.guard.state()}
+
+    def train_seconds(self) -> float:
+        """Seconds spent training so far, over every process of the run: the loop's time without its
+        evaluations and checkpoints (model loading and the zero-shot evaluation come before the loop)."""
+        if self.t_loop is None:
+            return self.train_before
+        return self.train_before + time.time() - self.t_loop - self.paused
 
     def rows(self) -> int:
         """Forward rows a step computes (all ranks' directions with --spread-directions). Every step index runs its
@@ -259,7 +270,7 @@ class Run:
     def loop(self, sig: _Signals) -> None:
         """sample, estimate, update (queued, or once read), log, then evaluate and checkpoint when due."""
         self.bar.n = self.first = self.step
-        self.t_loop = time.time()
+        self.t_loop, self.paused = time.time(), 0.0
         while self.step < self.rc.steps:
             step, lr = self.step, self.lr(self.step)
             if self.method is not None:
@@ -388,7 +399,8 @@ class Run:
             return
         self.emit({"step": r.step + 1, "loss": loss, "projected_grad": g_mean, "lr": r.lr,
                    "forwards": self.rows() * (r.step + 1),  # forward rows so far, rejected steps' included (rows())
-                   "seconds": round(now - self.t_start, 3), "step_seconds": round(dt, 4)})
+                   "seconds": round(now - self.t_start, 3), "train_seconds": round(self.train_seconds(), 3),
+                   "step_seconds": round(dt, 4)})
         if now - self.t_flush > 2:  # readable while the run goes on, without a write call per step
             self.metrics.flush()
             self.t_flush = now
@@ -433,16 +445,17 @@ class Run:
         self.undo = self.undo_state = None
 
     def checkpoints(self, at: int) -> None:
-        """After `at` accepted steps: the dev evaluation and the checkpoint that are due then."""
+        """After `at` accepted steps: the dev evaluation (and test's, --eval-test) and the checkpoint that are
+        due then. Their time is not training time (train_seconds)."""
         if not self.main:
             return
-        rc = self.rc
+        t0, rc = time.time(), self.rc
         self.metrics.flush()
         if rc.eval_every and at % rc.eval_every == 0 and self.enc["dev"]:
-            ev = evaluate_split(self.engine, self.s, self.enc["dev"], self.splits["dev"], rc.eval_batch_size)
-            dev = ev["score"]
-            self.emit({"step": at, f"dev_{ev['metric']}": dev, **self.s.trainable.norms()})
-            self.bar.write(file=sys.stderr, s=f"step {at}: dev {ev['metric']} {dev:.4f}" + (" (best)" if dev > self.best_dev else ""))
+            row = evaluation_row(self.engine, self.s, self.enc, self.splits, at, rc.eval_batch_size, rc.eval_test)
+            dev = row[f"dev_{self.metric}"]
+            self.emit(row | self.s.trainable.norms())
+            self.bar.write(file=sys.stderr, s=f"step {at}: dev {self.metric} {dev:.4f}" + (" (best)" if dev > self.best_dev else ""))
             if dev > self.best_dev:
                 self.best_dev = dev
                 save_checkpoint(self.s, os.path.join(self.out, "best"), {"step": at, "dev_score": dev})
@@ -452,6 +465,7 @@ class Run:
             save_checkpoint(self.s, self.ckpt, self.state(at), self.undo, self.undo_state)
             if rc.save_total_limit and rc.save_every and at % rc.save_every == 0:
                 keep_numbered(self.ckpt, at, rc.save_total_limit)
+        self.paused += time.time() - t0
 
     def catch_up(self, records: list[dict]) -> None:
         """--resume: redo the steps logged after the checkpoint as the run did them, without their forwards:
@@ -478,7 +492,8 @@ class Run:
             if self.main:  # the row the run wrote for this step, again (its seconds are this process's)
                 self.emit({"step": self.step, "loss": r["loss"], "projected_grad": sum(r["grads"]) / len(r["grads"]),
                            "lr": r["lr"], "forwards": self.rows() * self.step,
-                           "seconds": round(time.time() - self.t_start, 3), "replayed": True})
+                           "seconds": round(time.time() - self.t_start, 3),
+                           "train_seconds": round(self.train_seconds(), 3), "replayed": True})
             self.checkpoints(self.step)
 
     def stop_if_signalled(self, sig: _Signals) -> None:
@@ -497,6 +512,12 @@ class Run:
         raise Interrupted(f"{signal.Signals(got).name} at step {self.step}: checkpoint saved in {self.ckpt}; resume "
                           "with the same command plus --resume", 128 + got)
 
+    def state_bytes(self) -> int:
+        """The --optimizer method's state (ZO-SGD: none): what it holds beside θ between steps."""
+        if self.method is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.method.state.values())
+
     def close(self) -> None:
         self.metrics.close()
         self.reporters.close()
@@ -504,15 +525,18 @@ class Run:
 
     def results(self) -> dict:
         """After the loop: the best dev checkpoint on the test set, the adapter, results.json (rank 0)."""
-        train_seconds, rc, s = time.time() - self.t_loop, self.rc, self.s
+        rc, s = self.rc, self.s
+        here = time.time() - self.t_loop - self.paused  # this process's training, without evaluations and saves
         if not self.main:
             dist.barrier()
             return {}
         self.close()
         result = finish(s, self.engine, self.enc, self.splits, self.out, rc.eval_batch_size, self.best_dev)
         result |= {f"zero_shot_{self.metric}": self.zero_shot, "steps": rc.steps,
-                   "seconds": round(time.time() - self.t_start, 1), "train_seconds": round(train_seconds, 1),
-                   "seconds_per_step": round(train_seconds / max(1, rc.steps - self.first), 4),
+                   "seconds": round(time.time() - self.t_start, 1), "train_seconds": round(self.train_seconds(), 1),
+                   "seconds_per_step": round(here / max(1, rc.steps - self.first), 4),
+                   "forwards": self.rows() * rc.steps, "optimizer": self.zc.optimizer,
+                   "trained_parameters": s.trainable.n_trained(), "optimizer_state_bytes": self.state_bytes(),
                    "path": s.path, "world_size": self.world, "output_dir": self.out, **self.engine.stats.summary(),
                    **peak_memory(s.device)}
         if s.loras is not None or s.prefix is not None:
