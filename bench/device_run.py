@@ -404,6 +404,7 @@ class Ctx:
     run_limit: float | None
     resume: bool
     dry_run: bool
+    deadline: float | None = None  # time.monotonic() after which no job starts and running ones are stopped
     lock: threading.Lock = field(default_factory=threading.Lock)
     lines: list[str] = field(default_factory=list)  # summary.txt
     logs: list[Path] = field(default_factory=list)
@@ -489,6 +490,12 @@ def run_job(job: Job, rcp: Recipe, ctx: Ctx, ngpu: int) -> None:
     limit = job.timeout
     if limit is None and job.kind in ("train", "eval"):
         limit = ctx.run_limit or rcp.run_limit
+    if ctx.deadline is not None:  # --budget: stop in time to collect the outputs
+        left = ctx.deadline - time.monotonic()
+        if left < 20:
+            ctx.say(f"{job.name}: skipped, --budget spent")
+            return
+        limit = min(limit, left) if limit else left
     t0 = time.monotonic()
     with open(log, "wb") as err, open(result if job.kind in ("train", "eval") else os.devnull, "wb") as res:
         p = subprocess.Popen(argv, cwd=ROOT, env=child_env(job, rcp, ctx, ngpu), stderr=err,
@@ -663,6 +670,9 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda", help="the device of the train, eval and smoke jobs")
     ap.add_argument("--run-limit", type=float, default=None, help="seconds before a train or eval job is stopped "
                     "with SIGTERM (it saves a checkpoint); default: the recipe's")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for all the jobs: none starts after it, "
+                    "and running ones are stopped at it (train: SIGTERM, a checkpoint), so the outputs come back "
+                    "inside a device call's limit")
     ap.add_argument("--resume", action="store_true", help="continue every train job from its checkpoint")
     ap.add_argument("--keep-state", action="store_true", help="also return the runs whole (state_gpuN.tgz)")
     return ap.parse_args(argv)
@@ -700,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chosen = select(ns, book)
         work = Path(ns.work).resolve()
-        ctx = Ctx(work, Path(ns.out or ".").resolve(), ns.model, ns.device, ns.run_limit, ns.resume, ns.dry_run)
+        ctx = Ctx(work, Path(ns.out or ".").resolve(), ns.model, ns.device, ns.run_limit, ns.resume, ns.dry_run,
+                  time.monotonic() + ns.budget if ns.budget else None)
         if ns.dry_run:
             joined = work / re.sub(r"\.part\d+$", "", Path(ns.gguf_parts[0]).name) if ns.gguf_parts else "MODEL"
             ctx.model = ns.model or str(joined)

@@ -29,6 +29,7 @@ dr = load_device_run()
 
 def test_every_recipe_command_parses_with_the_cli(tmp_path):
     ctx = dr.Ctx(tmp_path, tmp_path, "MODEL", "cuda", None, resume=True, dry_run=True)
+    (tmp_path / "picked.json").write_text(json.dumps({f"arm{k}": "--lr 1e-3 --steps 10" for k in range(3)}))
     parser = build_parser()
     checked = 0
     for name, rcp in dr.recipes().items():
@@ -91,3 +92,37 @@ def test_smoke_recipe_runs_on_the_cpu(tmp_path, monkeypatch):
     assert "replay bitwise: OK" in summary and "smoke_train: rc=0" in summary
     assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "summary.txt"]
     assert json.loads((work / "smoke" / "run" / "results.json").read_text())["steps"] == 20
+
+
+def test_rt_compare_takes_its_arms_from_the_sweep(tmp_path):
+    """bench/pick_methods.py keeps each method's best-dev rate, puts ZO-SGD first and the best others after it,
+    and rt-compare's `{armK}` arguments become those flags (zoft's CLI parses them)."""
+    spec = importlib.util.spec_from_file_location("pick_methods", ROOT / "bench" / "pick_methods.py")
+    pm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pm)
+    sweep = [("zo-sgd", 1e-3, 0.70, {"clip_grad": 1.0, "directions": 1}, 2000),
+             ("zo-sgd", 3e-3, 0.75, {"clip_grad": 1.0, "directions": 1}, 2000),
+             ("fzoo", 1e-4, 0.80, {"directions": 8, "clip_grad": 0.0}, 1000),
+             ("fzoo", 1e-3, 0.60, {"directions": 8, "clip_grad": 0.0}, 1000),
+             ("zo-adam", 1e-4, 0.78, {"directions": 1, "momentum": 0.9, "clip_grad": 0.0}, 2000),
+             ("hizoo", 3e-4, 0.50, {"directions": 1, "hizoo_alpha": 1e-6, "clip_grad": 0.0}, 1600)]
+    for m, lr, dev, zo, steps in sweep:
+        d = tmp_path / "runs" / f"sweep_{m}_lr{lr:g}"
+        d.mkdir(parents=True)
+        (d / "zoft_config.json").write_text(json.dumps({"zo": {"optimizer": m, "lr": lr, **zo},
+                                                        "run": {"steps": steps, "seed": 0}}))
+        (d / "results.json").write_text(json.dumps({"best_dev_accuracy": dev, "final_accuracy": dev}))
+    assert pm.main([str(tmp_path / "runs"), "--out", str(tmp_path / "picked.json")]) == 0
+    picked = json.loads((tmp_path / "picked.json").read_text())
+    assert picked["best"]["zo-sgd"]["lr"] == 3e-3 and picked["best"]["fzoo"]["lr"] == 1e-4
+
+    ctx = dr.Ctx(tmp_path, tmp_path, "M", "cuda", None, resume=False, dry_run=False)
+    rcp = dr.recipes()["rt-compare"]
+    parsed = {j.name: build_parser().parse_args(dr.command(j, rcp, ctx)[3:]) for j in rcp.jobs}
+    a0, a1, a2 = (parsed[f"cmp_arm{k}_seed2"] for k in range(3))
+    assert (a0.optimizer, a0.lr, a0.clip_grad, a0.steps, a0.seed, a0.eval_test) == ("zo-sgd", 3e-3, 1.0, 4000, 2, True)
+    assert (a1.optimizer, a1.lr, a1.directions, a1.steps) == ("fzoo", 1e-4, 8, 2000)
+    assert (a2.optimizer, a2.lr, a2.momentum) == ("zo-adam", 1e-4, 0.9)
+    (tmp_path / "picked.json").unlink()
+    with pytest.raises(dr.UserError, match="rt-sweep"):
+        dr.command(rcp.jobs[0], rcp, ctx)
