@@ -297,6 +297,23 @@ def test_kill_resume_and_replay_are_bitwise(root, model, name):
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in trained.items())  # B starts at 0
 
 
+@pytest.mark.parametrize("name", ["zo-adam", "fzoo", "lozo"])
+def test_prefix_mode_kill_resume_and_replay_are_bitwise(root, model, name):
+    """The methods train a prefix too (--mode prefix): the run trains (finite losses, the method's rows counted,
+    the prefix moved), a SIGKILL and --resume end bitwise as the uninterrupted run, and replay rebuilds it."""
+    a = run_and_check(root, model, name, [*RUN, "--mode", "prefix"], KILL[name], "prefix")
+    rows = rows_of(a)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert [r["forwards"] for r in rows] == [{"fzoo": 5}.get(name, 2) * r["step"] for r in rows]
+    from zoft.config import ModelConfig
+    from zoft.session import attach, load_session
+
+    s = load_session(ModelConfig(model=model, device="cpu"))
+    attach(s, ZOConfig(mode="prefix"), seed=0)  # the run's starting prefix (seed 0's real activations)
+    trained = adapter(a)["prompt_embeddings"]
+    assert trained.shape == s.prefix.theta.shape and (trained - s.prefix.theta).abs().max() > 1e-6
+
+
 @pytest.mark.parametrize("name", ["zo-adam", "hizoo"])
 def test_guard_undo_restores_the_state(root, model, name):
     """Many guard rejections: each undoes θ and the method's state exactly (resume and replay agree bitwise,
@@ -343,7 +360,7 @@ def test_resume_refuses_another_optimizer_or_setting(root, model):
     (["--optimizer", "sparse-mezo", "--sparsity", "1"], "--sparsity must be in [0, 1)"),
     (["--optimizer", "hizoo", "--hizoo-alpha", "0"], "--hizoo-alpha must be in (0, 1)"),
     (["--optimizer", "conmezo", "--cone-angle", "120"], "--cone-angle must be in (0, 90]"),
-    (["--optimizer", "zo-adam", "--mode", "full"], "trains LoRA adapters"),
+    (["--optimizer", "zo-adam", "--mode", "full"], "trains LoRA adapters or a prefix"),
     (["--optimizer", "hizoo", "--spread-directions"], "drop --spread-directions"),
     (["--optimizer", "zo-momentum", "--clip-grad", "1"], "drop --clip-grad"),
     (["--optimizer", "zo-adam", "--lozo-rank", "4"], "is a setting of --optimizer lozo"),

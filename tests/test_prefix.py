@@ -308,3 +308,28 @@ def test_adapter_for_another_model_is_refused(root, tmp_path):
     with pytest.raises(ZoftError, match="another model"):
         load_prefix(other.prefix, str(tmp_path / "a"))
     assert isinstance(examples()[0], Encoded)
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_method_query_rows_equal_separate_forwards(root, kind):
+    """A --optimizer method's rows over the prefix (FZOO: θ itself, then θ + εu_j; ZO-Adam: θ ± εz) score
+    exactly as separate forwards with that prefix set."""
+    from zoft.zo.methods import make_method
+    from zoft.zo.trainable import direction_seeds
+
+    s = prefix_session(make_tiny(kind, root))
+    eng = make_engine(s, pack_tokens=1024)
+    b = eng.batch(examples(1))
+    theta = s.prefix.theta.detach().clone()
+    for name, n in (("fzoo", 3), ("zo-adam", 1)):
+        method = make_method(ZOConfig(mode="prefix", optimizer=name, directions=n), s.trainable, 5)
+        q = method.query(s.trainable, direction_seeds(5, 1, n), 1, 0.05)
+        batched = eng.scores(b, s.perturber.query_rows(q)).cand_sum
+        assert batched.shape[0] == len(q.dir) == method.rows(n)
+        for r, (c, d) in enumerate(zip(q.coef, q.dir)):
+            with torch.no_grad():
+                s.prefix.theta.copy_(theta if d < 0 else theta + c * q.u[d].view_as(theta).to(theta.dtype))
+            torch.testing.assert_close(batched[r], eng.scores(b, 1).cand_sum[0], rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            s.prefix.theta.copy_(theta)
+        assert (batched[0] - batched[-1]).abs().max() > 1e-4  # the rows differ: they are perturbed

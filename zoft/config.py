@@ -126,7 +126,7 @@ class ZOConfig:
                     "key/value prefixes in every layer (MeZO's prefix setting; peft's PREFIX_TUNING format)",
                     choices=["lora", "full", "prefix"])
     optimizer: str = arg("zo-sgd", "zo-sgd: MeZO; adamw: the first-order (backprop) baseline on the same data; "
-                         "LoRA only: zo-momentum, zo-adam, zo-sign, fzoo, hizoo, lozo, sparse-mezo, conmezo "
+                         "LoRA or prefix: zo-momentum, zo-adam, zo-sign, fzoo, hizoo, lozo, sparse-mezo, conmezo "
                          "(zoft.zo.methods; README's table gives each one's paper, state and forwards per step)")
     layers: str = arg("", "train only these blocks: '0,1,5-7', 'top4', 'bottom2'; empty: all")
     lora_r: int = arg(8, "LoRA rank")
@@ -236,10 +236,10 @@ def check_optimizer(zc: ZOConfig) -> None:
                             f"{name}: drop it, or pick that optimizer")
     if name not in ZO_METHODS:
         return
-    if zc.mode != "lora":
-        raise ZoftError(f"--optimizer {name} trains LoRA adapters (--mode lora): its state or materialised directions "
-                        "per trained parameter would cost full mode the memory zeroth-order training saves; "
-                        f"{zc.mode} mode trains with zo-sgd")
+    if zc.mode not in ("lora", "prefix"):
+        raise ZoftError(f"--optimizer {name} trains LoRA adapters or a prefix (--mode lora or prefix): its state or "
+                        "materialised directions per trained parameter would cost full mode the memory "
+                        f"zeroth-order training saves; {zc.mode} mode trains with zo-sgd")
     if zc.spread_directions:
         raise ZoftError(f"--spread-directions splits zo-sgd's directions over ranks; --optimizer {name} evaluates "
                         "all of a step's rows in one forward on every rank: drop --spread-directions")

@@ -177,6 +177,7 @@ def _attach_prefix(s: Session, zc: ZOConfig, seed: int) -> None:
     s.max_length = min(s.max_length, limit - shape.tokens)  # the text's positions start after the prefix
     s.prefix, s.trainable = prefix, prefix_trainable(prefix)
     s.perturber = PrefixPerturber(s.trainable)
+    s.method = make_method(zc, s.trainable, seed)
 
 
 def _attach_full(s: Session, zc: ZOConfig) -> None:
@@ -333,7 +334,8 @@ def describe(s: Session, engine, zo: bool = True) -> str:
         feats.append(f"LoRA ±ε rows in one forward ({len(s.loras)} modules)")
     elif s.prefix is not None and zo:
         sh = s.prefix.shape
-        feats.append(f"prefix tuning: {sh.tokens} virtual tokens × {sh.layers} layers, ±ε prefixes as rows of one forward")
+        rows = f"the rows of {s.method.name}" if s.method is not None else "±ε prefixes as rows"
+        feats.append(f"prefix tuning: {sh.tokens} virtual tokens × {sh.layers} layers, {rows} of one forward")
     elif s.trainable is not None and zo:
         how = "±ε as rows of one forward, θ never modified" if s.full_step == "rows" else "perturbed in place"
         dt = str(s.trainable.tensors[0].dtype).removeprefix("torch.")

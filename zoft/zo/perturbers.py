@@ -55,6 +55,14 @@ def estimate(loss_fn: LossFn, perturber, seeds: list[int], eps: float,
 # ---- LoRA ---------------------------------------------------------------------------------------
 
 
+def fill_query_rows(theta: torch.Tensor, q, bank: torch.Tensor) -> None:
+    """bank[r] = θ + coef[r]·u[dir[r]] (dir −1: θ itself): a method's Query as rows of a (P, D) bank."""
+    D = theta.numel()
+    u = torch.cat([q.u.new_zeros(1, D), q.u])[torch.tensor(q.dir, device=q.u.device) + 1]  # (P, D)
+    coef = torch.tensor(q.coef, dtype=torch.float64).to(theta.device, bank.dtype)[:, None]
+    torch.add(theta[None], coef * u, out=bank)
+
+
 class LoRARows(Rows):
     """Row block 2j uses adapters θ + εz_j, block 2j+1 uses θ − εz_j; frozen weights are shared."""
 
@@ -103,11 +111,9 @@ class LoRAPerturber:
     def query_rows(self, q) -> LoRARows:
         """The rows of a zoft.zo.methods Query: row r holds θ + coef[r]·u[dir[r]] (dir −1: θ itself)."""
         theta = self.tr.flat_values()
-        P, D, dtype = len(q.dir), theta.numel(), torch.promote_types(theta.dtype, q.u.dtype)
-        u = torch.cat([q.u.new_zeros(1, D), q.u])[torch.tensor(q.dir, device=q.u.device) + 1]  # (P, D)
-        coef = torch.tensor(q.coef, dtype=torch.float64).to(theta.device, dtype)[:, None]
-        rb = self.bank(P, D, dtype, theta.device)
-        torch.add(theta[None], coef * u, out=rb.bank)
+        P, dtype = len(q.dir), torch.promote_types(theta.dtype, q.u.dtype)
+        rb = self.bank(P, theta.numel(), dtype, theta.device)
+        fill_query_rows(theta, q, rb.bank)
         return LoRARows(P, rb.refresh(), rb.bank, self.modules)
 
     def losses(self, loss_fn: LossFn, seeds: list[int], eps: float) -> torch.Tensor:
@@ -147,10 +153,22 @@ class PrefixPerturber:
         signs = torch.full((2 * len(seeds), 1), eps, device=theta.device, dtype=z.dtype)
         signs[1::2] = -eps
         P, dtype = 2 * len(seeds), torch.promote_types(theta.dtype, z.dtype)  # float64 θ (tests) stays float64
+        bank = self.bank(P, theta, dtype)
+        torch.add(theta[None], signs * z, out=bank)
+        return PrefixRows(P, bank)
+
+    def bank(self, P: int, theta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         bank = self.banks.get(P)
         if bank is None or bank.shape[1] != theta.numel() or bank.dtype != dtype or bank.device != theta.device:
             bank = self.banks[P] = torch.empty(P, theta.numel(), dtype=dtype, device=theta.device)
-        torch.add(theta[None], signs * z, out=bank)
+        return bank
+
+    def query_rows(self, q) -> PrefixRows:
+        """The rows of a zoft.zo.methods Query (LoRAPerturber.query_rows' rows, over the prefix)."""
+        theta = self.tr.flat_values()
+        P = len(q.dir)
+        bank = self.bank(P, theta, torch.promote_types(theta.dtype, q.u.dtype))
+        fill_query_rows(theta, q, bank)
         return PrefixRows(P, bank)
 
     def losses(self, loss_fn: LossFn, seeds: list[int], eps: float) -> torch.Tensor:
