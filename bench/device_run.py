@@ -44,7 +44,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,18 +68,12 @@ class Job:
 class Recipe:
     about: str
     jobs: list[Job]
-    name_suffix: str = ""  # added to every job's name (and log): keeps --only apart from another recipe's job
     before: list[Job] = field(default_factory=list)  # run in order before the lanes start
     common: list[str] = field(default_factory=list)  # added to every train job's arguments
     threads: int | None = None  # OMP_NUM_THREADS of every job
     run_limit: float | None = None  # SIGTERM a train or eval job after this many seconds
     keep_state: bool = False
     fresh: bool = False  # remove a train job's output folder first (no run continues)
-
-    def __post_init__(self):
-        for job in self.jobs:
-            job.name += self.name_suffix
-
 
 def bench(args: str, timeout: float = 150) -> Job:
     """A `zoft bench` row in bf16 on the GPU."""
@@ -139,10 +133,11 @@ def bench_recipes() -> dict[str, Recipe]:
             bench("--model opt-30b --workload sst2 --mode full --steps 3 --warmup 1 --reference none", timeout=300)]),
         "full-offload": Recipe("zoft bench, full parameters streamed from host memory (--offload cpu), bf16: "
                                "opt-1.3b and opt-30b, every block trained", [
-            bench("--model opt-1.3b --workload sst2 --mode full --steps 3 --warmup 1 --reference none --offload cpu "
-                  "--layers 0-23", timeout=120),
-            bench("--model opt-30b --workload sst2 --mode full --steps 2 --warmup 1 --reference none --offload cpu "
-                  "--layers 0-47", timeout=300)], name_suffix="_offload"),
+            replace(b, name=b.name + "_offload") for b in [  # apart from full-bench's rows, for --only
+                bench("--model opt-1.3b --workload sst2 --mode full --steps 3 --warmup 1 --reference none "
+                      "--offload cpu --layers 0-23", timeout=120),
+                bench("--model opt-30b --workload sst2 --mode full --steps 2 --warmup 1 --reference none "
+                      "--offload cpu --layers 0-47", timeout=300)]]),
         "full-rows": Recipe("full-parameter ZO on the top 4 blocks, --full-step inplace vs rows", [
             script(f"full_rows_{m}", f"bench/full_rows_bench.py --model {m} --workload sst2 --layers top4 "
                    "--device cuda", timeout=100) for m in ("opt-125m", "opt-1.3b")]),
