@@ -74,6 +74,7 @@ class Recipe:
     run_limit: float | None = None  # SIGTERM a train or eval job after this many seconds
     keep_state: bool = False
     fresh: bool = False  # remove a train job's output folder first (no run continues)
+    picks: str = ""  # WORK/picks: the {armK} flags bench/pick_methods.py chose (the compare recipes)
 
 def bench(args: str, timeout: float = 150) -> Job:
     """A `zoft bench` row in bf16 on the GPU."""
@@ -319,41 +320,42 @@ def full_rt_recipes() -> dict[str, Recipe]:
 
 
 def method_recipes() -> dict[str, Recipe]:
-    """The --optimizer methods on the real model (issue 16): LoRA top 12 on Rotten Tomatoes, one seed, one
-    first learning rate each, step counts sized for ~45 s of solo training; three lanes share the GPU,
-    so their seconds are under that load (each run's own seconds_per_step says how much)."""
-    base = "--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 500 --no-zero-shot"
-    arms = [("zo-sgd", "--lr 1e-3 --clip-grad 1 --steps 8000", "a"),
-            ("fzoo", "--optimizer fzoo --directions 8 --lr 1e-3 --steps 4000", "a"),
-            ("zo-adam", "--optimizer zo-adam --lr 1e-3 --steps 5000", "b"),
-            ("hizoo", "--optimizer hizoo --lr 5e-4 --steps 5000", "b"),
-            ("zo-momentum", "--optimizer zo-momentum --lr 1e-4 --steps 5000", "c"),
-            ("sparse-mezo", "--optimizer sparse-mezo --lr 1e-3 --steps 5000", "c")]
-    sweep = "--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 500 --no-zero-shot --log-every 500"
-    # (method, its flags, two rates a factor 3-10 apart, steps sized for ~15 s of solo training each)
+    """The --optimizer methods on the real model (issue 16), LoRA top 12: a learning-rate sweep, then ZO-SGD and
+    the sweep's two best methods over three seeds, on Rotten Tomatoes (rt-) and SQuAD (squad-, needs --bigbench)."""
+    squad = "--task squad --n-train 1000 --n-dev 200 --n-test 500 --eval-batch-size 32 --batch-size 16".split()
+    return {**sweep_and_compare("rt-", RT, 1.0), **sweep_and_compare("squad-", squad, 0.5)}
+
+
+def sweep_and_compare(tag: str, task: list[str], scale: float) -> dict[str, Recipe]:
+    """{tag}sweep: every method at two rates, one seed, three lanes sharing the GPU (their seconds are under that
+    load). {tag}compare: ZO-SGD and the sweep's two best methods at their best rates (bench/pick_methods.py
+    picks them into WORK/{tag}picked.json), three seeds, one run at a time so that the seconds are solo, test
+    scored at every evaluation (zoft compare reads them). Steps: ~15 s of solo training for a 1-row-pair method
+    on Rotten Tomatoes, times `scale` (SQuAD's step is costlier); the comparison runs twice the sweep's steps."""
+    base = "--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 500 --no-zero-shot --log-every 500"
+    # (method, its flags, two rates a factor 3-10 apart, steps)
     grid = [("zo-sgd", "--clip-grad 1", ("1e-3", "3e-3"), 2000), ("zo-momentum", "", ("1e-3", "3e-3"), 2000),
             ("zo-adam", "", ("1e-4", "1e-3"), 2000), ("zo-sign", "", ("1e-5", "1e-4"), 2000),
             ("fzoo", "--directions 8", ("1e-4", "1e-3"), 1000), ("hizoo", "", ("3e-4", "1e-3"), 1600),
             ("lozo", "", ("1e-3", "3e-3"), 2000), ("sparse-mezo", "", ("1e-3", "3e-3"), 2000),
             ("conmezo", "", ("1e-3", "3e-3"), 2000)]
-    jobs = [train(f"sweep_{m}_lr{lr}", f"{sweep} {'' if m == 'zo-sgd' else '--optimizer ' + m} {fl} --lr {lr} "
-                  f"--steps {n}", "abc"[i % 3]) for i, (m, fl, lrs, n) in enumerate(grid) for lr in lrs]
-    cmp = ("--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 500 --eval-test --no-zero-shot "
-           "--log-every 500")
+    every = max(100, int(500 * scale))
+    base = base.replace("500", str(every))
+    jobs = [train(f"{tag}sweep_{m}_lr{lr}", f"{base} {'' if m == 'zo-sgd' else '--optimizer ' + m} {fl} --lr {lr} "
+                  f"--steps {int(n * scale)}", "abc"[i % 3]) for i, (m, fl, lrs, n) in enumerate(grid) for lr in lrs]
+    picks = f"{tag}picked.json"
     return {
-        "rt-sweep": Recipe("--optimizer methods, LoRA top 12, Rotten Tomatoes: two learning rates each, one seed, "
-                           "three lanes sharing the GPU (seconds under that load)", jobs,
-                           common=[*RT], threads=4, run_limit=200, fresh=True),
-        "rt-compare": Recipe("ZO-SGD and the sweep's two best methods at their best rates (bench/pick_methods.py), "
-                             "three seeds, one at a time (solo seconds), test scored at every evaluation; after "
-                             "rt-sweep on the same warm machine", [
-            train(f"cmp_arm{k}_seed{s}", f"{cmp} {{arm{k}}} --seed {s}", "solo") for s in (0, 1, 2) for k in (0, 1, 2)],
-            before=[script("pick", "bench/pick_methods.py {work}/runs --prefix sweep_ --out {work}/picked.json "
-                                   "--arms 3 --steps-scale 2", timeout=60)],
-            common=[*RT], threads=4, run_limit=75, fresh=True),
-        "rt-methods": Recipe("--optimizer methods, LoRA top 12, one seed, first learning rates", [
-            train(f"method_{n}", f"{base} {a}", lane) for n, a, lane in arms],
-            common=[*RT, "--log-every", "1000"], threads=4, run_limit=420, fresh=True),
+        f"{tag}sweep": Recipe(f"--optimizer methods, LoRA top 12, {task[1]}: two learning rates each, one seed, "
+                              "three lanes sharing the GPU (seconds under that load)", jobs,
+                              common=task, threads=4, run_limit=200, fresh=True),
+        f"{tag}compare": Recipe(
+            f"ZO-SGD and the {tag}sweep's two best methods at their best rates, three seeds, one at a time (solo "
+            "seconds), test scored at every evaluation; after the sweep on the same warm machine", [
+                train(f"{tag}cmp_arm{k}_seed{s}", f"{base} --eval-test {{arm{k}}} --seed {s}", "solo")
+                for s in (0, 1, 2) for k in (0, 1, 2)],
+            before=[script(f"{tag}pick", f"bench/pick_methods.py {{work}}/runs --prefix {tag}sweep_ "
+                                         f"--out {{work}}/{picks} --arms 3 --steps-scale 2", timeout=60)],
+            common=task, threads=4, run_limit=int(75 / scale), fresh=True, picks=picks),
     }
 
 
@@ -418,13 +420,14 @@ class Ctx:
             self.lines.append(line)
 
 
-def picked(ctx: Ctx) -> dict[str, str]:
-    """rt-compare's arms ({arm0} …), chosen by bench/pick_methods.py from a sweep in WORK/picked.json."""
-    path = ctx.work / "picked.json"
-    if ctx.dry_run and not path.exists():
-        return {f"arm{k}": f"<arm{k} from the sweep>" for k in range(8)}
+def picked(rcp: Recipe, ctx: Ctx) -> dict[str, str]:
+    """A compare recipe's arms ({arm0} …), chosen by bench/pick_methods.py from a sweep into WORK/rcp.picks."""
+    path = ctx.work / rcp.picks
+    if ctx.dry_run and not path.exists():  # the sweep has not run: show where the flags go
+        return {f"arm{k}": f"<arm{k}>" for k in range(8)}
     if not path.exists():
-        raise UserError(f"{path} is missing: run rt-sweep (then its pick job) on this machine first")
+        raise UserError(f"{path} is missing: run the sweep recipe on this machine first (the compare recipe's "
+                        "pick job reads its runs)")
     return {k: v for k, v in json.loads(path.read_text()).items() if k.startswith("arm")}
 
 
@@ -432,7 +435,7 @@ def command(job: Job, rcp: Recipe, ctx: Ctx) -> list[str]:
     """The job's argv: train and eval jobs get the model, the device and (train) the output folder. An argument
     "{armK}" becomes the flags bench/pick_methods.py chose for arm K."""
     if any(a.startswith("{arm") for a in job.argv):
-        arms = picked(ctx)
+        arms = picked(rcp, ctx)
         job = Job(job.name, [x for a in job.argv for x in (arms[a[1:-1]].split() if a.startswith("{arm") else [a])],
                   job.kind, job.lane, job.gpu, job.timeout, job.grep, job.clean)
     if job.kind == "train":

@@ -29,7 +29,8 @@ dr = load_device_run()
 
 def test_every_recipe_command_parses_with_the_cli(tmp_path):
     ctx = dr.Ctx(tmp_path, tmp_path, "MODEL", "cuda", None, resume=True, dry_run=True)
-    (tmp_path / "picked.json").write_text(json.dumps({f"arm{k}": "--lr 1e-3 --steps 10" for k in range(3)}))
+    for tag in ("rt-", "squad-"):
+        (tmp_path / f"{tag}picked.json").write_text(json.dumps({f"arm{k}": "--lr 1e-3 --steps 10" for k in range(3)}))
     parser = build_parser()
     checked = 0
     for name, rcp in dr.recipes().items():
@@ -112,17 +113,17 @@ def test_rt_compare_takes_its_arms_from_the_sweep(tmp_path):
         (d / "zoft_config.json").write_text(json.dumps({"zo": {"optimizer": m, "lr": lr, **zo},
                                                         "run": {"steps": steps, "seed": 0}}))
         (d / "results.json").write_text(json.dumps({"best_dev_accuracy": dev, "final_accuracy": dev}))
-    assert pm.main([str(tmp_path / "runs"), "--out", str(tmp_path / "picked.json")]) == 0
-    picked = json.loads((tmp_path / "picked.json").read_text())
+    assert pm.main([str(tmp_path / "runs"), "--out", str(tmp_path / "rt-picked.json")]) == 0
+    picked = json.loads((tmp_path / "rt-picked.json").read_text())
     assert picked["best"]["zo-sgd"]["lr"] == 3e-3 and picked["best"]["fzoo"]["lr"] == 1e-4
 
     ctx = dr.Ctx(tmp_path, tmp_path, "M", "cuda", None, resume=False, dry_run=False)
     rcp = dr.recipes()["rt-compare"]
     parsed = {j.name: build_parser().parse_args(dr.command(j, rcp, ctx)[3:]) for j in rcp.jobs}
-    a0, a1, a2 = (parsed[f"cmp_arm{k}_seed2"] for k in range(3))
+    a0, a1, a2 = (parsed[f"rt-cmp_arm{k}_seed2"] for k in range(3))
     assert (a0.optimizer, a0.lr, a0.clip_grad, a0.steps, a0.seed, a0.eval_test) == ("zo-sgd", 3e-3, 1.0, 4000, 2, True)
     assert (a1.optimizer, a1.lr, a1.directions, a1.steps) == ("fzoo", 1e-4, 8, 2000)
     assert (a2.optimizer, a2.lr, a2.momentum) == ("zo-adam", 1e-4, 0.9)
-    (tmp_path / "picked.json").unlink()
-    with pytest.raises(dr.UserError, match="rt-sweep"):
+    (tmp_path / "rt-picked.json").unlink()
+    with pytest.raises(dr.UserError, match="run the sweep"):
         dr.command(rcp.jobs[0], rcp, ctx)
