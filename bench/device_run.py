@@ -62,6 +62,7 @@ class Job:
     timeout: float | None = None  # None: the recipe's run limit (train, eval), else no limit
     grep: str = ""  # digest: the log's lines matching this, else its last line
     clean: list[str] = field(default_factory=list)  # paths removed before the job
+    gpus: int = 0  # skipped on a machine with fewer GPUs (torchrun jobs of the data-parallel recipes)
 
 
 @dataclass
@@ -155,6 +156,7 @@ def bench_recipes() -> dict[str, Recipe]:
                    PROFILE, timeout=100) for f in (1, 0)]),
         "dp": Recipe("data-parallel ZO on 1 and 2 GPUs (needs two), then the speed-up table", [*dp, script(
             "dp_summary", "bench/dp_bench.py --summarize {work}/dp.jsonl", ".")], threads=8),
+        **dp_scale_recipes(),
         "offload": Recipe("layer streaming at OPT-13B shapes against the bus floor", [
             script("offload_opt-13b", "bench/offload_bench.py --preset opt-13b --dtype bfloat16 --device cuda "
                    "--steps 3", timeout=300)]),
@@ -168,6 +170,34 @@ def bench_recipes() -> dict[str, Recipe]:
                                  "--output-dir", rep]),
             Job("smoke_bitwise", ["{py}", "-c", same, f"{run}/checkpoint/adapter_model.safetensors",
                                   f"{rep}/adapter_model.safetensors"])]),
+    }
+
+
+def dp_scale_recipes() -> dict[str, Recipe]:
+    """Issue 18: data-parallel ZO on 1, 2, 4 and 8 GPUs of one host (a job needing more GPUs than the machine
+    has is skipped), OPT-1.3B shapes, bf16. dp-weak: 16 examples a GPU, LoRA and full, sst2 and multirc.
+    dp-strong: a global batch of 32, LoRA. dp-spread: 8 directions a step over the GPUs, against one GPU
+    doing all 8. Each ends with bench/dp_bench.py --summarize (speed-ups over the matching one-GPU run)."""
+    def dp(tag: str, n: int, args: str) -> Job:
+        return replace(script(f"dp_{tag}_{n}gpu", f"-m torch.distributed.run --standalone --nproc-per-node {n} "
+                              f"bench/dp_bench.py --preset opt-1.3b --dtype bfloat16 --device cuda --steps 30 "
+                              f"--warmup 10 {args} --json-out {{work}}/dp_scale.jsonl", timeout=240), gpus=n)
+
+    ns = (1, 2, 4, 8)
+    summary = script("dp_scale_summary", "bench/dp_bench.py --summarize {work}/dp_scale.jsonl", ".")
+    weak = [dp(f"weak_{m}_{w}", n, f"--mode {m} --workload {w} --per-rank-batch 16")
+            for m in ("lora", "full") for w in ("sst2", "multirc") for n in ns]
+    strong = [dp(f"strong_lora_{w}", n, f"--workload {w} --global-batch 32") for w in ("sst2", "multirc") for n in ns]
+    spread = [dp("spread_lora_sst2", n, f"--workload sst2 --global-batch 16 --directions {8 // n}"
+                 + (" --spread-directions" if n > 1 else "")) for n in ns]
+    first = {"clean": ["{work}/dp_scale.jsonl"]}
+    return {
+        "dp-weak": Recipe("weak scaling, 16 examples a GPU, LoRA and full, 1-8 GPUs",
+                          [replace(weak[0], **first), *weak[1:], summary], threads=8),
+        "dp-strong": Recipe("strong scaling, 32 examples a step, LoRA, 1-8 GPUs",
+                            [replace(strong[0], **first), *strong[1:], summary], threads=8),
+        "dp-spread": Recipe("8 directions a step spread over 1-8 GPUs (one GPU: all 8), LoRA sst2",
+                            [replace(spread[0], **first), *spread[1:], summary], threads=8),
     }
 
 
@@ -478,6 +508,9 @@ def wait(p: subprocess.Popen, limit: float | None) -> tuple[int, int, bool]:
 
 
 def run_job(job: Job, rcp: Recipe, ctx: Ctx, ngpu: int) -> None:
+    if job.gpus > max(ngpu, 1) and not ctx.dry_run:
+        ctx.say(f"{job.name}: skipped, needs {job.gpus} GPUs and this machine has {ngpu}")
+        return
     argv = command(job, rcp, ctx)
     if ctx.dry_run:
         env = child_env(job, rcp, ctx, ngpu)

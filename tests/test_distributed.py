@@ -236,3 +236,28 @@ def test_directions_spread_across_ranks_match_one_process_with_all_directions(mo
     for a, b in zip(u1, u2, strict=True):
         assert a["grads"] == pytest.approx(b["grads"], abs=1e-4)
     assert_close_to(two, one, "lora")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices (a multi-GPU device kind)")
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_n_gpus_match_one_gpu(model, tmp_path, mode):
+    """Issue 18's check on the GPUs (NCCL): every GPU of the host as ranks of one run ends within 1e-5 of a
+    one-GPU run on the same global batch and seed, which moved the parameters by far more than that."""
+    n = min(torch.cuda.device_count(), 8)
+    gpu = [a if a != "cpu" else "cuda" for a in RUN]
+    gpu[gpu.index("--batch-size") + 1] = str(8 * n // 2)  # every rank gets a share of at least 4
+    one, many = tmp_path / "one", tmp_path / "many"
+    code, err = zoft("train", "--model", model, *gpu, *MODES[mode], "--output-dir", one)
+    assert code == 0, err
+    p = torchrun("-m", "zoft", "train", "--model", model, *gpu, *MODES[mode], "--output-dir", many, nproc=n)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert f"data parallel over {n} ranks" in p.stderr
+    u1, un = updates(one), updates(many)
+    assert [(r["seeds"], r["lr"]) for r in u1] == [(r["seeds"], r["lr"]) for r in un]
+    ref = trained(one, mode)
+    start = load_file(str(Path(model) / "model.safetensors")) if mode == "full" else {}
+    moved = max(float((t - start.get(k, torch.zeros_like(t)) if "lora_A" not in k else 0 * t).abs().max())
+                for k, t in ref.items())
+    assert moved > 1e-3, "the parameters barely moved: the 1e-5 comparison would mean nothing"
+    assert_close_to(many, one, mode)
