@@ -238,6 +238,26 @@ def test_directions_spread_across_ranks_match_one_process_with_all_directions(mo
     assert_close_to(two, one, "lora")
 
 
+@pytest.mark.parametrize("name", ["zo-adam", "fzoo"])
+def test_a_method_on_two_ranks_matches_one_process(model, tmp_path, name):
+    """An --optimizer method, pipelined, data parallel: the row losses averaged over the ranks, every rank's
+    update queued with them on the device; the parameters end within 1e-5 of one process with the same
+    global batch, and the logged row losses agree."""
+    args = [*RUN, "--lr", "0.005", "--optimizer", name, *(["--directions", "3"] if name == "fzoo" else [])]
+    one, two = tmp_path / "one", tmp_path / "two"
+    code, err = zoft("train", "--model", model, *args, "--output-dir", one)
+    assert code == 0, err
+    p = torchrun("-m", "zoft", "train", "--model", model, *args, "--output-dir", two)
+    assert p.returncode == 0, p.stderr[-4000:]
+    u1, u2 = updates(one), updates(two)
+    assert [(r["seeds"], r["lr"]) for r in u1] == [(r["seeds"], r["lr"]) for r in u2] and len(u2) == 6
+    for a, b in zip(u1, u2):
+        assert a["losses"] == pytest.approx(b["losses"], abs=1e-6)
+    ref = trained(one, "lora")
+    assert max(float(t.abs().max()) for k, t in ref.items() if "lora_B" in k) > 1e-4  # B moved from 0
+    assert_close_to(two, one, "lora")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices (a multi-GPU device kind)")
 @pytest.mark.parametrize("mode", ["lora", "full"])

@@ -325,6 +325,25 @@ def test_guard_undo_restores_the_state(root, model, name):
     assert len(rows) < rows[-1]["step"] and all(r["forwards"] == {"hizoo": 3}.get(name, 2) * r["step"] for r in rows)
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_pipelined_equals_synchronous(root, model, name):
+    """The pipelined loop (each update queued with the losses on the device, read one step later) ends bitwise
+    as --no-pipeline (read, then update), with the guard rejecting steps on the way: θ, the method's state,
+    the logged updates and reverts. Also the run's step log replays to the same adapter."""
+    runs = []
+    for flag in ([], ["--no-pipeline"]):
+        out = root / f"pipe-{name}{flag and '-sync' or ''}"
+        code, err, _ = zoft("train", "--model", model, "--optimizer", name, *FLAGS[name], *DATA, *GUARDED,
+                            "--steps", "30", *flag, "--output-dir", out)
+        assert code == 0, err[-3000:]
+        runs.append(out)
+    assert_same_run(*runs)
+    _, records = steplog.read(str(runs[0] / "steps.jsonl"))
+    _, sync_records = steplog.read(str(runs[1] / "steps.jsonl"))
+    assert records == sync_records
+    assert sum("revert_to" in r for r in records) >= 1, "the guard never fired: the reject path went untested"
+
+
 def test_zo_sgd_forwards_count_rejected_steps(root, model):
     """zo-sgd's 'forwards' counts every step's rows, rejected ones included (the run goes on from the step after
     a rejected one): 2·steps, pipelined or not, though the guard rejects steps."""

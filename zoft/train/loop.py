@@ -193,7 +193,7 @@ class Run:
         self.restore()
         self.open_outputs(resolved, callbacks)
         self.pipe = Pipeline(lazy=self.rc.pipeline and pipelines(s) and self.loss != "f1"
-                             and not self.zc.spread_directions and self.method is None)
+                             and not self.zc.spread_directions)
         self.signalled = 0  # data parallel: a signal some rank got, learnt through the step's all-reduce
         self.ema, self.t_prev, self.t_flush = None, time.time(), time.time()
         self.bar = progress(total=self.rc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
@@ -316,15 +316,23 @@ class Run:
         return seeds, lp, lm, grads
 
     def query_step(self, step: int, lr: float, sig: _Signals) -> StepResult:
-        """A --optimizer method's step: its query's rows in one forward, read at once (accept() updates)."""
-        zc, rc = self.zc, self.rc
+        """A --optimizer method's step: its query's rows in one forward. Pipelined, the update is queued with the
+        losses still on the device (θ and the state copied first, for the guard); else accept() updates once
+        they are read."""
+        zc, rc, tr = self.zc, self.rc, self.s.trainable
         seeds = direction_seeds(rc.seed, step, zc.directions)
-        q = self.method.query(self.s.trainable, seeds, step, zc.eps_value)
+        q = self.method.query(tr, seeds, step, zc.eps_value)
         mine = self.examples(step)
         golds = [answers_of(self.splits["train"][i]) for i in mine] if self.loss == "f1" else None
-        losses = query_losses(self.engine, self.s, [self.train_set[i] for i in mine], self.loss, q, golds)
-        t, flag = time.time(), dist.stop_flag(sig.got, self.s.trainable.tensors[0].device)
-        return StepResult(step, seeds, lr, t, losses + [float(f) for f in flag], query=q)
+        losses = query_losses(self.engine, self.s, [self.train_set[i] for i in mine], self.loss, q, golds,
+                              lazy=self.pipe.lazy)
+        t, flag = time.time(), dist.stop_flag(sig.got, tr.tensors[0].device)
+        if not self.pipe.lazy:
+            return StepResult(step, seeds, lr, t, losses + [float(f) for f in flag], query=q)
+        snap, snap_state = snapshot(self.s), self.method.state_dict()
+        update_method_(self.method, tr, q, losses, lr, zc.weight_decay)
+        values = HostCopy(torch.cat([losses, *(f.to(losses.dtype) for f in flag)]))
+        return StepResult(step, seeds, lr, t, values, snap, queued=True, query=q, snap_state=snap_state)
 
     def update(self, step: int, seeds: list[int], lr: float, lp: torch.Tensor, lm: torch.Tensor,
                grads: torch.Tensor | list[float], sig: _Signals) -> StepResult:
@@ -376,7 +384,7 @@ class Run:
             self.slog.write({"step": r.step, "seeds": r.seeds, "grads": grads, "lr": r.lr, "loss": loss}
                             | ({"losses": losses} if losses is not None else {}))
         if r.queued:
-            self.undo = r.snap
+            self.undo, self.undo_state = r.snap, r.snap_state
         else:
             self.undo, self.undo_state = snapshot(self.s), self.method and self.method.state_dict()
             if losses is not None:
@@ -412,7 +420,9 @@ class Run:
         if undoing:  # the update before this loss is the suspect: undo it exactly
             self.undo_update()
         elif r.queued and r.snap is not None:  # nothing to undo, but r's update (and the next one) ran: LoRA's copy
-            restore_copy(self.s, r.snap)  # before r's update holds the accepted updates
+            restore_copy(self.s, r.snap)  # before r's update holds the accepted updates (a method's state too)
+            if r.snap_state is not None:
+                self.method.load_state_dict(r.snap_state)
         elif r.queued:  # the same in full mode: the checkpoint and the logged updates
             rewind(self.s, self.ckpt, self.applied, self.zc.eps_value, self.zc.weight_decay)
         if undoing or r.queued:

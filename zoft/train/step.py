@@ -39,11 +39,13 @@ def step_losses(engine, s: Session, batch: list[Encoded], loss: str, seeds: list
 
 
 def query_losses(engine, s: Session, batch: list[Encoded], loss: str, query,
-                 golds: list[list[str]] | None = None) -> list[float]:
+                 golds: list[list[str]] | None = None, lazy: bool = False) -> list[float] | torch.Tensor:
     """Every row's loss for a --optimizer method's Query (zoft.zo.methods): one forward, means over ranks,
-    as float64 values on the host (what the step log records and the update reads)."""
+    as float64 values on the host (what the step log records and the update reads), or (lazy) as the float64
+    device tensor they come from, for an update queued before the host reads them."""
     rows = s.perturber.query_rows(query)
-    return _mean_over_ranks(_row_fn(engine, s, batch, loss, golds)(rows), len(batch), True).double().tolist()
+    losses = _mean_over_ranks(_row_fn(engine, s, batch, loss, golds)(rows), len(batch), True).double()
+    return losses if lazy else losses.tolist()
 
 
 def _row_fn(engine, s: Session, batch: list[Encoded], loss: str, golds, packed=None):
@@ -94,6 +96,7 @@ class StepResult:
     snap: torch.Tensor | None = None
     queued: bool = False
     query: object = None  # a --optimizer method's step (zoft.zo.methods.Query); values: the row losses + flag
+    snap_state: dict | None = None  # (pipelined method step) the method's state before its queued update
 
     def read(self) -> tuple[list[float], list[float], list[float], int]:
         """(L₊, L₋, g, the signal some rank got or 0); waits for this step's copy alone."""

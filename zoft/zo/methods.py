@@ -4,13 +4,19 @@ A method owns the rows of a step's one forward and the update that follows it:
 
     q = method.query(tr, seeds, step, eps)      # row r evaluates θ + q.coef[r]·q.u[q.dir[r]] (dir −1: θ)
     losses = the forward's (P,) row losses      # zoft.zo.perturbers.LoRAPerturber.query_rows, one batched forward
-    g = method.update_(tr, q, losses, lr, wd)   # θ and the method's state; g per direction, for the step log
+    method.update_(tr, q, losses, lr, wd)       # θ and the method's state, on the device
+    g = method.grads(q, losses)                 # g per direction, for the step log (host floats)
 
 Every draw comes from a dedicated generator seeded by the step's direction seeds (LOZO's V: by the run seed
 and step // ν), never the global one. `query` is a pure function of (θ, state, seeds, step) and `update_`
 of (θ, state, q, losses, lr): the step log records the row losses, so `replay_` (``zoft replay``, --resume's
 catch-up) calls both with the same inputs and repeats each update bitwise. No method here needs anything
 the log lacks, so every one is rebuilt from the base weights and the log alone.
+
+`update_` takes the losses as the forward's float64 device tensor (the pipelined loop queues the update
+before the host reads them) or as the logged floats (replay, resume, the synchronous loop). Both become
+the same float64 tensor on θ's device (a float64 value survives the host round trip exactly), and every
+coefficient is computed from it with device arithmetic: neither `query` nor `update_` waits for the GPU.
 
 The methods train flat trainables (LoRA; prefix tuning): directions are materialised as an (m, D) tensor,
 cheap at D ~ 1e5–1e6. Full mode keeps ZO-SGD (zoft.zo.update): a state vector per parameter is the
@@ -63,15 +69,29 @@ def _pm(n: int, eps: float) -> tuple[list[float], list[int]]:
 
 
 def _spsa(losses: list[float], eps: float, first: int = 0) -> list[float]:
-    """g_j = (L₊ⱼ − L₋ⱼ)/2ε for ± row pairs starting at row `first`."""
+    """g_j = (L₊ⱼ − L₋ⱼ)/2ε for ± row pairs starting at row `first` (host floats: the step log's g)."""
     pairs = losses[first:]
     return [(pairs[2 * j] - pairs[2 * j + 1]) / (2 * eps) for j in range(len(pairs) // 2)]
 
 
-def _combine(coefs: list[float], u: torch.Tensor) -> torch.Tensor:
-    """Σ_j coefs[j]·u_j, the coefficients taken in float64 then to u's dtype."""
-    c = torch.tensor(coefs, dtype=torch.float64).to(u.device, u.dtype)
-    return (c[:, None] * u).sum(0)
+def _spsa_t(L: torch.Tensor, eps: float, first: int = 0) -> torch.Tensor:
+    """_spsa on the device: (n,) float64, the same IEEE operations in the same order."""
+    pairs = L[first:]
+    return (pairs[0::2] - pairs[1::2]) / (2 * eps)
+
+
+def _losses(losses, tr: Trainable) -> torch.Tensor:
+    """The row losses as a float64 tensor on θ's device, bitwise the same from the forward's tensor or the
+    logged floats (module docstring)."""
+    device = tr.tensors[0].device
+    if torch.is_tensor(losses):
+        return losses.to(device, torch.float64)
+    return torch.tensor(losses, dtype=torch.float64).to(device)
+
+
+def _combine(coefs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Σ_j coefs[j]·u_j, the coefficients computed in float64, then taken to u's dtype."""
+    return (coefs.to(u.device, u.dtype)[:, None] * u).sum(0)
 
 
 @torch.no_grad()
@@ -106,14 +126,19 @@ class Method:
         return Query(_gaussian(tr, seeds).to(_dtype(tr)), *_pm(len(seeds), eps), eps)
 
     def grads(self, q: Query, losses: list[float]) -> list[float]:
-        """The step's projected gradient per direction (logged; the guard checks it is finite)."""
+        """The step's projected gradient per direction, from the read losses (logged; the guard checks it is finite)."""
         return _spsa(losses, q.eps)
 
-    def ghat(self, q: Query, losses: list[float]) -> torch.Tensor:
-        g = self.grads(q, losses)
-        return _combine([x / len(g) for x in g], q.u)
+    def g_t(self, q: Query, L: torch.Tensor) -> torch.Tensor:
+        """grads on the device, from _losses' tensor."""
+        return _spsa_t(L, q.eps)
 
-    def update_(self, tr: Trainable, q: Query, losses: list[float], lr: float, weight_decay: float) -> list[float]:
+    def ghat(self, q: Query, L: torch.Tensor) -> torch.Tensor:
+        g = self.g_t(q, L)
+        return _combine(g / len(g), q.u)
+
+    def update_(self, tr: Trainable, q: Query, losses, lr: float, weight_decay: float) -> None:
+        """θ and the state after the step whose rows gave `losses` (a device tensor, or the logged floats)."""
         raise NotImplementedError
 
     def replay_(self, tr: Trainable, record: dict, eps: float, weight_decay: float) -> None:
@@ -140,9 +165,8 @@ class ZOMomentum(Method):
         self.state = {"m": torch.zeros(tr.numel(), dtype=_dtype(tr), device=tr.tensors[0].device)}
 
     def update_(self, tr, q, losses, lr, weight_decay):
-        m = self.state["m"].mul_(self.zc.momentum).add_(self.ghat(q, losses))
+        m = self.state["m"].mul_(self.zc.momentum).add_(self.ghat(q, _losses(losses, tr)))
         _apply_(tr, -lr * m, lr, weight_decay)
-        return self.grads(q, losses)
 
 
 class ZOAdam(Method):
@@ -160,14 +184,13 @@ class ZOAdam(Method):
 
     def update_(self, tr, q, losses, lr, weight_decay):
         b1, b2, st = self.zc.momentum, self.zc.beta2, self.state
-        g = self.ghat(q, losses)
+        g = self.ghat(q, _losses(losses, tr))
         st["t"] += 1
         t = int(st["t"])
         st["m"].mul_(b1).add_(g, alpha=1 - b1)
         st["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
         denom = (st["v"] / (1 - b2**t)).sqrt_().add_(self.zc.adam_eps)
         _apply_(tr, (st["m"] / (1 - b1**t)).div_(denom).mul_(-lr), lr, weight_decay)
-        return self.grads(q, losses)
 
 
 class ZOSign(Method):
@@ -177,8 +200,7 @@ class ZOSign(Method):
     name = "zo-sign"
 
     def update_(self, tr, q, losses, lr, weight_decay):
-        _apply_(tr, self.ghat(q, losses).sign().mul_(-lr), lr, weight_decay)
-        return self.grads(q, losses)
+        _apply_(tr, self.ghat(q, _losses(losses, tr)).sign().mul_(-lr), lr, weight_decay)
 
 
 class FZOO(Method):
@@ -199,12 +221,15 @@ class FZOO(Method):
     def grads(self, q, losses):
         return [(x - losses[0]) / q.eps for x in losses[1:]]
 
+    def g_t(self, q, L):
+        return (L[1:] - L[0]) / q.eps
+
     def update_(self, tr, q, losses, lr, weight_decay):
-        li = torch.tensor(losses[1:], dtype=torch.float64)
-        sigma, n = float(li.std(correction=0)), len(li)
-        coefs = ((li - losses[0]) * (-lr / (n * sigma))).tolist() if sigma > 0 else [0.0] * n
+        L = _losses(losses, tr)
+        li = L[1:]
+        sigma, n = li.std(correction=0), len(li)
+        coefs = torch.where(sigma > 0, (li - L[0]) * (-lr / (n * sigma)), torch.zeros_like(li))
         _apply_(tr, _combine(coefs, q.u), lr, weight_decay)
-        return self.grads(q, losses)
 
 
 class HiZOO(Method):
@@ -230,14 +255,17 @@ class HiZOO(Method):
     def grads(self, q, losses):
         return _spsa(losses, q.eps, first=1)
 
+    def g_t(self, q, L):
+        return _spsa_t(L, q.eps, first=1)
+
     def update_(self, tr, q, losses, lr, weight_decay):
-        g, n, a = self.grads(q, losses), len(q.dir) // 2, self.zc.hizoo_alpha
-        curv = [abs(losses[1 + 2 * j] + losses[2 + 2 * j] - 2 * losses[0]) / (2 * q.eps**2) / n for j in range(n)]
-        _apply_(tr, _combine([-lr * x / n for x in g], q.u), lr, weight_decay)
+        L = _losses(losses, tr)
+        g, n, a = self.g_t(q, L), len(q.dir) // 2, self.zc.hizoo_alpha
+        curv = (L[1::2] + L[2::2] - 2 * L[0]).abs() / (2 * q.eps**2) / n
+        _apply_(tr, _combine(-lr * g / n, q.u), lr, weight_decay)
         h = self.state["h"]
         new = h * (1 - a) + a * _combine(curv, q.extra["z"].square()) * h
         h.copy_(new if tr.z_mask is None else torch.where(tr.z_mask > 0, new, h))  # frozen coordinates keep h
-        return g
 
 
 class LOZO(Method):
@@ -280,9 +308,8 @@ class LOZO(Method):
         return Query(torch.stack(us).to(dt), *_pm(len(seeds), eps), eps, {"scale": scale})
 
     def update_(self, tr, q, losses, lr, weight_decay):
-        g = self.grads(q, losses)
-        _apply_(tr, _combine([-lr * x / len(g) for x in g], q.u) * q.extra["scale"], lr, weight_decay)
-        return g
+        g = self.g_t(q, _losses(losses, tr))
+        _apply_(tr, _combine(-lr * g / len(g), q.u) * q.extra["scale"], lr, weight_decay)
 
 
 def _randn(shape: tuple, seed: int, device) -> torch.Tensor:
@@ -308,8 +335,7 @@ class SparseMeZO(Method):
         return Query(_gaussian(tr, seeds).to(_dtype(tr)) * torch.cat(masks), *_pm(len(seeds), eps), eps)
 
     def update_(self, tr, q, losses, lr, weight_decay):
-        _apply_(tr, self.ghat(q, losses).mul_(-lr), lr, weight_decay)
-        return self.grads(q, losses)
+        _apply_(tr, self.ghat(q, _losses(losses, tr)).mul_(-lr), lr, weight_decay)
 
 
 class ConMeZO(Method):
@@ -328,20 +354,18 @@ class ConMeZO(Method):
 
     def query(self, tr, seeds, step, eps):
         xi, m = _gaussian(tr, seeds).to(_dtype(tr)), self.state["m"]
-        norm = float(torch.linalg.vector_norm(m))
-        if norm > 0:
-            d = tr.numel() if tr.z_mask is None else float(tr.z_mask.sum())
-            mh, phi = m / norm, math.radians(self.zc.cone_angle)
-            perp = xi - (xi @ mh)[:, None] * mh[None]
-            perp = perp / torch.linalg.vector_norm(perp, dim=1, keepdim=True)
-            xi = (math.cos(phi) * mh[None] + math.sin(phi) * perp) * math.sqrt(d)
-        return Query(xi, *_pm(len(seeds), eps), eps)
+        norm = torch.linalg.vector_norm(m)  # a device scalar: the cone is chosen on the device (m = 0: u = ξ)
+        d = tr.numel() if tr.z_mask is None else tr.z_mask.sum()
+        mh, phi = m / norm, math.radians(self.zc.cone_angle)
+        perp = xi - (xi @ mh)[:, None] * mh[None]
+        perp = perp / torch.linalg.vector_norm(perp, dim=1, keepdim=True)
+        cone = (math.cos(phi) * mh[None] + math.sin(phi) * perp) * (d ** 0.5)
+        return Query(torch.where(norm > 0, cone, xi), *_pm(len(seeds), eps), eps)
 
     def update_(self, tr, q, losses, lr, weight_decay):
-        g = self.ghat(q, losses)
+        g = self.ghat(q, _losses(losses, tr))
         _apply_(tr, -lr * g, lr, weight_decay)
         self.state["m"].mul_(self.zc.momentum).add_(g, alpha=1 - self.zc.momentum)
-        return self.grads(q, losses)
 
 
 METHODS: dict[str, type[Method]] = {c.name: c for c in (ZOMomentum, ZOAdam, ZOSign, FZOO, HiZOO, LOZO, SparseMeZO,
@@ -354,7 +378,7 @@ def make_method(zc, tr: Trainable, run_seed: int) -> Method | None:
     return None if cls is None else cls(zc, tr, run_seed)
 
 
-def update_method_(method: Method, tr: Trainable, q: Query, losses: list[float], lr: float,
-                   weight_decay: float) -> list[float]:
-    """One method step's update (the training loop's seam for it, as sgd_update_ is ZO-SGD's)."""
-    return method.update_(tr, q, losses, lr, weight_decay)
+def update_method_(method: Method, tr: Trainable, q: Query, losses, lr: float, weight_decay: float) -> None:
+    """One method step's update (the training loop's seam for it, as sgd_update_ is ZO-SGD's): losses are the
+    forward's device tensor (queued, pipelined) or the logged floats."""
+    method.update_(tr, q, losses, lr, weight_decay)
