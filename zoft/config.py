@@ -271,8 +271,8 @@ class RunConfig:
                            "GPU with half-precision blocks the batch is one row of varlen sequences")
     cuda_graphs: bool = arg(True, "on CUDA, replay each training step's trained blocks from a CUDA graph "
                             "recorded once per batch shape (small models are launch-bound)")
-    pipeline: bool = arg(True, "LoRA and full-mode rows steps: queue each update with g on the device and read "
-                         "a step's losses while the next runs (same results as --no-pipeline, which waits for "
+    pipeline: bool = arg(True, "LoRA, prefix and full-mode rows steps, the --optimizer methods too: queue each update "
+                         "on the device and read a step's losses while the next runs (same results as --no-pipeline, which waits for "
                          "every step)")
     log_every: int = arg(50, "print reuse accounting every N steps")
     zero_shot: bool = arg(True, "evaluate on test before training")
