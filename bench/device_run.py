@@ -716,6 +716,9 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
 
 def select(ns: argparse.Namespace, book: dict[str, Recipe]) -> list[tuple[str, Recipe]]:
     """The recipes asked for, cut down to --only's jobs; checks the model is given if a job needs one."""
+    if swallowed := [f for f in ns.stage + ns.gguf_parts if f in book]:  # nargs="+" took the recipes after it
+        raise UserError(f"--stage/--gguf-parts took {', '.join(swallowed)}, a recipe name, as a file: put the "
+                        "recipes before those options (device_run.py tests --stage FILE)")
     if unknown := [r for r in ns.recipes if r not in book]:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)}; --list shows them")
     chosen = [(n, book[n]) for n in ns.recipes]

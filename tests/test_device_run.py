@@ -82,7 +82,9 @@ def test_user_errors_exit_2(tmp_path, capsys):
     assert dr.main(["--out", str(tmp_path), "rt-top16"]) == 2  # no model
     assert dr.main(["--out", str(tmp_path), "--gguf-parts", "a.part00", "rt-top16"]) == 2  # no sha256
     assert dr.main(["--out", str(tmp_path), "tests", "--only", "nothing"]) == 2
-    assert capsys.readouterr().err.count("device_run: error:") == 4
+    assert dr.main(["--out", str(tmp_path), "--stage", "a.part00", "tests"]) == 2  # the recipe taken as a file
+    err = capsys.readouterr().err
+    assert err.count("device_run: error:") == 5 and "put the recipes before" in err
 
 
 def test_smoke_recipe_runs_on_the_cpu(tmp_path, monkeypatch):
