@@ -508,6 +508,13 @@ def wait(p: subprocess.Popen, limit: float | None) -> tuple[int, int, bool]:
         time.sleep(0.25)
 
 
+def to_clean(job: Job, rcp: Recipe, ctx: Ctx) -> list[str]:
+    """What a job removes before it runs: its own clean list, and a fresh recipe's run folder, except under
+    --resume (the folder holds the checkpoint the run continues from)."""
+    fresh = rcp.fresh and job.kind == "train" and not ctx.resume
+    return [ctx.fill(c) for c in job.clean] + ([f"{ctx.work}/runs/{job.name}"] if fresh else [])
+
+
 def run_job(job: Job, rcp: Recipe, ctx: Ctx, ngpu: int) -> None:
     if job.gpus > max(ngpu, 1) and not ctx.dry_run:
         ctx.say(f"{job.name}: skipped, needs {job.gpus} GPUs and this machine has {ngpu}")
@@ -518,8 +525,7 @@ def run_job(job: Job, rcp: Recipe, ctx: Ctx, ngpu: int) -> None:
         pre = [f"{k}={env[k]}" for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS") if k in env]
         ctx.say(f"[lane {job.lane}] {shlex.join(pre + argv)}")
         return
-    clean = [ctx.fill(c) for c in job.clean] + ([f"{ctx.work}/runs/{job.name}"] if rcp.fresh else [])
-    for c in clean:
+    for c in to_clean(job, rcp, ctx):
         shutil.rmtree(c, ignore_errors=True) if Path(c).is_dir() else Path(c).unlink(missing_ok=True)
     log = ctx.work / "logs" / f"{job.name}.txt"
     # train and eval print their result as JSON on stdout: it stays beside the run, in runs.tgz

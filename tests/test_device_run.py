@@ -129,3 +129,13 @@ def test_rt_compare_takes_its_arms_from_the_sweep(tmp_path):
     (tmp_path / "rt-picked.json").unlink()
     with pytest.raises(dr.UserError, match="run the sweep"):
         dr.command(rcp.jobs[0], rcp, ctx)
+
+
+def test_resume_keeps_a_fresh_recipes_run_folder(tmp_path):
+    """A fresh recipe removes a train job's folder before it runs, but not under --resume: the folder holds the
+    checkpoint a stopped run continues from (the eleventh session lost no run to this only by resuming by hand)."""
+    rcp = dr.recipes()["rt-compare"]
+    job = next(j for j in rcp.jobs if j.kind == "train")
+    run = f"{tmp_path}/runs/{job.name}"
+    assert run in dr.to_clean(job, rcp, dr.Ctx(tmp_path, tmp_path, "M", "cuda", None, resume=False, dry_run=False))
+    assert run not in dr.to_clean(job, rcp, dr.Ctx(tmp_path, tmp_path, "M", "cuda", None, resume=True, dry_run=False))
