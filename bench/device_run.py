@@ -351,41 +351,57 @@ def full_rt_recipes() -> dict[str, Recipe]:
 
 def method_recipes() -> dict[str, Recipe]:
     """The --optimizer methods on the real model (issue 16), LoRA top 12: a learning-rate sweep, then ZO-SGD and
-    the sweep's two best methods over three seeds, on Rotten Tomatoes (rt-) and SQuAD (squad-, needs --bigbench)."""
+    the sweep's two best methods over three seeds, on Rotten Tomatoes (rt-) and SQuAD (squad-, needs --bigbench);
+    then, on Rotten Tomatoes, the rates above that first grid and ZO-SGD with several directions (rt-sweep-high),
+    and its two best arms other than plain ZO-SGD over three seeds (rt-compare-high)."""
     squad = "--task squad --n-train 1000 --n-dev 200 --n-test 500 --eval-batch-size 32 --batch-size 16".split()
-    return {**sweep_and_compare("rt-", RT, 1.0), **sweep_and_compare("squad-", squad, 0.5)}
+    # (label, method, its flags, rates, steps): two rates a factor 3-10 apart
+    grid = [("zo-sgd", "zo-sgd", "--clip-grad 1", ("1e-3", "3e-3"), 2000),
+            ("zo-momentum", "zo-momentum", "", ("1e-3", "3e-3"), 2000),
+            ("zo-adam", "zo-adam", "", ("1e-4", "1e-3"), 2000), ("zo-sign", "zo-sign", "", ("1e-5", "1e-4"), 2000),
+            ("fzoo", "fzoo", "--directions 8", ("1e-4", "1e-3"), 1000), ("hizoo", "hizoo", "", ("3e-4", "1e-3"), 1600),
+            ("lozo", "lozo", "", ("1e-3", "3e-3"), 2000), ("sparse-mezo", "sparse-mezo", "", ("1e-3", "3e-3"), 2000),
+            ("conmezo", "conmezo", "", ("1e-3", "3e-3"), 2000)]
+    # the first grid's best rate was its upper one for zo-adam, hizoo and fzoo; ZO-SGD's n directions share one
+    # forward (a step of n = 4 costs ~1.3x one of n = 1 on the GPU), so its rate can rise with n
+    high = [("zo-sgd", "zo-sgd", "--clip-grad 1", ("1e-2",), 2000),
+            ("zo-sgd-n2", "zo-sgd", "--clip-grad 1 --directions 2", ("6e-3",), 2000),
+            ("zo-sgd-n4", "zo-sgd", "--clip-grad 1 --directions 4", ("1e-2",), 2000),
+            ("zo-adam", "zo-adam", "", ("3e-3", "1e-2"), 2000), ("hizoo", "hizoo", "", ("3e-3",), 1600),
+            ("fzoo", "fzoo", "--directions 8", ("3e-3", "1e-2"), 1000), ("lozo", "lozo", "", ("3e-3",), 2000),
+            ("sparse-mezo", "sparse-mezo", "", ("3e-3",), 2000), ("conmezo", "conmezo", "", ("3e-3",), 2000)]
+    return {**sweep_and_compare("rt-", RT, 1.0, grid), **sweep_and_compare("squad-", squad, 0.5, grid),
+            **sweep_and_compare("rt-", RT, 1.0, high, suffix="-high", arms=(1, 2))}
 
 
-def sweep_and_compare(tag: str, task: list[str], scale: float) -> dict[str, Recipe]:
-    """{tag}sweep: every method at two rates, one seed, three lanes sharing the GPU (their seconds are under that
-    load). {tag}compare: ZO-SGD and the sweep's two best methods at their best rates (bench/pick_methods.py
-    picks them into WORK/{tag}picked.json), three seeds, one run at a time so that the seconds are solo, test
-    scored at every evaluation (zoft compare reads them). Steps: ~15 s of solo training for a 1-row-pair method
-    on Rotten Tomatoes, times `scale` (SQuAD's step is costlier); the comparison runs three times the sweep's steps
-    (~40 s of ZO-SGD training on an H100/H200; the issue's target is 0.84 within 60 s)."""
+def sweep_and_compare(tag: str, task: list[str], scale: float, grid: list[tuple], suffix: str = "",
+                      arms: tuple[int, ...] = (0, 1, 2)) -> dict[str, Recipe]:
+    """{tag}sweep{suffix}: every grid row at its rates, one seed, three lanes sharing the GPU (their seconds are
+    under that load). {tag}compare{suffix}: the sweep's best arms at their best rates (bench/pick_methods.py picks
+    them into WORK/{tag}picked{suffix}.json: arm0 is ZO-SGD, arm1 and arm2 the two best others), the `arms` of
+    them, three seeds, one run at a time so that the seconds are solo, test scored at every evaluation (zoft
+    compare reads them). Steps: ~15 s of solo training for a 1-row-pair method on Rotten Tomatoes, times `scale`
+    (SQuAD's step is costlier); the comparison runs three times the sweep's steps (~40 s of ZO-SGD training on an
+    H100/H200; the issue's target is 0.84 within 60 s)."""
     base = "--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 500 --no-zero-shot --log-every 500"
-    # (method, its flags, two rates a factor 3-10 apart, steps)
-    grid = [("zo-sgd", "--clip-grad 1", ("1e-3", "3e-3"), 2000), ("zo-momentum", "", ("1e-3", "3e-3"), 2000),
-            ("zo-adam", "", ("1e-4", "1e-3"), 2000), ("zo-sign", "", ("1e-5", "1e-4"), 2000),
-            ("fzoo", "--directions 8", ("1e-4", "1e-3"), 1000), ("hizoo", "", ("3e-4", "1e-3"), 1600),
-            ("lozo", "", ("1e-3", "3e-3"), 2000), ("sparse-mezo", "", ("1e-3", "3e-3"), 2000),
-            ("conmezo", "", ("1e-3", "3e-3"), 2000)]
     every = max(100, int(500 * scale))
     base = base.replace("500", str(every))
-    jobs = [train(f"{tag}sweep_{m}_lr{lr}", f"{base} {'' if m == 'zo-sgd' else '--optimizer ' + m} {fl} --lr {lr} "
-                  f"--steps {int(n * scale)}", "abc"[i % 3]) for i, (m, fl, lrs, n) in enumerate(grid) for lr in lrs]
-    picks = f"{tag}picked.json"
+    sweep, cmp, picks = f"{tag}sweep{suffix}", f"{tag}cmp{suffix}", f"{tag}picked{suffix}.json"
+    jobs = [train(f"{sweep}_{label}_lr{lr}", f"{base} {'' if m == 'zo-sgd' else '--optimizer ' + m} {fl} --lr {lr} "
+                  f"--steps {int(n * scale)}", "abc"[i % 3])  # a grid row's rates share a lane
+            for i, (label, m, fl, lrs, n) in enumerate(grid) for lr in lrs]
     return {
-        f"{tag}sweep": Recipe(f"--optimizer methods, LoRA top 12, {task[1]}: two learning rates each, one seed, "
-                              "three lanes sharing the GPU (seconds under that load)", jobs,
-                              common=task, threads=4, run_limit=200, fresh=True),
-        f"{tag}compare": Recipe(
-            f"ZO-SGD and the {tag}sweep's two best methods at their best rates, three seeds, one at a time (solo "
-            "seconds), test scored at every evaluation; after the sweep on the same warm machine", [
-                train(f"{tag}cmp_arm{k}_seed{s}", f"{base} --eval-test {{arm{k}}} --seed {s}", "solo")
-                for s in (0, 1, 2) for k in (0, 1, 2)],
-            before=[script(f"{tag}pick", f"bench/pick_methods.py {{work}}/runs --prefix {tag}sweep_ "
-                                         f"--out {{work}}/{picks} --arms 3 --steps-scale 3", timeout=60)],
+        sweep: Recipe(f"--optimizer methods, LoRA top 12, {task[1]}: {', '.join(dict.fromkeys(g[0] for g in grid))}"
+                      " at their rates, one seed, three lanes sharing the GPU (seconds under that load)", jobs,
+                      common=task, threads=4, run_limit=200, fresh=True),
+        f"{tag}compare{suffix}": Recipe(
+            f"arms {', '.join(map(str, arms))} of ZO-SGD (0) and the {sweep}'s two best others (1, 2) at their best "
+            "rates, three seeds, one at a time (solo seconds), test scored at every evaluation; after the sweep on "
+            "the same warm machine", [
+                train(f"{cmp}_arm{k}_seed{s}", f"{base} --eval-test {{arm{k}}} --seed {s}", "solo")
+                for s in (0, 1, 2) for k in arms],
+            before=[script(f"{tag}pick{suffix}", f"bench/pick_methods.py {{work}}/runs --prefix {sweep}_ "
+                                                 f"--out {{work}}/{picks} --arms 3 --steps-scale 3", timeout=60)],
             common=task, threads=4, run_limit=int(130 / scale), fresh=True, picks=picks),
     }
 

@@ -3,7 +3,8 @@
     python bench/pick_methods.py RUNS_DIR --prefix sweep_ --out PICKED.json [--arms 3] [--steps-scale 2]
 
 Reads every RUNS_DIR/PREFIX* run of `zoft train` (zoft_config.json, results.json), keeps each method's rate with
-the highest best-dev score (ties: the smaller rate), ranks the methods by that score, and writes PICKED.json:
+the highest best-dev score (ties: the smaller rate; ZO-SGD with n > 1 directions counts as its own method,
+"zo-sgd×n"), ranks the methods by that score, and writes PICKED.json:
 `arm0` is ZO-SGD at its best rate, `arm1` … the best other methods, each as `zoft train` flags (the optimizer,
 its rate and method flags, and --steps = the sweep's steps × --steps-scale), plus `sweep`, the table printed
 here. bench/device_run.py's `rt-compare` recipe fills its `{arm0}` … placeholders from that file, so a sweep
@@ -42,23 +43,30 @@ def read_sweep(runs: Path, prefix: str) -> list[dict]:
     return rows
 
 
+def arm_key(r: dict) -> str:
+    """What competes for an arm: the method, and ZO-SGD with n > 1 directions (MeZO's n-direction estimate, all n
+    in one batched forward) apart from plain ZO-SGD, as "zo-sgd×n"."""
+    n = r["zo"].get("directions") or 1
+    return f"zo-sgd×{n}" if r["method"] == "zo-sgd" and n > 1 else r["method"]
+
+
 def pick(rows: list[dict], n_arms: int, steps_scale: float) -> dict:
     best: dict[str, dict] = {}
     for r in rows:
         if r["dev"] is None:
             continue
-        b = best.get(r["method"])
+        b = best.get(arm_key(r))
         if b is None or (r["dev"], -r["lr"]) > (b["dev"], -b["lr"]):
-            best[r["method"]] = r
+            best[arm_key(r)] = r
     if "zo-sgd" not in best:
         raise SystemExit("pick_methods: no finished zo-sgd run in the sweep (results.json with a dev score)")
     others = sorted((m for m in best if m != "zo-sgd"), key=lambda m: -best[m]["dev"])
     out = {"sweep": rows, "best": {m: {k: best[m][k] for k in ("lr", "dev", "run")} for m in best}}
     for i, m in enumerate(["zo-sgd", *others][:n_arms]):
         r = best[m]
-        flags = [] if m == "zo-sgd" else ["--optimizer", m]
+        flags = [] if r["method"] == "zo-sgd" else ["--optimizer", m]
         flags += ["--lr", f"{r['lr']:g}", "--steps", str(int(r["steps"] * steps_scale))]
-        for f in METHOD_FLAGS.get(m, ()):
+        for f in METHOD_FLAGS.get(r["method"], ()):
             v = r["zo"].get(f)
             if v is not None and not (f == "clip_grad" and not v):
                 flags += [CARRIED[f], f"{v:g}" if isinstance(v, float) else str(v)]

@@ -29,8 +29,8 @@ dr = load_device_run()
 
 def test_every_recipe_command_parses_with_the_cli(tmp_path):
     ctx = dr.Ctx(tmp_path, tmp_path, "MODEL", "cuda", None, resume=True, dry_run=True)
-    for tag in ("rt-", "squad-"):
-        (tmp_path / f"{tag}picked.json").write_text(json.dumps({f"arm{k}": "--lr 1e-3 --steps 10" for k in range(3)}))
+    for picks in ("rt-picked.json", "squad-picked.json", "rt-picked-high.json"):
+        (tmp_path / picks).write_text(json.dumps({f"arm{k}": "--lr 1e-3 --steps 10" for k in range(3)}))
     parser = build_parser()
     checked = 0
     for name, rcp in dr.recipes().items():
@@ -139,3 +139,29 @@ def test_resume_keeps_a_fresh_recipes_run_folder(tmp_path):
     run = f"{tmp_path}/runs/{job.name}"
     assert run in dr.to_clean(job, rcp, dr.Ctx(tmp_path, tmp_path, "M", "cuda", None, resume=False, dry_run=False))
     assert run not in dr.to_clean(job, rcp, dr.Ctx(tmp_path, tmp_path, "M", "cuda", None, resume=True, dry_run=False))
+
+
+def test_zo_sgd_with_several_directions_competes_as_its_own_arm(tmp_path):
+    """rt-compare-high: ZO-SGD with n = 4 directions is "zo-sgd×4", ranked among the other methods; plain ZO-SGD
+    stays arm0 even when the n = 4 run scored higher, and the n = 4 arm carries its directions and clip."""
+    spec = importlib.util.spec_from_file_location("pick_methods", ROOT / "bench" / "pick_methods.py")
+    pm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pm)
+    sweep = [("zo-sgd", 1e-2, 0.70, 1), ("zo-sgd", 1e-2, 0.80, 4), ("zo-adam", 3e-3, 0.75, 1)]
+    for m, lr, dev, n in sweep:
+        d = tmp_path / "runs" / f"rt-sweep-high_{m}{n}_lr{lr:g}"
+        d.mkdir(parents=True)
+        (d / "zoft_config.json").write_text(json.dumps({"zo": {"optimizer": m, "lr": lr, "directions": n, "clip_grad":
+                                                               1.0 if m == "zo-sgd" else 0.0}, "run": {"steps": 2000}}))
+        (d / "results.json").write_text(json.dumps({"best_dev_accuracy": dev}))
+    out = tmp_path / "rt-picked-high.json"
+    assert pm.main([str(tmp_path / "runs"), "--prefix", "rt-sweep-high_", "--out", str(out), "--steps-scale", "3"]) == 0
+    picked = json.loads(out.read_text())
+    ctx = dr.Ctx(tmp_path, tmp_path, "M", "cuda", None, resume=False, dry_run=False)
+    rcp = dr.recipes()["rt-compare-high"]
+    parsed = {j.name: build_parser().parse_args(dr.command(j, rcp, ctx)[3:]) for j in rcp.jobs}
+    assert set(parsed) == {f"rt-cmp-high_arm{k}_seed{s}" for k in (1, 2) for s in (0, 1, 2)}
+    a1, a2 = parsed["rt-cmp-high_arm1_seed0"], parsed["rt-cmp-high_arm2_seed0"]
+    assert (a1.optimizer, a1.lr, a1.directions, a1.clip_grad, a1.steps) == ("zo-sgd", 1e-2, 4, 1.0, 6000)
+    assert (a2.optimizer, a2.lr, a2.directions) == ("zo-adam", 3e-3, 1)
+    assert picked["arm0"] == "--lr 0.01 --steps 6000 --directions 1 --clip-grad 1"
