@@ -458,6 +458,29 @@ def test_fetch_bigbench_extracts_only_the_needed_files(tmp_path):
         bb.fetch_bigbench(str(tmp_path / "d"), archive=str(archive), sha256=None)
 
 
+def test_fetch_bigbench_says_what_to_do_when_pypi_no_longer_serves_the_sdist(tmp_path, monkeypatch, capsys):
+    """Since 2026-12 files.pythonhosted.org answers 403 for bigbench 1.0.0: one clear line, naming --archive."""
+    import urllib.error
+
+    def refuse(url, timeout=None):
+        raise urllib.error.HTTPError(url, 403, "Forbidden", {}, None)
+
+    monkeypatch.setattr(bb.urllib.request, "urlopen", refuse)
+    with pytest.raises(ZoftError, match=r"no longer served \(HTTP 403.*--archive PATH"):
+        bb.fetch_bigbench(str(tmp_path / "c"))
+    from zoft.cli import main
+
+    monkeypatch.setenv("ZOFT_CACHE", str(tmp_path / "cache"))
+    for argv, says in [([], "no longer served"), (["--archive", str(tmp_path / "missing.tar.gz")], "no such file")]:
+        with pytest.raises(SystemExit) as e:
+            main(["tasks", "--fetch-bigbench", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("zoft: error:") == 1 and says in err, err
+    with pytest.raises(SystemExit):
+        main(["tasks", "--archive", str(tmp_path / "x.tar.gz")])
+    assert "add --fetch-bigbench" in capsys.readouterr().err
+
+
 # ---- metrics ----
 
 

@@ -200,7 +200,9 @@ def cmd_tasks(ns) -> None:
     if ns.fetch_bigbench:
         from zoft.tasks.bigbench import fetch_bigbench
 
-        print(f"zoft: BIG-bench files cached in {fetch_bigbench()}", file=sys.stderr)
+        print(f"zoft: BIG-bench files cached in {fetch_bigbench(archive=ns.archive)}", file=sys.stderr)
+    elif ns.archive is not None:
+        raise ZoftError("--archive is the bigbench-1.0.0.tar.gz that --fetch-bigbench reads; add --fetch-bigbench")
     rows = describe_tasks()
     w = max(len(r[0]) for r in rows)
     for name, kind, source, ok, note in rows:
@@ -270,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sp.add_argument("--fetch-bigbench", action="store_true",
                     help="download the bigbench 1.0.0 sdist once (358 MB) and cache SQuAD, DROP and MultiRC from it")
+    sp.add_argument("--archive", metavar="PATH", default=None,
+                    help="with --fetch-bigbench: read this copy of bigbench-1.0.0.tar.gz instead of downloading it "
+                         "(its sha256 is checked)")
     sp.set_defaults(fn=cmd_tasks)
 
     sp = sub.add_parser("plot", help="loss and dev-accuracy curves of one or more runs, to a PNG",
