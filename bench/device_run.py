@@ -370,8 +370,17 @@ def method_recipes() -> dict[str, Recipe]:
             ("zo-adam", "zo-adam", "", ("3e-3", "1e-2"), 2000), ("hizoo", "hizoo", "", ("3e-3",), 1600),
             ("fzoo", "fzoo", "--directions 8", ("3e-3", "1e-2"), 1000), ("lozo", "lozo", "", ("3e-3",), 2000),
             ("sparse-mezo", "sparse-mezo", "", ("3e-3",), 2000), ("conmezo", "conmezo", "", ("3e-3",), 2000)]
+    # ZO-SGD 3e-3 reached 0.831 +- 0.006 over a 6000-step cosine (44-53 s on an H100): the same on a longer cosine
+    long = [train(f"rt-zo-sgd-8k_seed{s}", f"{METHOD_BASE} --eval-test --clip-grad 1 --lr 3e-3 --steps 8000 --seed {s}",
+                  "solo") for s in (0, 1, 2)]
     return {**sweep_and_compare("rt-", RT, 1.0, grid), **sweep_and_compare("squad-", squad, 0.5, grid),
-            **sweep_and_compare("rt-", RT, 1.0, high, suffix="-high", arms=(1, 2))}
+            **sweep_and_compare("rt-", RT, 1.0, high, suffix="-high", arms=(1, 2)),
+            "rt-zo-sgd-8k": Recipe("ZO-SGD, lr 3e-3, clip 1, an 8000-step cosine, three seeds, one at a time (solo "
+                                   "seconds), test scored at every evaluation", long, common=RT, threads=4,
+                                   run_limit=130, fresh=True)}
+
+
+METHOD_BASE = "--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 500 --no-zero-shot --log-every 500"
 
 
 def sweep_and_compare(tag: str, task: list[str], scale: float, grid: list[tuple], suffix: str = "",
@@ -383,9 +392,7 @@ def sweep_and_compare(tag: str, task: list[str], scale: float, grid: list[tuple]
     compare reads them). Steps: ~15 s of solo training for a 1-row-pair method on Rotten Tomatoes, times `scale`
     (SQuAD's step is costlier); the comparison runs three times the sweep's steps (~40 s of ZO-SGD training on an
     H100/H200; the issue's target is 0.84 within 60 s)."""
-    base = "--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 500 --no-zero-shot --log-every 500"
-    every = max(100, int(500 * scale))
-    base = base.replace("500", str(every))
+    base = METHOD_BASE.replace("500", str(max(100, int(500 * scale))))
     sweep, cmp, picks = f"{tag}sweep{suffix}", f"{tag}cmp{suffix}", f"{tag}picked{suffix}.json"
     jobs = [train(f"{sweep}_{label}_lr{lr}", f"{base} {'' if m == 'zo-sgd' else '--optimizer ' + m} {fl} --lr {lr} "
                   f"--steps {int(n * scale)}", "abc"[i % 3])  # a grid row's rates share a lane
