@@ -143,7 +143,8 @@ def test_resume_keeps_a_fresh_recipes_run_folder(tmp_path):
 
 def test_zo_sgd_with_several_directions_competes_as_its_own_arm(tmp_path):
     """rt-compare-high: ZO-SGD with n = 4 directions is "zo-sgd×4", ranked among the other methods; plain ZO-SGD
-    stays arm0 even when the n = 4 run scored higher, and the n = 4 arm carries its directions and clip."""
+    stays arm0 even when the n = 4 run scored higher, and the n = 4 arm carries its directions and clip; the
+    recipe runs arm0 and arm1."""
     spec = importlib.util.spec_from_file_location("pick_methods", ROOT / "bench" / "pick_methods.py")
     pm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pm)
@@ -160,8 +161,8 @@ def test_zo_sgd_with_several_directions_competes_as_its_own_arm(tmp_path):
     ctx = dr.Ctx(tmp_path, tmp_path, "M", "cuda", None, resume=False, dry_run=False)
     rcp = dr.recipes()["rt-compare-high"]
     parsed = {j.name: build_parser().parse_args(dr.command(j, rcp, ctx)[3:]) for j in rcp.jobs}
-    assert set(parsed) == {f"rt-cmp-high_arm{k}_seed{s}" for k in (1, 2) for s in (0, 1, 2)}
-    a1, a2 = parsed["rt-cmp-high_arm1_seed0"], parsed["rt-cmp-high_arm2_seed0"]
+    assert set(parsed) == {f"rt-cmp-high_arm{k}_seed{s}" for k in (0, 1) for s in (0, 1, 2)}
+    a0, a1 = parsed["rt-cmp-high_arm0_seed0"], parsed["rt-cmp-high_arm1_seed0"]
+    assert (a0.optimizer, a0.lr, a0.directions, a0.clip_grad, a0.steps) == ("zo-sgd", 1e-2, 1, 1.0, 6000)
     assert (a1.optimizer, a1.lr, a1.directions, a1.clip_grad, a1.steps) == ("zo-sgd", 1e-2, 4, 1.0, 6000)
-    assert (a2.optimizer, a2.lr, a2.directions) == ("zo-adam", 3e-3, 1)
-    assert picked["arm0"] == "--lr 0.01 --steps 6000 --directions 1 --clip-grad 1"
+    assert picked["arm2"] == "--optimizer zo-adam --lr 0.003 --steps 6000 --directions 1"
