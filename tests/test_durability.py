@@ -506,10 +506,11 @@ GUARD = {  # name: (flags, exit status, strikes); each run strikes the guard, th
     "lora-recovers": (["--lr", "1e12", "--guard-lr-factor", "1e-12"], 0, 1),
     # every parameter (blocks alone can't blow up the loss: the final LayerNorm bounds the logits), 26
     # steps: the running median needs 20 losses before a finite spike counts
-    # (in place: the spikes these counts describe are that trajectory's; rows train the same loss to rounding,
-    # which lr 0.1 amplifies into another trajectory)
+    # (in place: rows train the same loss to rounding, which lr 0.1 amplifies into another trajectory). How many
+    # spikes a recovering run meets is that trajectory's, and the CPU's kernels move it (6 on one VM, 5 on an
+    # AMX one), so it is a range: at least two (the lr is halved and the run goes on), below the stop at 10
     "full-spike": (["--mode", "full", "--full-step", "inplace", "--lr", "0.1", "--steps", "26", "--guard-strikes",
-                    "10"], 0, 6),
+                    "10"], 0, (2, 10)),
     "full-spike-stops": (["--mode", "full", "--full-step", "inplace", "--lr", "0.1", "--steps", "26"], 2, 4),
 }
 
@@ -541,10 +542,12 @@ def saved_file(out: Path, name: str, code: int) -> Path:
 @pytest.mark.parametrize("name", list(GUARD))
 def test_guard(guarded, name):
     out, code, err = guarded(name)
-    _, want_code, strikes = GUARD[name]
+    _, want_code, want = GUARD[name]
     assert code == want_code, err[-3000:]
     reverts = [r for r in map(json.loads, (out / "steps.jsonl").read_text().splitlines()) if "revert_to" in r]
-    assert len(reverts) == strikes, err[-3000:]  # every strike undoes the update before it, the last one too
+    strikes = len(reverts)  # every strike undoes the update before it, the last one too
+    lo, hi = want if isinstance(want, tuple) else (want, want)
+    assert lo <= strikes <= hi, err[-3000:]
     assert len(re.findall(r"undid the last update", err)) == strikes - (code == 2)  # the last one stops instead
     if name.startswith("full"):
         assert all("running median" in r["reason"] for r in reverts)
