@@ -355,23 +355,21 @@ def method_recipes() -> dict[str, Recipe]:
     then, on Rotten Tomatoes, the rates above that first grid and ZO-SGD with 4 directions (rt-sweep-high), and
     its best ZO-SGD and best other arm over three seeds (rt-compare-high: 6 solo runs, one call)."""
     squad = "--task squad --n-train 1000 --n-dev 200 --n-test 500 --eval-batch-size 32 --batch-size 16".split()
-    # (label, method, its flags, rates, steps): two rates a factor 3-10 apart
-    grid = [("zo-sgd", "zo-sgd", "--clip-grad 1", ("1e-3", "3e-3"), 2000),
-            ("zo-momentum", "zo-momentum", "", ("1e-3", "3e-3"), 2000),
-            ("zo-adam", "zo-adam", "", ("1e-4", "1e-3"), 2000), ("zo-sign", "zo-sign", "", ("1e-5", "1e-4"), 2000),
-            ("fzoo", "fzoo", "--directions 8", ("1e-4", "1e-3"), 1000), ("hizoo", "hizoo", "", ("3e-4", "1e-3"), 1600),
-            ("lozo", "lozo", "", ("1e-3", "3e-3"), 2000), ("sparse-mezo", "sparse-mezo", "", ("1e-3", "3e-3"), 2000),
-            ("conmezo", "conmezo", "", ("1e-3", "3e-3"), 2000)]
+    # (method, its flags, rates, steps): two rates a factor 3-10 apart
+    grid = [("zo-sgd", "--clip-grad 1", ("1e-3", "3e-3"), 2000), ("zo-momentum", "", ("1e-3", "3e-3"), 2000),
+            ("zo-adam", "", ("1e-4", "1e-3"), 2000), ("zo-sign", "", ("1e-5", "1e-4"), 2000),
+            ("fzoo", "--directions 8", ("1e-4", "1e-3"), 1000), ("hizoo", "", ("3e-4", "1e-3"), 1600),
+            ("lozo", "", ("1e-3", "3e-3"), 2000), ("sparse-mezo", "", ("1e-3", "3e-3"), 2000),
+            ("conmezo", "", ("1e-3", "3e-3"), 2000)]
     # the first grid's best rate was its upper one for zo-adam, hizoo and fzoo (and zo-sgd). On the CPU (LoRA top 12,
     # one seed) zo-sgd clipped at 1 on a 600-step cosine reached test 0.755 at 1e-2 (0.63 at 3e-3, collapsed at
     # 3e-2), but on a 2000-step cosine 1e-2 collapsed after step 250: so 4.5e-3 and 6e-3 here. 4 directions at 1e-2
     # did no better a step over 600 steps (0.735); their averaged step is shorter, which may keep 1e-2 stable, and
     # they share one forward (a step of n = 4 costs ~1.3x one of n = 1 on an H200), so n = 4 is tried once
-    high = [("zo-sgd", "zo-sgd", "--clip-grad 1", ("4.5e-3", "6e-3"), 2000),
-            ("zo-sgd-n4", "zo-sgd", "--clip-grad 1 --directions 4", ("1e-2",), 2000),
-            ("zo-adam", "zo-adam", "", ("3e-3", "1e-2"), 2000), ("hizoo", "hizoo", "", ("3e-3",), 1600),
-            ("fzoo", "fzoo", "--directions 8", ("3e-3", "1e-2"), 1000), ("lozo", "lozo", "", ("3e-3",), 2000),
-            ("sparse-mezo", "sparse-mezo", "", ("3e-3",), 2000), ("conmezo", "conmezo", "", ("3e-3",), 2000)]
+    high = [("zo-sgd", "--clip-grad 1", ("4.5e-3", "6e-3"), 2000), ("zo-sgd", "--clip-grad 1 --directions 4", ("1e-2",), 2000),
+            ("zo-adam", "", ("3e-3", "1e-2"), 2000), ("hizoo", "", ("3e-3",), 1600),
+            ("fzoo", "--directions 8", ("3e-3", "1e-2"), 1000), ("lozo", "", ("3e-3",), 2000),
+            ("sparse-mezo", "", ("3e-3",), 2000), ("conmezo", "", ("3e-3",), 2000)]
     # ZO-SGD 3e-3 reached 0.831 +- 0.006 over a 6000-step cosine (44-53 s on an H100): the same on a longer cosine
     long = [train(f"rt-zo-sgd-8k_seed{s}", f"{METHOD_BASE} --eval-test --clip-grad 1 --lr 3e-3 --steps 8000 --seed {s}",
                   "solo") for s in (0, 1, 2)]
@@ -391,6 +389,12 @@ def method_recipes() -> dict[str, Recipe]:
                                common=RT, threads=4, run_limit=100, fresh=True)}
 
 
+def arm_label(method: str, flags: str) -> str:
+    """A grid row's name: the method, and ZO-SGD with n directions as "zo-sgd-n{n}" (pick_methods' own arm)."""
+    n = re.search(r"--directions (\d+)", flags)
+    return f"{method}-n{n[1]}" if method == "zo-sgd" and n else method
+
+
 METHOD_BASE = "--mode lora --layers top12 --eps 1e-2 --schedule cosine --eval-every 500 --no-zero-shot --log-every 500"
 
 
@@ -405,11 +409,12 @@ def sweep_and_compare(tag: str, task: list[str], scale: float, grid: list[tuple]
     H100/H200; the issue's target is 0.84 within 60 s)."""
     base = METHOD_BASE.replace("500", str(max(100, int(500 * scale))))
     sweep, cmp, picks = f"{tag}sweep{suffix}", f"{tag}cmp{suffix}", f"{tag}picked{suffix}.json"
-    jobs = [train(f"{sweep}_{label}_lr{lr}", f"{base} {'' if m == 'zo-sgd' else '--optimizer ' + m} {fl} --lr {lr} "
-                  f"--steps {int(n * scale)}", "abc"[i % 3])  # a grid row's rates share a lane
-            for i, (label, m, fl, lrs, n) in enumerate(grid) for lr in lrs]
+    jobs = [train(f"{sweep}_{arm_label(m, fl)}_lr{lr}", f"{base} {'' if m == 'zo-sgd' else '--optimizer ' + m} {fl} "
+                  f"--lr {lr} --steps {int(n * scale)}", "abc"[i % 3])  # a grid row's rates share a lane
+            for i, (m, fl, lrs, n) in enumerate(grid) for lr in lrs]
     return {
-        sweep: Recipe(f"--optimizer methods, LoRA top 12, {task[1]}: {', '.join(dict.fromkeys(g[0] for g in grid))}"
+        sweep: Recipe(f"--optimizer methods, LoRA top 12, {task[1]}: "
+                      f"{', '.join(dict.fromkeys(arm_label(m, fl) for m, fl, *_ in grid))}"
                       " at their rates, one seed, three lanes sharing the GPU (seconds under that load)", jobs,
                       common=task, threads=4, run_limit=200, fresh=True),
         f"{tag}compare{suffix}": Recipe(

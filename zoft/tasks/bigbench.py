@@ -70,10 +70,10 @@ def fetch_bigbench(
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:  # same disk: the archive is large
         path = Path(archive) if archive is not None else Path(tmp) / "bigbench-1.0.0.tar.gz"
-        if archive is not None and not path.is_file():
-            raise ZoftError(f"--archive {archive}: no such file; pass the path of bigbench-1.0.0.tar.gz")
         if archive is None:
             _download(SDIST_URL, path)
+        elif not path.is_file():
+            raise ZoftError(f"--archive {archive}: no such file; pass the path of bigbench-1.0.0.tar.gz")
         if sha256 is not None and _sha256(path) != sha256:
             raise ZoftError(
                 f"{path}: sha256 differs from bigbench-1.0.0.tar.gz's ({sha256}); delete it, retry"
@@ -88,15 +88,13 @@ def _download(url: str, dest: Path) -> None:
         with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
             while chunk := r.read(1 << 20):
                 f.write(chunk)
-    except urllib.error.HTTPError as e:
-        if e.code in (403, 404, 410):  # seen since 2026-12: PyPI lists only bigbench 0.0.1, the 1.0.0 file is gone
+    except OSError as e:  # HTTPError, URLError, timeouts, disk full
+        if isinstance(e, urllib.error.HTTPError) and e.code in (403, 404, 410):  # since 2026-12: PyPI lists only 0.0.1
             raise ZoftError(
                 f"{url} is no longer served (HTTP {e.code}: PyPI dropped bigbench 1.0.0's files); if you have a "
                 "copy of bigbench-1.0.0.tar.gz (a pip cache, a mirror), run `zoft tasks --fetch-bigbench "
                 "--archive PATH`; or load the tasks from the hub (pip install datasets, network)"
             ) from e
-        raise ZoftError(f"could not download {url} (HTTP {e.code}: {e.reason}); retry, or pass --archive PATH") from e
-    except OSError as e:  # URLError, timeouts, disk full
         raise ZoftError(
             f"could not download {url} ({type(e).__name__}: {e}); check the network/proxy, "
             "or download it yourself and pass archive=<path>"
@@ -212,4 +210,4 @@ def multirc_rows(path: Path) -> list[tuple[str, dict]]:
 
 
 if __name__ == "__main__":  # python -m zoft.tasks.bigbench [cache_dir [archive]]
-    print(fetch_bigbench(*(sys.argv[1:3] + [None, None])[:2]))
+    print(fetch_bigbench(*sys.argv[1:3]))
