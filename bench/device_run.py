@@ -376,24 +376,27 @@ def method_recipes() -> dict[str, Recipe]:
     # the CPU's 2000-step cosines (one seed, LOG): 4 directions at 1e-2 reached test 0.85 at step 1000 and held it;
     # one direction at 6e-3 reached 0.805 at step 1250 (at 1e-2 it collapsed after step 250)
     every = METHOD_BASE.replace("500", "250")
-    short = [train(f"rt-short_{arm}_seed{s}", f"{every} --eval-test --clip-grad 1 {flags} --steps 2000 --seed {s}",
-                   "solo") for arm, flags in (("n4_lr1e-2", "--directions 4 --lr 1e-2"), ("n1_lr6e-3", "--lr 6e-3"))
-             for s in (0, 1, 2)]  # the 4-direction arm's three seeds first: a --budget that runs out cuts the other
+
+    def seeds(tag: str, arms: tuple[tuple[str, str], ...], steps: int) -> list[Job]:
+        """Three solo seeds of each (name, flags) arm, an arm's seeds together: a --budget that runs out cuts the last."""
+        return [train(f"{tag}_{arm}_seed{s}", f"{every} --eval-test --clip-grad 1 {flags} --steps {steps} --seed {s}",
+                      "solo") for arm, flags in arms for s in (0, 1, 2)]
+
+    n4 = ("n4_lr1e-2", "--directions 4 --lr 1e-2")
+    short = seeds("rt-short", (n4, ("n1_lr6e-3", "--lr 6e-3")), 2000)
     # on the H200 the 4-direction arm's mean test curve peaked at 0.840 at step 1000 and settled at 0.835: the same
     # arm on a 1000-step cosine, to end where it peaked
-    short1k = [train(f"rt-short-1k_n4_lr1e-2_seed{s}", f"{every} --eval-test --clip-grad 1 --directions 4 --lr 1e-2 "
-                     f"--steps 1000 --seed {s}", "solo") for s in (0, 1, 2)]
+    short1k = seeds("rt-short-1k", (n4,), 1000)
+    solo = {"common": RT, "threads": 4, "fresh": True}
     return {**sweep_and_compare("rt-", RT, 1.0, grid), **sweep_and_compare("squad-", squad, 0.5, grid),
             **sweep_and_compare("rt-", RT, 1.0, high, suffix="-high", arms=(0, 1)),
             "rt-zo-sgd-8k": Recipe("ZO-SGD, lr 3e-3, clip 1, an 8000-step cosine, three seeds, one at a time (solo "
-                                   "seconds), test scored at every evaluation", long, common=RT, threads=4,
-                                   run_limit=130, fresh=True),
+                                   "seconds), test scored at every evaluation", long, **solo, run_limit=130),
             "rt-short": Recipe("ZO-SGD on a 2000-step cosine, clip 1: 4 directions at lr 1e-2 and one at 6e-3, three "
                                "seeds each, one at a time (solo seconds), test scored every 250 steps", short,
-                               common=RT, threads=4, run_limit=100, fresh=True),
+                               **solo, run_limit=100),
             "rt-short-1k": Recipe("ZO-SGD with 4 directions at lr 1e-2, clip 1, on a 1000-step cosine, three seeds, one at "
-                                  "a time (solo seconds), test scored every 250 steps", short1k,
-                                  common=RT, threads=4, run_limit=80, fresh=True)}
+                                  "a time (solo seconds), test scored every 250 steps", short1k, **solo, run_limit=80)}
 
 
 def arm_label(method: str, flags: str) -> str:
