@@ -29,7 +29,7 @@ dr = load_device_run()
 
 def test_every_recipe_command_parses_with_the_cli(tmp_path):
     ctx = dr.Ctx(tmp_path, tmp_path, "MODEL", "cuda", None, resume=True, dry_run=True)
-    for picks in ("rt-picked.json", "squad-picked.json", "rt-picked-high.json"):
+    for picks in {rcp.picks for rcp in dr.recipes().values() if rcp.picks}:
         (tmp_path / picks).write_text(json.dumps({f"arm{k}": "--lr 1e-3 --steps 10" for k in range(3)}))
     parser = build_parser()
     checked = 0
@@ -166,3 +166,19 @@ def test_zo_sgd_with_several_directions_competes_as_its_own_arm(tmp_path):
     assert (a0.optimizer, a0.lr, a0.directions, a0.clip_grad, a0.steps) == ("zo-sgd", 1e-2, 1, 1.0, 6000)
     assert (a1.optimizer, a1.lr, a1.directions, a1.clip_grad, a1.steps) == ("zo-sgd", 1e-2, 4, 1.0, 6000)
     assert picked["arm2"] == "--optimizer zo-adam --lr 0.003 --steps 6000 --directions 1"
+
+
+def test_the_squad_slice_loads_with_train_and_test_articles_apart():
+    """bench/data/squad_slice (issue 16's second task): zoft's SQuAD task reads it with --data-dir, draws the
+    recipe's 800 / 200 / 500 from it, and no test passage is a training passage."""
+    from zoft.tasks import draw_splits, get_task
+
+    rcp = dr.recipes()["squad-slice-compare"]
+    folder = ROOT / rcp.common[rcp.common.index("--data-dir") + 1]
+    task = get_task("squad", data_dir=str(folder))
+    splits = draw_splits(task, n_train=800, n_dev=200, n_test=500, seed=0).examples
+    assert {k: len(v) for k, v in splits.items()} == {"train": 800, "dev": 200, "test": 500}
+    context = lambda e: e.prompt.split("\nQuestion:")[0]  # noqa: E731  "Title: …\nContext: …"
+    train_pool = {context(e) for e in task.load_split("train")}
+    assert not train_pool & {context(e) for e in splits["test"]}
+    assert all(e.answers for e in splits["test"])
