@@ -142,9 +142,16 @@ def test_train_seconds_leave_evaluations_out(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(loop, "evaluation_row", slow)
+    real_finish = loop.finish
+
+    def slow_finish(*a, **k):  # the final test evaluation of the best checkpoint: after training, not part of it
+        time.sleep(1.0)
+        return real_finish(*a, **k)
+
+    monkeypatch.setattr(loop, "finish", slow_finish)
     folder = make_tiny("llama", str(tmp_path))
     out = tmp_path / "run"
-    train(TrainConfig(ModelConfig(model=folder), TaskConfig(n_train=16, n_dev=8, n_test=8),
+    result = train(TrainConfig(ModelConfig(model=folder), TaskConfig(n_train=16, n_dev=8, n_test=8),
                       ZOConfig(mode="lora", lr=1e-2, batch_size=4), RunConfig(steps=12, output_dir=str(out), eval_every=4)))
     steps = {r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
     wall = steps[12]["seconds"] - steps[1]["seconds"]  # two evaluations (after steps 4 and 8) fall in between
@@ -152,3 +159,6 @@ def test_train_seconds_leave_evaluations_out(tmp_path, monkeypatch):
     from zoft.train.checkpoint import logged_train_seconds
 
     assert logged_train_seconds(str(out / "metrics.jsonl")) == steps[12]["train_seconds"]  # where --resume goes on from
+    # results.json's train_seconds is the run's training time too: not the final evaluation's second
+    assert result["train_seconds"] < steps[12]["train_seconds"] + 0.5
+    assert json.loads((out / "results.json").read_text())["train_seconds"] == result["train_seconds"]

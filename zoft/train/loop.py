@@ -537,13 +537,14 @@ class Run:
         """After the loop: the best dev checkpoint on the test set, the adapter, results.json (rank 0)."""
         rc, s = self.rc, self.s
         here = time.time() - self.t_loop - self.paused  # this process's training, without evaluations and saves
+        trained = self.train_seconds()  # the run's, read before the final evaluation below (not training either)
         if not self.main:
             dist.barrier()
             return {}
         self.close()
         result = finish(s, self.engine, self.enc, self.splits, self.out, rc.eval_batch_size, self.best_dev)
         result |= {f"zero_shot_{self.metric}": self.zero_shot, "steps": rc.steps,
-                   "seconds": round(time.time() - self.t_start, 1), "train_seconds": round(self.train_seconds(), 1),
+                   "seconds": round(time.time() - self.t_start, 1), "train_seconds": round(trained, 1),
                    "seconds_per_step": round(here / max(1, rc.steps - self.first), 4),
                    "forwards": self.rows() * rc.steps, "optimizer": self.zc.optimizer,
                    "trained_parameters": s.trainable.n_trained(), "optimizer_state_bytes": self.state_bytes(),
