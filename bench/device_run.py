@@ -387,12 +387,13 @@ def method_recipes() -> dict[str, Recipe]:
     # on the H200 the 4-direction arm's mean test curve peaked at 0.840 at step 1000 and settled at 0.835: the same
     # arm on a 1000-step cosine, to end where it peaked
     short1k = seeds("rt-short-1k", (n4,), 1000)
-    # it did not (H100: 0.802 at step 1000; the rate's mean over the steps is what counted). The 2000-step curve
-    # settled at 0.835 as its rate decayed, so what may lift that plateau is a lower-variance estimate: 8 directions
-    # on the same 2000-step cosine (~12 s of warm-up + 2000 x ~0.02 s on an H200), first; then 4 directions on a
-    # 3000-step cosine (~12 + 3000 x 0.013 s), which keeps the rate high for longer
+    # it did not (H100: 0.802 at step 1000; the rate's mean over the steps is what counted). Next: 4 directions on a
+    # 3000-step cosine (~12 s of warm-up + 3000 x 0.013 s on an H200), which keeps the rate high for longer; then 8
+    # directions on the 2000-step cosine, a lower-variance estimate that might lift the 0.835 plateau (on the CPU,
+    # one seed, 200 test: 0.73 / 0.77 / 0.825 / 0.825 at steps 250-1000, against 4 directions' 0.725 / 0.80 / 0.82 /
+    # 0.85, at 2.4x the CPU's step cost: no sign of it yet)
     n8 = ("n8_lr1e-2", "--directions 8 --lr 1e-2")
-    short_next = seeds("rt-short-n8", (n8,), 2000) + seeds("rt-short-3k", (n4,), 3000)
+    short_next = seeds("rt-short-3k", (n4,), 3000) + seeds("rt-short-n8", (n8,), 2000)
     solo = {"common": RT, "threads": 4, "fresh": True}
     return {**sweep_and_compare("rt-", RT, 1.0, grid), **sweep_and_compare("squad-", squad, 0.5, grid),
             **squad_slice_recipes(),
@@ -404,7 +405,7 @@ def method_recipes() -> dict[str, Recipe]:
                                **solo, run_limit=100),
             "rt-short-1k": Recipe("ZO-SGD with 4 directions at lr 1e-2, clip 1, on a 1000-step cosine, three seeds, one at "
                                   "a time (solo seconds), test scored every 250 steps", short1k, **solo, run_limit=80),
-            "rt-short-next": Recipe("ZO-SGD at lr 1e-2, clip 1: 8 directions on a 2000-step cosine, then 4 on a 3000-step "
+            "rt-short-next": Recipe("ZO-SGD at lr 1e-2, clip 1: 4 directions on a 3000-step cosine, then 8 on a 2000-step "
                                     "one, three seeds each, one at a time (solo seconds), test scored every 250 steps",
                                     short_next, **solo, run_limit=110)}
 
