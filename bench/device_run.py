@@ -417,13 +417,12 @@ def squad_slice_recipes() -> dict[str, Recipe]:
     two rates each, one seed (its run limit was 200 s when recorded, which stopped the 4-direction 1e-2 run in its
     final evaluation). squad-slice-compare: each arm's better rate over three seeds, at about equal seconds.
     squad-slice-compare-2x: the same with twice the steps."""
-    sliced = ("--task squad --data-dir bench/data/squad_slice --n-train 800 --n-dev 200 --n-test 500 "
-              "--eval-batch-size 64 --batch-size 16").split()
+    data = "--task squad --data-dir bench/data/squad_slice --n-dev 200 --n-test 500 --eval-batch-size 64"
+    sliced = f"{data} --n-train 800 --batch-size 16".split()
     grid = [("zo-sgd", "--clip-grad 1", ("3e-3", "1e-2"), 1200),
             ("zo-sgd", "--clip-grad 1 --directions 4", ("1e-2", "3e-2"), 800)]
     sweep = sweep_and_compare("squad-slice-", sliced, 1.0, grid, eval_every=400, run_limit=300)["squad-slice-sweep"]
-    sweep.before = [zeval("squad-slice-zero-shot", " ".join(
-        a for a in sliced if a not in ("--n-train", "800", "--batch-size", "16")))]
+    sweep.before = [zeval("squad-slice-zero-shot", data)]
     # what the sweep chose (H100, 2026-12-06; dev F1 on held-out questions of the training articles): one direction
     # at 3e-3 (0.393; 1e-2 fell to 0.095) and four at 1e-2 (0.519 at step 800; 3e-2 fell to 0.005). On this task's
     # ~250-token prompts a step of four directions costs 3.6x one of one (0.113 against 0.031 s solo), so four get a
